@@ -1,0 +1,221 @@
+"""Checkpoints in the Hugging Face folder layout, the one format from `init` to export.
+
+A folder holds `config.json`, `model.safetensors` (or shards with
+`model.safetensors.index.json`), `generation_config.json` and the tokenizer files, so
+`transformers.AutoModelForCausalLM.from_pretrained(folder)` loads what we save and we load
+what it saves. Weights are read with safetensors only, never with pickle. Folders are written
+beside the target and renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import SmallCoderError
+from .hub import resolve
+from .model import SmallCoder
+from .tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPE_NAMES:
+            return dtype
+        raise SmallCoderError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise SmallCoderError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+
+    Refuses to replace a non-empty `target` unless `overwrite`; on error the target is untouched.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise SmallCoderError(f"{target}: exists and is not a folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise SmallCoderError(f"{target}: folder exists and is not empty (refusing to overwrite it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _state_dict_to_save(model: SmallCoder, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # tied: transformers re-ties it from the embedding
+        sd[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    return sd
+
+
+def save(model: SmallCoder, tokenizer: Tokenizer | None, folder: str | Path, *,
+         dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None,
+         overwrite: bool = False) -> Path:
+    """Write `model` (and `tokenizer`) as a Hugging Face checkpoint folder, atomically."""
+    dt = parse_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+    sd = _state_dict_to_save(model, dt)
+    folder = Path(folder)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        cfg = model.config.to_hf_dict(dtype=DTYPE_NAMES[dt])
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        eos = model.config.eos_token_id if tokenizer is None else tokenizer.eos_id
+        gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        if max_shard_bytes is None or total <= max_shard_bytes:
+            save_file(sd, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            shards: list[dict[str, torch.Tensor]] = [{}]
+            size = 0
+            for name, t in sd.items():
+                nbytes = t.numel() * t.element_size()
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    shards.append({})
+                    size = 0
+                shards[-1][name] = t
+                size += nbytes
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp, model_max_length=model.config.max_position_embeddings)
+    return folder
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / SINGLE_FILE).exists():
+        return [folder / SINGLE_FILE]
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SmallCoderError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise SmallCoderError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
+        return files
+    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    if pickled:
+        raise SmallCoderError(
+            f"{folder}: holds only pickled weights ({', '.join(pickled)}); SmallCoder never reads pickle. "
+            "Convert them to safetensors first")
+    raise SmallCoderError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    sd[name] = fh.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise SmallCoderError(f"{f}: truncated or corrupt safetensors file ({e})") from None
+    return sd
+
+
+def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: torch.dtype,
+                       source: str) -> None:
+    """Check names and shapes against the config (naming any culprit), then assign."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_KEYS)}
+    if tied:
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        raise SmallCoderError(f"{source}: weights lack tensor(s) {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        raise SmallCoderError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise SmallCoderError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)} but config.json "
+                                  f"implies {tuple(shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not tied, assign=True)
+    model.tie_weights()
+
+
+def new_model(config: ModelConfig, seed: int = 0, dtype: str | torch.dtype | None = None) -> SmallCoder:
+    """A freshly initialised model (the start of every training run)."""
+    model = SmallCoder(config)
+    model.init_weights(seed)
+    return model.to(parse_dtype(dtype))
+
+
+def load(path_or_id: str | Path, dtype: str | torch.dtype | None = "float32",
+         device: str | torch.device = "cpu", revision: str | None = None,
+         with_tokenizer: bool = True) -> tuple[SmallCoder, Tokenizer | None]:
+    """Load a model and its tokenizer from a checkpoint folder or a Hub repo id."""
+    dt = parse_dtype(dtype)
+    folder = resolve(path_or_id, revision=revision)
+    if not folder.is_dir():
+        raise SmallCoderError(f"{folder}: is a file; give the checkpoint folder that holds config.json")
+    config = ModelConfig.from_file(folder / "config.json")
+    sd = read_weights(folder)
+    with torch.device("meta"):
+        model = SmallCoder(config)
+    load_model_weights(model, sd, dt, source=str(folder))
+    model = model.to(device).eval()
+    tokenizer = Tokenizer.load(folder) if with_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise SmallCoderError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocab_size is {config.vocab_size}")
+    return model, tokenizer

@@ -1,0 +1,216 @@
+"""The `smallcoder` command: thin argument parsing over the library.
+
+Every user error surfaces as one line, `smallcoder: error: ...`, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import SmallCoderError
+
+# The card's own model repo carries the StarCoder tokenizer files (bigcode/starcoder is gated).
+HUB_TOKENIZER = "Beebey/smallcoder-303m"
+DEMO_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def default_data_dir() -> Path | None:
+    """$SMALLCODER_DATA, else a `shared/data` folder beside the checkout (as CI lays it out)."""
+    env = os.environ.get("SMALLCODER_DATA")
+    candidates = [Path(env)] if env else [Path.cwd().parent / "shared" / "data"]
+    return next((p for p in candidates if p.is_dir()), None)
+
+
+def default_tokenizer() -> str:
+    data = default_data_dir()
+    local = data / "tokenizers" / "starcoder" if data else None
+    return str(local) if local and (local / "tokenizer.json").exists() else HUB_TOKENIZER
+
+
+def _sampling(args: argparse.Namespace):
+    from .generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          stop=tuple(args.stop or ()), truncate=getattr(args, "truncate", False))
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub repo id")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from .checkpoint import new_model, save
+    from .config import preset
+    from .tokenizer import Tokenizer
+
+    config = preset(args.preset)
+    tokenizer = Tokenizer.load(args.tokenizer)
+    if tokenizer.vocab_size != config.vocab_size:
+        print(f"note: vocab_size {config.vocab_size} -> {tokenizer.vocab_size} to fit the tokenizer")
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+    config = config.replace(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    model = new_model(config, seed=args.seed, dtype=args.dtype)
+    save(model, tokenizer, args.out, overwrite=args.force)
+    print(f"wrote {args.out}: preset {args.preset}, {model.num_parameters():,} parameters, "
+          f"seed {args.seed}, {args.dtype}")
+
+
+def _engine(args: argparse.Namespace):
+    from .checkpoint import load
+    from .generate import Engine
+
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    return Engine(model, tokenizer)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .tokenizer import format_chat
+
+    params = _sampling(args)
+    engine = _engine(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.chat:
+        prompt = format_chat(prompt)
+    first = True
+    for piece in engine.stream(prompt, params):
+        if first and args.chat:
+            piece, first = piece.lstrip(), not piece.strip()
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .tokenizer import format_chat
+
+    engine = _engine(args)
+    params = _sampling(args)
+    params.truncate = True
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chatting with {args.model} ({args.dtype}); /reset clears the history, /quit or Ctrl-D ends")
+    while True:
+        try:
+            line = input("\nUser: ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(history cleared)")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        print("Assistant: ", end="", flush=True)
+        answer, first = [], True
+        for piece in engine.stream(format_chat(messages), params):
+            if first:
+                piece, first = piece.lstrip(), not piece.strip()
+            answer.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Initialise a tiny model, save it, load it back and generate: the whole path in a minute."""
+    from .checkpoint import load, new_model, save
+    from .config import preset
+    from .generate import Engine, SamplingParams
+    from .tokenizer import Tokenizer
+
+    tok_source = args.tokenizer or default_tokenizer()
+    tokenizer = Tokenizer.load(tok_source)
+    config = preset("tiny").replace(vocab_size=tokenizer.vocab_size)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smallcoder-demo-")) / "tiny"
+    save(new_model(config, seed=args.seed), tokenizer, out, overwrite=True)
+    print(f"initialised a tiny model ({config.num_parameters:,} parameters, tokenizer {tok_source})")
+    print(f"saved it to {out} in Hugging Face layout")
+    model, tokenizer = load(out)
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_k=50, seed=args.seed)
+    print("prompt:\n" + DEMO_PROMPT + "completion (untrained weights, so expect noise):")
+    t0, n = time.perf_counter(), 0
+    completion = engine.generate([DEMO_PROMPT], params)[0]
+    n, dt = len(completion.token_ids), time.perf_counter() - t0
+    print(completion.text)
+    print(f"\n{n} tokens in {dt:.2f} s ({n / dt:.1f} tok/s, finish: {completion.finish_reason})")
+    print(f"next: smallcoder generate --model {out} --prompt 'def add(a, b):'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="smallcoder", description="Train, evaluate and run small code models.")
+    parser.add_argument("--version", action="version", version=f"smallcoder {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a freshly initialised checkpoint folder")
+    p.add_argument("--preset", required=True, help="smallcoder-303m | tiny")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or Hub repo id")
+    p.add_argument("--out", required=True, help="checkpoint folder to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("generate", help="complete a prompt and print the completion")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the card's User:/Assistant: format")
+    p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    _add_sampling_args(p, max_new_tokens=256, temperature=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat that streams the answer")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="text placed before the conversation")
+    _add_sampling_args(p, max_new_tokens=512, temperature=0.2)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="initialise a tiny model and generate with it (no data needed)")
+    p.add_argument("--tokenizer", default=None, help=f"default: ../shared/data's StarCoder, else {HUB_TOKENIZER}")
+    p.add_argument("--out", default=None, help="where to save the tiny checkpoint (default: a temp folder)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except SmallCoderError as e:
+        print(f"smallcoder: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Model configuration: presets, and reading/writing Hugging Face Llama `config.json`.
+
+One dataclass describes every model we run. It reads both config forms that transformers
+writes (v4: top-level `rope_theta`; v5: `rope_parameters`) and writes a form both load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SmallCoderError
+
+# Architectures whose weights and maths are exactly the Llama decoder we implement.
+LLAMA_MODEL_TYPES = {"llama"}
+LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 768
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 1024
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1))
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SmallCoderError(f"model config field {name!r} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise SmallCoderError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise SmallCoderError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise SmallCoderError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise SmallCoderError(f"rope_theta must be positive, got {self.rope_theta!r}")
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count without building the model (embeddings counted once when tied)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        mlp = 3 * h * self.intermediate_size
+        layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + embed + h
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- Hugging Face config.json -------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build from a transformers Llama config dict; reject other families with a clear error."""
+        model_type = d.get("model_type")
+        archs = d.get("architectures") or []
+        if model_type not in LLAMA_MODEL_TYPES and not LLAMA_ARCHITECTURES & set(archs):
+            raise SmallCoderError(
+                f"{source}: model_type {model_type!r} (architectures {archs}) is not a Llama-family "
+                "model; SmallCoder runs Llama decoders only")
+        if d.get("hidden_act", "silu") != "silu":
+            raise SmallCoderError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise SmallCoderError(f"{source}: {flag}=true is not supported (Llama has no biases)")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise SmallCoderError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise SmallCoderError(f"{source}: missing field(s) {', '.join(missing)}")
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            intermediate_size=d["intermediate_size"],
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """A config.json that transformers v4 (top-level rope_theta) and v5 (rope_parameters) load."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "intermediate_size": self.intermediate_size,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_scaling": None,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": None,
+            "use_cache": True,
+            "torch_dtype": dtype,
+            "dtype": dtype,
+        }
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SmallCoderError(f"{path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SmallCoderError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise SmallCoderError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(d, source=str(path))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The model card's LlamaConfig: 302,027,520 parameters, untied embeddings.
+    "smallcoder-303m": ModelConfig(),
+    # Same shape family, small enough for tests and a laptop demo (31.5M with the StarCoder vocab).
+    "tiny": ModelConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                        num_key_value_heads=4, intermediate_size=1024),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise SmallCoderError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

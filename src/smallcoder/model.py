@@ -1,0 +1,190 @@
+"""The SmallCoder decoder: a Llama-style transformer in plain PyTorch.
+
+Module and parameter names are those of `transformers.LlamaForCausalLM`, so a state dict moves
+between the two without renaming or permuting, and the arithmetic follows the same order
+(float32 RMSNorm statistics, float32 rotary tables, rotate-half RoPE) so logits agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `length` positions are filled."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_length = max_length
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k = cache.k[layer][:, :, :start + T]
+            v = cache.v[layer][:, :, :start + T]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and k.shape[2] == T,
+            enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer):  # noqa: ANN001 - hot path, types above
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The trunk; its name is the `model.` prefix of every HF state-dict key."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class SmallCoder(nn.Module):
+    """Causal LM with HF Llama parameter names: `model.*` and `lm_head.weight`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Normal(0, initializer_range) for linears and embeddings, ones for norms (as HF does)."""
+        g = torch.Generator().manual_seed(seed)
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    if module is self.lm_head and self.config.tie_word_embeddings:
+                        continue
+                    w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=g)
+                    module.weight.copy_(w)
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            d = self.config.head_dim
+            exponent = torch.arange(0, d, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / d
+            self._inv_freq[device] = 1.0 / (self.config.rope_theta ** exponent)
+        return self._inv_freq[device]
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for `input_ids` (B, T), appending to `cache` when given.
+
+        `key_mask` (B, cache positions + T) marks real tokens with 1 and left padding with 0;
+        `position_ids` (B, T) defaults to consecutive positions after the cache.
+        `last_only` computes logits for the final position only (generation).
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        device = input_ids.device
+        if cache is not None and start + T > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions, asked for {start + T}")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        freqs = position_ids[..., None].float() * self.inv_freq(device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        mask = None
+        if key_mask is not None or (start > 0 and T > 1):
+            S = start + T
+            q_pos = torch.arange(start, S, device=device)[:, None]
+            k_pos = torch.arange(S, device=device)[None, :]
+            mask = (k_pos <= q_pos)[None, None]
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :S].bool()
+                mask = mask | (k_pos == q_pos)  # a padding query sees itself: no all-masked rows (NaN)
+
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = start + T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
