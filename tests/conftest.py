@@ -1,0 +1,65 @@
+"""Shared fixtures: everything small and made here, except the data under ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SMALLCODER_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (set SMALLCODER_DATA to its path)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def starcoder_dir(shared_data: Path) -> Path:
+    path = shared_data / "tokenizers" / "starcoder"
+    if not (path / "tokenizer.json").exists():
+        pytest.skip(f"{path}/tokenizer.json is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A byte-level BPE with <|endoftext|> = 0, trained here on a few lines of code and prose."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from smallcoder import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<fim_prefix>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["def add(a, b):\n    return a + b\n", "User: hello there\nAssistant: hi, how are you?",
+            "The quick brown fox jumps over the lazy dog. ", "for i in range(10):\n    print(i)\n"] * 20
+    backend.train_from_iterator(text, trainer)
+    folder = tmp_path_factory.mktemp("small_tokenizer")
+    backend.save(str(folder / "tokenizer.json"))
+    return Tokenizer.load(folder)
+
+
+@pytest.fixture(scope="session")
+def micro_config(small_tokenizer):
+    from smallcoder import ModelConfig
+
+    return ModelConfig(vocab_size=small_tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                       max_position_embeddings=128, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory, micro_config, small_tokenizer) -> Path:
+    """A saved micro model (random weights with a wide init, so greedy choices are decisive)."""
+    from smallcoder import new_model, save
+
+    folder = tmp_path_factory.mktemp("ckpt") / "micro"
+    save(new_model(micro_config, seed=1), small_tokenizer, folder)
+    return folder
