@@ -50,9 +50,13 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise SmallCoderError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
-def _fsync_tree(folder: Path) -> None:
+def _finish_files(folder: Path) -> None:
+    """fsync every file, and give each the usual umask permissions (some writers use 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
     for f in folder.iterdir():
         if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
 
@@ -74,14 +78,23 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_files(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)  # put the previous checkpoint back
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.load(tok_source)
     config = preset("tiny").replace(vocab_size=tokenizer.vocab_size)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smallcoder-demo-")) / "tiny"
-    save(new_model(config, seed=args.seed), tokenizer, out, overwrite=True)
+    save(new_model(config, seed=args.seed), tokenizer, out, overwrite=args.force)
     print(f"initialised a tiny model ({config.num_parameters:,} parameters, tokenizer {tok_source})")
     print(f"saved it to {out} in Hugging Face layout")
     model, tokenizer = load(out)
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to save the tiny checkpoint (default: a temp folder)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,0 +1,307 @@
+"""The `smallcoder` command, run in-process through `cli.main` (plus two real-process checks)."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import smallcoder
+from smallcoder import Engine, SamplingParams, format_chat, load
+from smallcoder.cli import main
+
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "generation_config.json"}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(small_tokenizer, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tok")
+    small_tokenizer.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(micro_checkpoint) -> Engine:
+    model, tokenizer = load(micro_checkpoint)
+    return Engine(model, tokenizer)
+
+
+def _error_line(err: str) -> str:
+    """The CLI's one-line error (no traceback)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("smallcoder: error: ")
+    return lines[0]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ---- help --------------------------------------------------------------------------------------
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("init", "generate", "chat", "demo"):
+        assert f"    {cmd} " in out, cmd
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: smallcoder" in capsys.readouterr().out
+
+
+# ---- init --------------------------------------------------------------------------------------
+
+
+def _init(tok_dir: Path, out: Path, *extra: str) -> int:
+    return main(["init", "--preset", "tiny", "--tokenizer", str(tok_dir), "--out", str(out), *extra])
+
+
+def test_init_seeds_refusal_and_force(tok_dir, tmp_path, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert _init(tok_dir, a, "--seed", "3") == 0
+    out = capsys.readouterr().out
+    assert f"wrote {a}: preset tiny" in out and "seed 3" in out
+    assert CHECKPOINT_FILES <= {p.name for p in a.iterdir()}
+    model, tok = load(a)
+    assert model.config.hidden_size == 256 and model.config.num_hidden_layers == 6
+    assert model.config.vocab_size == tok.vocab_size
+    assert model.config.eos_token_id == tok.eos_id
+
+    assert _init(tok_dir, b, "--seed", "3") == 0
+    assert _init(tok_dir, c, "--seed", "4") == 0
+    wa, wb, wc = (load_file(str(d / "model.safetensors")) for d in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["lm_head.weight"], wc["lm_head.weight"])
+    assert not torch.equal(wa["model.layers.0.mlp.up_proj.weight"], wc["model.layers.0.mlp.up_proj.weight"])
+    capsys.readouterr()
+
+    # a non-empty folder is refused without --force, untouched
+    before = _tree(a)
+    assert _init(tok_dir, a, "--seed", "4") == 2
+    line = _error_line(capsys.readouterr().err)
+    assert str(a) in line and "not empty" in line
+    assert _tree(a) == before
+
+    # --force replaces it
+    assert _init(tok_dir, a, "--seed", "4", "--force") == 0
+    wa2 = load_file(str(a / "model.safetensors"))
+    assert all(torch.equal(wa2[k], wc[k]) for k in wc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp folders left
+
+
+def test_init_unknown_preset(tok_dir, tmp_path, capsys):
+    code = main(["init", "--preset", "huge", "--tokenizer", str(tok_dir), "--out", str(tmp_path / "x")])
+    assert code == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "unknown preset 'huge'" in line and "smallcoder-303m" in line and "tiny" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_bad_dtype(tok_dir, tmp_path, capsys):
+    assert _init(tok_dir, tmp_path / "x", "--dtype", "int4") == 2
+    assert "unknown dtype 'int4'" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+PROMPT = "def add(a, b):"
+
+
+def test_generate_matches_engine(micro_checkpoint, engine, capsys):
+    want = engine.generate([PROMPT], SamplingParams(max_new_tokens=5))[0]
+    assert want.text  # a non-trivial comparison
+    code = main(["generate", "--model", str(micro_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "5"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out == want.text + "\n"
+    assert captured.err == ""
+
+
+def test_generate_chat_wraps_prompt(micro_checkpoint, engine, capsys, monkeypatch):
+    prompts = []
+    real_stream = Engine.stream
+
+    def stream(self, prompt, params=None):
+        prompts.append(prompt)
+        return real_stream(self, prompt, params)
+
+    monkeypatch.setattr(Engine, "stream", stream)
+    want = engine.generate([format_chat("hello there")], SamplingParams(max_new_tokens=6))[0]
+    code = main(["generate", "--model", str(micro_checkpoint), "--prompt", "hello there", "--chat",
+                 "--max-new-tokens", "6"])
+    assert code == 0
+    assert prompts == ["User: hello there\nAssistant:"]
+    assert capsys.readouterr().out == want.text.lstrip() + "\n"
+
+
+def test_generate_prompt_from_stdin(micro_checkpoint, engine, capsys, monkeypatch):
+    text = "for i in range(10):\n"
+    want = engine.generate([text], SamplingParams(max_new_tokens=5))[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    assert main(["generate", "--model", str(micro_checkpoint), "--prompt", "-", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == want.text + "\n"
+
+
+@pytest.mark.parametrize("dtype", ["float8", "int4"])
+def test_generate_bad_dtype(micro_checkpoint, capsys, dtype):
+    code = main(["generate", "--model", str(micro_checkpoint), "--prompt", "x", "--dtype", dtype])
+    assert code == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"unknown dtype '{dtype}'" in line and "float32, bfloat16 or float16" in line
+
+
+def test_generate_prompt_too_long(micro_checkpoint, small_tokenizer, capsys):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 30
+    n = len(small_tokenizer.encode(prompt))
+    assert n > 128
+    args = ["generate", "--model", str(micro_checkpoint), "--prompt", prompt, "--max-new-tokens", "4"]
+    assert main(args) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"prompt is {n} tokens" in line and "context is 128 tokens" in line
+    assert f"{n - 128 + 1} token(s) too long" in line
+
+    assert main(args + ["--truncate"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.endswith("\n")
+
+
+def test_generate_missing_model(tmp_path, capsys):
+    missing = tmp_path / "no-such-checkpoint"
+    assert main(["generate", "--model", str(missing), "--prompt", "x"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert str(missing) in line and "no such file or folder" in line
+
+
+def test_generate_bad_sampling_value(micro_checkpoint, capsys):
+    assert main(["generate", "--model", str(micro_checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in _error_line(capsys.readouterr().err)
+
+
+# ---- chat --------------------------------------------------------------------------------------
+
+
+def test_chat_history_and_reset(micro_checkpoint, capsys, monkeypatch):
+    lines = iter(["hello", "how are you", "", "/reset", "again"])
+
+    def fake_input(prompt=""):
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    prompts, answers = [], []
+    real_stream = Engine.stream
+
+    def stream(self, prompt, params=None):
+        prompts.append(prompt)
+        pieces = []
+        for piece in real_stream(self, prompt, params):
+            pieces.append(piece)
+            yield piece
+        answers.append("".join(pieces).strip())
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(Engine, "stream", stream)
+    code = main(["chat", "--model", str(micro_checkpoint), "--max-new-tokens", "8", "--seed", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"chatting with {micro_checkpoint}")
+    assert len(prompts) == 3  # the empty line asks nothing
+    assert any(answers), "the model said nothing at all; the history check would be vacuous"
+    hello = {"role": "user", "content": "hello"}
+    assert prompts[0] == format_chat([hello])
+    assert prompts[1] == format_chat([hello, {"role": "assistant", "content": answers[0]},
+                                      {"role": "user", "content": "how are you"}])
+    assert prompts[1].startswith(prompts[0])
+    assert prompts[2] == format_chat([{"role": "user", "content": "again"}])  # /reset cleared it
+    assert "(history cleared)" in out
+    assert out.count("Assistant: ") == 3
+    for answer in answers:
+        assert f"Assistant: {answer}\n" in out
+
+
+def test_chat_system_survives_reset(micro_checkpoint, capsys, monkeypatch):
+    lines = iter(["hi", "/reset", "bye", "/quit", "never read"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    prompts = []
+    real_stream = Engine.stream
+
+    def stream(self, prompt, params=None):
+        prompts.append(prompt)
+        return real_stream(self, prompt, params)
+
+    monkeypatch.setattr(Engine, "stream", stream)
+    code = main(["chat", "--model", str(micro_checkpoint), "--system", "Be brief.", "--max-new-tokens", "3"])
+    assert code == 0
+    assert prompts == ["Be brief.\nUser: hi\nAssistant:", "Be brief.\nUser: bye\nAssistant:"]
+    assert next(lines) == "never read"
+
+
+# ---- demo --------------------------------------------------------------------------------------
+
+
+def test_demo(tok_dir, tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--tokenizer", str(tok_dir), "--out", str(out_dir), "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out
+    assert f"next: smallcoder generate --model {out_dir} --prompt" in out
+    model, tok = smallcoder.load(out_dir)
+    assert model.config.hidden_size == 256 and model.config.vocab_size == tok.vocab_size
+
+
+def test_demo_refuses_non_empty_out_without_force(tok_dir, tmp_path, capsys):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "thesis.txt").write_text("precious")
+    args = ["demo", "--tokenizer", str(tok_dir), "--out", str(out_dir), "--max-new-tokens", "2"]
+    assert main(args) == 2
+    assert "not empty" in _error_line(capsys.readouterr().err)
+    assert (out_dir / "thesis.txt").read_text() == "precious"
+    assert main(args + ["--force"]) == 0
+    assert not (out_dir / "thesis.txt").exists()
+    smallcoder.load(out_dir)
+
+
+# ---- real processes: the installed script and `python -m` ---------------------------------------
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_console_script_user_error(tmp_path):
+    script = shutil.which("smallcoder", path=str(Path(sys.executable).parent)) or shutil.which("smallcoder")
+    if script is None:
+        pytest.skip("the smallcoder console script is not installed")
+    missing = tmp_path / "missing-model"
+    r = _run([script, "generate", "--model", str(missing), "--prompt", "x"])
+    assert r.returncode == 2
+    assert str(missing) in _error_line(r.stderr)
+    assert r.stdout == ""
+
+
+def test_python_m_user_error(tok_dir, tmp_path):
+    r = _run([sys.executable, "-m", "smallcoder", "init", "--preset", "nope", "--tokenizer", str(tok_dir),
+              "--out", str(tmp_path / "x")])
+    assert r.returncode == 2
+    assert "unknown preset 'nope'" in _error_line(r.stderr)
