@@ -200,8 +200,12 @@ class Engine:
         return piece
 
     def _flush(self, row: _Row) -> str:
-        """Final text of a finished row: any undecoded tail (e.g. a cut UTF-8 char) included."""
-        if row.finish_reason == "length" and row.read_offset < len(row.ids):
+        """Final text of a finished row: any undecoded tail (e.g. a cut UTF-8 char) included.
+
+        A stop string only ever ends a row right after its text was confirmed, so a tail here
+        comes from a row that ended on EOS or on its length, and belongs to the text.
+        """
+        if row.read_offset < len(row.ids):
             tail = self.tokenizer.decode(row.ids[row.prefix_offset:])
             row.text += tail[len(self.tokenizer.decode(row.ids[row.prefix_offset:row.read_offset])):]
         piece, row.emitted = row.text[row.emitted:], len(row.text)

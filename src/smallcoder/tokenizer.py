@@ -39,6 +39,9 @@ def format_chat(messages: Sequence[dict[str, str]] | str, add_generation_prompt:
         messages = [{"role": "user", "content": messages}]
     parts = []
     for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise SmallCoderError(f"chat message {i}: must be a dict with 'role' and 'content', "
+                                  f"got {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         if not isinstance(content, str):
             raise SmallCoderError(f"chat message {i}: 'content' must be a string, got {type(content).__name__}")

@@ -1,0 +1,797 @@
+"""The generation engine (`Engine`, `SamplingParams`, `sample`) and the chat format.
+
+Everything runs on the micro model of conftest (random weights, a 342-token byte-level BPE,
+a 128-token context). Its completions are mostly byte garbage, so tests that need particular
+text either pick it from a completion the model really produced, or script the sampled tokens
+by replacing `smallcoder.generate.sample` (the engine's only source of next tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import re
+
+import pytest
+import torch
+
+import smallcoder
+from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, format_chat
+from smallcoder.tokenizer import CHAT_TEMPLATE, EOS_TOKEN
+
+gen_mod = importlib.import_module("smallcoder.generate")
+sample = gen_mod.sample
+
+PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print("]
+EMOJI = "\U0001F600"  # 4 UTF-8 bytes
+
+
+# ---- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The micro model is too small to gain from threads, and on a busy 2-core machine
+    spinning intra-op threads slow these tests down many times; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loaded(micro_checkpoint):
+    return smallcoder.load(micro_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def model(loaded):
+    return loaded[0]
+
+
+@pytest.fixture(scope="module")
+def tok(loaded):
+    return loaded[1]
+
+
+@pytest.fixture(scope="module")
+def engine(model, tok):
+    return Engine(model, tok)
+
+
+@pytest.fixture
+def fresh(micro_checkpoint):
+    """An engine on its own model, for tests that patch the model."""
+    m, t = smallcoder.load(micro_checkpoint)
+    return Engine(m, t)
+
+
+@torch.inference_mode()
+def reference_greedy(model, ids, n):
+    """Argmax of a full forward (no cache) over the growing sequence, n times."""
+    seq, out = list(ids), []
+    for _ in range(n):
+        t = int(model(torch.tensor([seq]))[0, -1].argmax())
+        out.append(t)
+        seq.append(t)
+    return out
+
+
+def greedy(n=24, **kw):
+    return SamplingParams(max_new_tokens=n, stop_at_eos=False, **kw)
+
+
+def script(monkeypatch, rows, eos):
+    """Make the engine 'sample' the given token ids (one list per batch row, then EOS forever).
+
+    Returns a function that rewinds the script, for running the same script again.
+    """
+    state = {"step": 0}
+
+    def fake_sample(logits, params, generator):
+        i = state["step"]
+        state["step"] += 1
+        assert logits.shape[0] == len(rows)
+        return torch.tensor([r[i] if i < len(r) else eos for r in rows], device=logits.device)
+
+    monkeypatch.setattr(gen_mod, "sample", fake_sample)
+
+    def rewind():
+        state["step"] = 0
+
+    return rewind
+
+
+def force_eos(monkeypatch, engine, prompt_len, k):
+    """Patch the engine's model so EOS wins from the k-th generated token (0-based) on."""
+    model, eos = engine.model, engine.tokenizer.eos_id
+    orig = model.forward
+
+    def forward(input_ids, cache=None, **kw):
+        out = orig(input_ids, cache=cache, **kw)
+        if cache is not None and cache.length >= prompt_len + k:
+            out = out.clone()
+            out[..., eos] = out.abs().max() + 100.0
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+
+
+def clean(piece):
+    return bool(piece) and piece.isascii() and piece.isprintable()
+
+
+def spanning_stop(tok, ids, ntok):
+    """A stop string that first occurs in decode(ids) across `ntok` consecutive tokens.
+
+    Returns (i, stop, pos): the stop starts in token i (its last character) and ends in token
+    i + ntok - 1 (its first character); pos is where it starts in the text. None if none fits.
+    """
+    full = tok.decode(ids)
+    pieces = [tok.decode([t]) for t in ids]
+    for i in range(len(ids) - ntok + 1):
+        group = pieces[i:i + ntok]
+        if not all(clean(p) for p in group):
+            continue
+        offset = len(tok.decode(ids[:i]))
+        if full[offset:offset + sum(map(len, group))] != "".join(group):
+            continue
+        stop = group[0][-1] + "".join(group[1:-1]) + group[-1][0]
+        pos = offset + len(group[0]) - 1
+        if full.find(stop) == pos:
+            return i, stop, pos
+    return None
+
+
+def find_spanning_case(engine, ntok, params=None):
+    """(prompt, no-stop completion, (i, stop, pos)) for the first prompt that has such a stop."""
+    params = params or greedy(40)
+    for p in PROMPTS + ["", "x = 1\n", "return a + b", "User: hello"]:
+        c = engine.generate([p], params)[0]
+        found = spanning_stop(engine.tokenizer, c.token_ids, ntok)
+        if found:
+            return p, c, found
+    raise AssertionError(f"no completion of the micro model has a stop string across {ntok} tokens")
+
+
+# ---- greedy decoding against a reference ------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_matches_uncached_reference(engine, model, tok, prompt):
+    ids = tok.encode(prompt)
+    ref = reference_greedy(model, ids, 24)
+    c = engine.generate([prompt], greedy(24))[0]
+    assert c.token_ids == ref
+    assert c.finish_reason == "length"
+    assert c.prompt_tokens == len(ids)
+    assert c.text == tok.decode(ref)
+
+
+def test_greedy_with_eos_matches_reference_cut_at_eos(engine, model, tok):
+    # whether or not the random model emits EOS here, the engine must agree with the reference
+    for prompt in PROMPTS:
+        ref = reference_greedy(model, tok.encode(prompt), 30)
+        c = engine.generate([prompt], SamplingParams(max_new_tokens=30))[0]
+        if tok.eos_id in ref:
+            assert c.token_ids == ref[:ref.index(tok.eos_id)]
+            assert c.finish_reason == "stop"
+        else:
+            assert c.token_ids == ref
+            assert c.finish_reason == "length"
+
+
+def test_token_id_prompt_equals_text_prompt(engine, tok):
+    p = "def add(a, b):"
+    by_text = engine.generate([p], greedy(12))[0]
+    by_ids = engine.generate([tok.encode(p)], greedy(12))[0]
+    assert by_ids.token_ids == by_text.token_ids
+    assert by_ids.text == by_text.text
+
+
+def test_empty_prompt_starts_from_eos(engine, model, tok):
+    a = engine.generate([""], greedy(8))[0]
+    b = engine.generate([[tok.eos_id]], greedy(8))[0]
+    assert a.prompt_tokens == 1
+    assert a.token_ids == b.token_ids == reference_greedy(model, [tok.eos_id], 8)
+
+
+def test_no_prompts_gives_no_completions(engine):
+    assert engine.generate([], greedy(4)) == []
+
+
+def test_single_string_instead_of_list_is_refused(engine):
+    with pytest.raises(TypeError):
+        engine.generate("def", greedy(4))
+
+
+# ---- the KV cache -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    """The micro model in float64: cached and uncached logits then agree far below 1e-5.
+
+    (In float32 the wide-init model's logits reach ~10, and the two attention paths sum in
+    different orders, so they differ by ~1e-5 of rounding alone; a cache bug is O(1).)
+    """
+    return copy.deepcopy(model).double()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kv_cache_token_by_token_matches_full_forward(model, model64, micro_config, dtype):
+    m = model64 if dtype == torch.float64 else model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, micro_config.vocab_size, (2, 40), generator=g)
+    full = m(ids)
+    cache = KVCache(micro_config, 2, 40, dtype)
+    steps = [m(ids[:, t:t + 1], cache=cache) for t in range(40)]
+    assert cache.length == 40
+    decoded = torch.cat(steps, dim=1)
+    assert decoded.shape == full.shape and decoded.dtype == dtype
+    if dtype == torch.float64:
+        assert (decoded - full).abs().max().item() < 1e-5
+    else:  # within 1e-5 relative to the logits' size
+        torch.testing.assert_close(decoded, full, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_kv_cache_prefill_then_chunks_matches_full_forward(model, model64, micro_config):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, micro_config.vocab_size, (1, 40), generator=g)
+    full = model64(ids)
+    cache = KVCache(micro_config, 1, 40, torch.float64)
+    outs = []
+    for a, b in [(0, 17), (17, 18), (18, 19), (19, 25), (25, 40)]:  # multi-token chunks after a prefill
+        outs.append(model64(ids[:, a:b], cache=cache))
+    assert (torch.cat(outs, dim=1) - full).abs().max().item() < 1e-5
+    last = model(ids[:, :1], cache=KVCache(micro_config, 1, 4, torch.float32), last_only=True)
+    assert last.shape == (1, 1, micro_config.vocab_size)
+
+
+@torch.inference_mode()
+def test_kv_cache_left_padding_matches_unpadded_forward(model64, micro_config, tok):
+    """A left-padded row (key_mask + per-row positions) decodes like the same row alone."""
+    g = torch.Generator().manual_seed(2)
+    long = torch.randint(1, micro_config.vocab_size, (12,), generator=g).tolist()
+    short = long[:5]
+    cont = torch.randint(1, micro_config.vocab_size, (2, 6), generator=g)
+    L, steps = 12, 6
+    tokens = torch.tensor([long, [tok.eos_id] * (L - 5) + short])
+    key_mask = torch.tensor([[1] * (L + steps), [0] * (L - 5) + [1] * (5 + steps)])
+    pos = (key_mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+    model = model64
+    cache = KVCache(micro_config, 2, L + steps, torch.float64)
+    got = [model(tokens, cache=cache, position_ids=pos, key_mask=key_mask, last_only=True)[:, -1]]
+    for t in range(steps):
+        pos = pos[:, -1:] + 1
+        got.append(model(cont[:, t:t + 1], cache=cache, position_ids=pos, key_mask=key_mask)[:, -1])
+    for row, prompt in enumerate([long, short]):
+        seq = torch.tensor([prompt + cont[row].tolist()])
+        full = model(seq)[0]
+        want = full[len(prompt) - 1:]
+        have = torch.stack([x[row] for x in got])
+        assert (have - want).abs().max().item() < 1e-5
+
+
+# ---- batching ---------------------------------------------------------------------------------
+
+
+def test_batched_generation_matches_single_prompts(engine, tok):
+    prompts = ["def add(a, b):\n    return a + b", "for", "The lazy dog", tok.encode("print(i)")]
+    assert len({len(tok.encode(p) if isinstance(p, str) else p) for p in prompts}) == 4
+    batch = engine.generate(prompts, greedy(20))
+    for p, b in zip(prompts, batch):
+        alone = engine.generate([p], greedy(20))[0]
+        assert b.token_ids == alone.token_ids
+        assert b.text == alone.text
+        assert b.prompt_tokens == alone.prompt_tokens
+        assert b.finish_reason == alone.finish_reason == "length"
+
+
+def test_batched_rows_finish_independently(engine, tok):
+    """Rows cut by stop strings / EOS at different steps end exactly as they do alone."""
+    prompts = PROMPTS + ["x"]
+    singles = [engine.generate([p], greedy(30))[0] for p in prompts]
+    # a two-character stop from each of the first three completions (a clean spot in each)
+    stops = []
+    for s in singles[:3]:
+        for i in range(1, len(s.text)):
+            if clean(s.text[i - 1:i + 1]) and s.text[i - 1:i + 1] not in stops:
+                stops.append(s.text[i - 1:i + 1])
+                break
+    assert stops
+    params = SamplingParams(max_new_tokens=30, stop=stops)
+    batch = engine.generate(prompts, params)
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert [c.text for c in batch] == [c.text for c in alone]
+    assert [c.finish_reason for c in batch] == [c.finish_reason for c in alone]
+    assert len({len(c.token_ids) for c in batch}) > 1  # rows really finished at different steps
+    assert "stop" in {c.finish_reason for c in batch}
+
+
+def test_batched_near_context_end_matches_single_prompts(engine, tok, micro_config):
+    ctx = micro_config.max_position_embeddings
+    g = torch.Generator().manual_seed(3)
+    long = torch.randint(1, micro_config.vocab_size, (ctx - 5,), generator=g).tolist()
+    short = long[-40:]
+    batch = engine.generate([long, short], greedy(12))
+    assert len(batch[0].token_ids) == 5 and batch[0].finish_reason == "length"
+    assert len(batch[1].token_ids) == 12 and batch[1].finish_reason == "length"
+    for p, b in zip([long, short], batch):
+        assert b.token_ids == engine.generate([p], greedy(12))[0].token_ids
+
+
+def test_batched_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=11, stop_at_eos=False)
+    a = engine.generate(PROMPTS, params)
+    b = engine.generate(PROMPTS, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+# ---- stop strings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ntok", [2, 3])
+def test_stop_string_spanning_tokens(engine, ntok):
+    prompt, full, (i, stop, pos) = find_spanning_case(engine, ntok)
+    assert stop in full.text
+    c = engine.generate([prompt], greedy(40, stop=[stop]))[0]
+    assert c.finish_reason == "stop"
+    assert c.text == full.text[:pos]
+    assert stop not in c.text
+    # generation ended on the token that completed the stop string, not before nor after
+    assert c.token_ids == full.token_ids[:i + ntok]
+
+
+def test_stop_string_inside_one_token(engine, tok):
+    for p in PROMPTS:
+        full = engine.generate([p], greedy(40))[0]
+        pieces = [tok.decode([t]) for t in full.token_ids]
+        multi = [(k, s) for k, s in enumerate(pieces) if clean(s) and len(s) >= 2]
+        for k, s in multi:
+            stop, pos = s[:2], len(tok.decode(full.token_ids[:k]))
+            if pos > 0 and full.text.find(stop) == pos:  # first seen inside token k
+                c = engine.generate([p], greedy(40, stop=stop))[0]  # a plain str is one stop
+                assert (c.text, c.finish_reason) == (full.text[:pos], "stop")
+                assert c.token_ids == full.token_ids[:k + 1]
+                return
+    pytest.fail("no multi-character token in the micro model's completions")
+
+
+def test_earliest_stop_string_wins(engine):
+    prompt, full, (i, first, pos) = find_spanning_case(engine, 2)
+    later = next(full.text[j:j + 2] for j in range(pos + 2, len(full.text) - 1)
+                 if clean(full.text[j:j + 2]) and full.text.find(full.text[j:j + 2]) == j)
+    for stops in ([later, first], [first, later]):
+        c = engine.generate([prompt], greedy(40, stop=stops))[0]
+        assert c.text == full.text[:pos]
+        assert c.finish_reason == "stop"
+
+
+def test_earliest_stop_wins_within_one_piece(monkeypatch, fresh, tok):
+    """Several stops completed by the same token: the one that starts first in the text wins."""
+    ids = tok.encode("The quick brown fox jumps")
+    assert tok.decode(ids[2:3]) == " brown"  # completes all three stops below at once
+    script(monkeypatch, [ids], tok.eos_id)
+    params = SamplingParams(max_new_tokens=50, stop=["own", "bro", "k b"])
+    c = fresh.generate(["x"], params)[0]
+    assert c.text == "The quic"
+    assert c.finish_reason == "stop"
+    assert c.token_ids == ids[:3]
+
+
+def test_stop_string_in_prompt_does_not_stop(engine):
+    prompt = "def add(a, b):"
+    full = engine.generate([prompt], greedy(20))[0]
+    stop = next(s for s in ("def", "add", "(a", "b):") if s not in full.text)
+    c = engine.generate([prompt], greedy(20, stop=[stop]))[0]
+    assert c.token_ids == full.token_ids
+    assert c.finish_reason == "length"
+
+
+def test_stop_on_first_token_gives_empty_text(engine, tok):
+    for prompt in PROMPTS + [""]:
+        full = engine.generate([prompt], greedy(10))[0]
+        first = tok.decode(full.token_ids[:1])
+        if clean(first):
+            break
+    else:
+        pytest.fail("no completion starts with a printable token")
+    params = greedy(10, stop=[first[0]])
+    c = engine.generate([prompt], params)[0]
+    assert (c.text, c.finish_reason) == ("", "stop")
+    assert c.token_ids == full.token_ids[:1]
+    assert list(engine.stream(prompt, params)) == []
+
+
+# ---- streaming --------------------------------------------------------------------------------
+
+
+def _sampled():
+    return SamplingParams(max_new_tokens=40, temperature=1.0, seed=5, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("make_params", [lambda: greedy(40), _sampled], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("with_stop", [False, True], ids=["nostop", "stop"])
+def test_stream_equals_generate(engine, tok, make_params, with_stop):
+    params = make_params()
+    prompt, full, (i, stop, pos) = find_spanning_case(engine, 2, params)
+    if with_stop:
+        params.stop = (stop, "\x00never\x00")
+    pieces = list(engine.stream(prompt, params))
+    done = engine.generate([prompt], params)[0]
+    assert "".join(pieces) == done.text
+    assert all(pieces)
+    if with_stop:
+        assert done.text == full.text[:pos] and done.finish_reason == "stop"
+    else:
+        assert done.text == full.text == tok.decode(full.token_ids)
+        assert len(pieces) > 1
+    # every streamed prefix is a prefix of the final text: nothing streamed is ever cut later
+    acc = ""
+    for piece in pieces:
+        acc += piece
+        assert done.text.startswith(acc)
+
+
+def test_stream_holds_back_a_partial_stop_string(monkeypatch, fresh, tok):
+    """Text that may begin a stop string is withheld until it cannot; then it is streamed."""
+    text = "hi User how are you User: bye"
+    ids = tok.encode(text)
+    rewind = script(monkeypatch, [ids], tok.eos_id)
+    params = SamplingParams(max_new_tokens=100, stop=["User:"])
+    seen = []
+    for piece in fresh.stream("x", params):
+        seen.append(piece)
+        # what has been streamed never ends with a start of the stop string ('U', 'Us', ...)
+        assert not "".join(seen).endswith(("U", "Us", "Use", "User")), seen
+    assert "".join(seen) == "hi User how are you "  # the first 'User' was released
+    assert len(seen) > 2
+    rewind()
+    c = fresh.generate(["x"], params)[0]
+    assert (c.text, c.finish_reason) == ("hi User how are you ", "stop")
+
+
+def test_stream_releases_held_back_text_at_length_limit(monkeypatch, fresh, tok):
+    ids = tok.encode("hello Us")
+    rewind = script(monkeypatch, [ids], tok.eos_id)
+    params = SamplingParams(max_new_tokens=len(ids), stop=["User:"])
+    assert "".join(fresh.stream("x", params)) == "hello Us"
+    rewind()
+    c = fresh.generate(["x"], params)[0]
+    assert (c.text, c.finish_reason) == ("hello Us", "length")
+
+
+def test_stream_is_incremental(monkeypatch, fresh, tok):
+    """Pieces come out as tokens are decoded, not all at the end."""
+    ids = tok.encode("hello there, how are you? " * 4)
+    rewind = script(monkeypatch, [ids], tok.eos_id)
+    calls = {"n": 0}
+    orig = fresh.model.forward
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(fresh.model, "forward", counting)
+    params = SamplingParams(max_new_tokens=len(ids))
+    it = fresh.stream("x", params)
+    first = next(it)
+    assert first and calls["n"] <= 2  # after the prefill (and at most one step), not after all of them
+    rest = list(it)
+    assert calls["n"] >= len(ids) - 1 and len(rest) >= len(ids) // 2
+    rewind()
+    assert first + "".join(rest) == fresh.generate(["x"], params)[0].text == tok.decode(ids)
+
+
+# ---- EOS and length ---------------------------------------------------------------------------
+
+
+def test_eos_stops_generation(monkeypatch, fresh, tok):
+    prompt = "The lazy dog"
+    n = len(tok.encode(prompt))
+    base = fresh.generate([prompt], greedy(20))[0]
+    assert tok.eos_id not in base.token_ids[:5]
+    force_eos(monkeypatch, fresh, n, 5)
+    c = fresh.generate([prompt], SamplingParams(max_new_tokens=20))[0]
+    assert c.finish_reason == "stop"
+    assert c.token_ids == base.token_ids[:5]
+    assert tok.eos_id not in c.token_ids
+    assert c.text == tok.decode(base.token_ids[:5])
+    assert "".join(fresh.stream(prompt, SamplingParams(max_new_tokens=20))) == c.text
+    # with stop_at_eos off, EOS is just a token and generation runs to the limit
+    c2 = fresh.generate([prompt], SamplingParams(max_new_tokens=9, stop_at_eos=False))[0]
+    assert c2.finish_reason == "length"
+    assert c2.token_ids == base.token_ids[:5] + [tok.eos_id] * 4
+    assert EOS_TOKEN in c2.text
+
+
+def test_eos_in_one_row_of_a_batch(monkeypatch, fresh, tok):
+    prompts = ["The lazy dog", "for i in"]
+    base = fresh.generate(prompts, greedy(12))
+    L = max(len(tok.encode(p)) for p in prompts)
+    force_eos(monkeypatch, fresh, L, 4)  # every row gets EOS from token 4 on
+    c = fresh.generate(prompts, SamplingParams(max_new_tokens=12))
+    for b, x in zip(base, c):
+        assert x.token_ids == b.token_ids[:4]
+        assert x.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_max_new_tokens_is_respected(engine, n):
+    c = engine.generate(["def"], greedy(n))[0]
+    assert len(c.token_ids) == n
+    assert c.finish_reason == "length"
+
+
+def test_max_new_tokens_zero(engine):
+    params = SamplingParams(max_new_tokens=0)
+    c = engine.generate(["def add"], params)[0]
+    assert (c.text, c.token_ids, c.finish_reason) == ("", [], "length")
+    assert list(engine.stream("def add", params)) == []
+
+
+def test_generation_stops_at_the_context_end(engine, micro_config):
+    ctx = micro_config.max_position_embeddings
+    ids = [5] * (ctx - 3)
+    c = engine.generate([ids], greedy(50))[0]
+    assert len(c.token_ids) == 3
+    assert c.finish_reason == "length"
+
+
+# ---- UTF-8 ------------------------------------------------------------------------------------
+
+
+def _check_utf8_stream(monkeypatch, engine, tok, text):
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([t]) for t in ids), "the text should split a character"
+    rewind = script(monkeypatch, [ids], tok.eos_id)
+    pieces = list(engine.stream([tok.eos_id], SamplingParams(max_new_tokens=100)))
+    assert not any("\ufffd" in p for p in pieces), pieces
+    assert "".join(pieces) == text
+    rewind()
+    c = engine.generate([[tok.eos_id]], SamplingParams(max_new_tokens=100))[0]
+    assert (c.text, c.token_ids, c.finish_reason) == (text, ids, "stop")
+
+
+def test_utf8_stream_small_tokenizer(monkeypatch, fresh, tok):
+    emoji_ids = tok.encode(EMOJI)
+    assert len(emoji_ids) == 4  # one byte-level token per byte
+    assert all(tok.decode([t]) == "\ufffd" for t in emoji_ids)
+    _check_utf8_stream(monkeypatch, fresh, tok, f"a{EMOJI}b é中! {EMOJI}{EMOJI}")
+
+
+def test_utf8_stream_starcoder_tokenizer(monkeypatch, starcoder_dir):
+    sc = smallcoder.Tokenizer.load(starcoder_dir)
+    cfg = ModelConfig(vocab_size=sc.vocab_size, hidden_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
+                      max_position_embeddings=64)
+    engine = Engine(smallcoder.new_model(cfg, seed=0), sc)
+    _check_utf8_stream(monkeypatch, engine, sc, f"x = '\U0001F917 hi {EMOJI}' # \u4e2d\u6587 ok")
+
+
+def test_text_keeps_a_cut_character_at_the_length_limit(monkeypatch, fresh, tok):
+    ids = tok.encode("ok") + tok.encode(EMOJI)[:2]
+    rewind = script(monkeypatch, [ids], tok.eos_id)
+    params = SamplingParams(max_new_tokens=len(ids))
+    c = fresh.generate(["x"], params)[0]
+    assert (c.token_ids, c.finish_reason) == (ids, "length")
+    assert c.text == tok.decode(ids) and c.text.startswith("ok") and c.text.endswith("\ufffd")
+    rewind()
+    assert "".join(fresh.stream("x", params)) == c.text
+
+
+def test_text_keeps_a_cut_character_before_eos(monkeypatch, fresh, tok):
+    """EOS right after half a character: the text still covers every returned token."""
+    ids = tok.encode("ok") + tok.encode(EMOJI)[:2]
+    rewind = script(monkeypatch, [ids], tok.eos_id)
+    c = fresh.generate(["x"], SamplingParams(max_new_tokens=20))[0]
+    assert (c.token_ids, c.finish_reason) == (ids, "stop")
+    assert c.text == tok.decode(ids)
+    rewind()
+    assert "".join(fresh.stream("x", SamplingParams(max_new_tokens=20))) == c.text
+
+
+# ---- seeds and sampling -----------------------------------------------------------------------
+
+
+def test_same_seed_same_output(engine):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=123, stop_at_eos=False)
+    a = engine.generate(["def"], params)[0]
+    b = engine.generate(["def"], params)[0]
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_different_seeds_differ(engine):
+    outs = {tuple(engine.generate(["def"], SamplingParams(max_new_tokens=20, temperature=1.0, seed=s,
+                                                          stop_at_eos=False))[0].token_ids)
+            for s in range(4)}
+    assert len(outs) >= 2
+
+
+def test_sampling_is_not_greedy(engine):
+    g = engine.generate(["def"], greedy(20))[0]
+    outs = [engine.generate(["def"], SamplingParams(max_new_tokens=20, temperature=1.0, seed=s,
+                                                    stop_at_eos=False))[0].token_ids for s in range(3)]
+    assert any(o != g.token_ids for o in outs)
+
+
+@pytest.mark.parametrize("extra", [dict(top_k=1), dict(top_p=1e-6)], ids=["top_k=1", "tiny top_p"])
+def test_restricted_sampling_equals_greedy(engine, extra):
+    want = [c.token_ids for c in engine.generate(PROMPTS, greedy(20))]
+    for seed in (0, 1):
+        params = SamplingParams(max_new_tokens=20, temperature=1.5, seed=seed, stop_at_eos=False, **extra)
+        assert [c.token_ids for c in engine.generate(PROMPTS, params)] == want
+
+
+def _support(logits, params, n=2000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.stack([sample(logits, params, g) for _ in range(n)])  # (n, B)
+    return draws, [set(draws[:, b].tolist()) for b in range(logits.shape[0])]
+
+
+def test_sample_greedy_is_argmax_per_row():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9], [5.0, 0.0, 0.0, 4.0], [-3.0, -2.0, -1.0, -1.5]])
+    assert sample(logits, SamplingParams(), None).tolist() == [1, 0, 2]
+
+
+def test_sample_top_k_keeps_only_the_k_best():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.5, 1.5],
+                           [5.0, 4.0, 0.0, 0.1, 0.2, 0.3, 4.5, 0.4]])
+    _, support = _support(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert support == [{3, 4, 5}, {0, 1, 6}]
+    _, support = _support(logits, SamplingParams(temperature=10.0, top_k=2))  # flat, still only 2
+    assert support == [{4, 5}, {0, 6}]
+    _, support = _support(logits, SamplingParams(temperature=50.0))  # no top_k: everything
+    assert support == [set(range(8)), set(range(8))]
+
+
+def test_sample_top_p_keeps_the_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    _, support = _support(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert support == [{1, 3}]  # 0.5 < 0.7, so the 0.3 token is needed too; then 0.8 >= 0.7
+    _, support = _support(logits, SamplingParams(temperature=1.0, top_p=0.4))
+    assert support == [{1}]
+    _, support = _support(logits, SamplingParams(temperature=1.0, top_p=0.9))
+    assert support == [{1, 2, 3}]
+
+
+def test_sample_temperature_shapes_the_distribution():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    logits = p.log()[None]
+    draws, _ = _support(logits, SamplingParams(temperature=1.0), n=4000)
+    freq = torch.bincount(draws[:, 0], minlength=3).float() / 4000
+    assert (freq - p).abs().max() < 0.04
+    draws, _ = _support(logits, SamplingParams(temperature=0.5), n=4000, seed=1)
+    freq = torch.bincount(draws[:, 0], minlength=3).float() / 4000
+    sharp = p ** 2 / (p ** 2).sum()  # temperature 0.5 squares the probabilities
+    assert (freq - sharp).abs().max() < 0.04
+
+
+def test_sample_seeded_generator_is_reproducible():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
+    a = [sample(logits, params, torch.Generator().manual_seed(7)).tolist() for _ in range(2)]
+    assert a[0] == a[1]
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=-1), dict(max_new_tokens=1.5), dict(temperature=-0.1),
+                                dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(stop=["ok", ""]),
+                                dict(stop="")])
+def test_sampling_params_validation(kw):
+    with pytest.raises(SmallCoderError):
+        SamplingParams(**kw)
+
+
+def test_sampling_params_single_stop_string_becomes_a_tuple():
+    assert tuple(SamplingParams(stop="User:").stop) == ("User:",)
+
+
+# ---- prompts longer than the context ----------------------------------------------------------
+
+
+def test_prompt_too_long_is_refused_with_the_overflow(engine, micro_config):
+    ctx = micro_config.max_position_embeddings
+    with pytest.raises(SmallCoderError) as err:
+        engine.generate([[7] * (ctx + 2)], greedy(5))
+    msg = str(err.value)
+    assert re.search(r"\b3 token\(s\) too long", msg), msg
+    assert str(ctx + 2) in msg and str(ctx) in msg
+    with pytest.raises(SmallCoderError, match=r"\b1 token\(s\) too long"):
+        engine.generate([[7] * ctx], greedy(5))
+    with pytest.raises(SmallCoderError, match="too long"):
+        list(engine.stream("def add(a, b): " * 200, greedy(5)))
+
+
+def test_prompt_one_short_of_the_context_generates_one_token(engine, micro_config):
+    c = engine.generate([[7] * (micro_config.max_position_embeddings - 1)], greedy(5))[0]
+    assert len(c.token_ids) == 1 and c.finish_reason == "length"
+
+
+def test_truncate_keeps_the_end_of_the_prompt(engine, micro_config):
+    ctx = micro_config.max_position_embeddings
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, micro_config.vocab_size, (ctx + 70,), generator=g).tolist()
+    c = engine.generate([ids], greedy(10, truncate=True))[0]
+    assert c.prompt_tokens == ctx - 10
+    assert len(c.token_ids) == 10 and c.finish_reason == "length"
+    assert c.token_ids == engine.generate([ids[-(ctx - 10):]], greedy(10))[0].token_ids
+    text = engine.generate(["def add(a, b): " * 200], greedy(4, truncate=True))[0]
+    assert len(text.token_ids) == 4
+
+
+# ---- the chat format --------------------------------------------------------------------------
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c\nd"}],
+]
+
+
+def test_format_chat_single_request():
+    assert format_chat("hi") == "User: hi\nAssistant:"
+    assert format_chat([{"role": "user", "content": "hi"}]) == "User: hi\nAssistant:"
+
+
+def test_format_chat_multi_turn():
+    assert format_chat(CONVERSATIONS[1]) == "User: a\nAssistant: b<|endoftext|>User: c\nAssistant:"
+
+
+def test_format_chat_system_message_comes_first():
+    out = format_chat(CONVERSATIONS[2])
+    assert out == "You are terse.\nUser: a\nAssistant: b<|endoftext|>User: c\nd\nAssistant:"
+    assert out.startswith("You are terse.\n")
+
+
+def test_format_chat_without_generation_prompt_and_other_eos():
+    msgs = CONVERSATIONS[1][:2]
+    assert format_chat(msgs, add_generation_prompt=False) == "User: a\nAssistant: b<|endoftext|>"
+    assert format_chat(msgs, add_generation_prompt=False, eos_token="</s>") == "User: a\nAssistant: b</s>"
+
+
+@pytest.mark.parametrize("messages, pattern", [
+    ([{"role": "robot", "content": "x"}], "role"),
+    ([{"content": "x"}], "role"),
+    ([{"role": "user", "content": 3}], "content"),
+    ([{"role": "user"}], "content"),
+    ([{"role": "user", "content": "ok"}, {"role": "assistant", "content": ["a", "b"]}], "message 1"),
+])
+def test_format_chat_rejects_bad_messages(messages, pattern):
+    with pytest.raises(SmallCoderError, match=pattern):
+        format_chat(messages)
+
+
+def test_format_chat_rejects_a_message_that_is_not_a_dict():
+    with pytest.raises(SmallCoderError):
+        format_chat(["hi"])
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add", [True, False])
+def test_chat_template_renders_like_format_chat(messages, add):
+    sandbox = pytest.importorskip("jinja2.sandbox")
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers
+    out = env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=add,
+                                                eos_token=EOS_TOKEN)
+    assert out == format_chat(messages, add_generation_prompt=add)
+
+
+def test_saved_checkpoint_carries_the_chat_template(micro_checkpoint):
+    cfg = json.loads((micro_checkpoint / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == CHAT_TEMPLATE
+    assert cfg["eos_token"] == EOS_TOKEN
+
+
+def test_transformers_apply_chat_template_matches(micro_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(micro_checkpoint))
+    for messages in CONVERSATIONS:
+        out = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert out == format_chat(messages)
