@@ -29,7 +29,8 @@ def starcoder_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory):
     """A byte-level BPE with <|endoftext|> = 0, trained here on a few lines of code and prose."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from smallcoder import Tokenizer
 

@@ -134,8 +134,9 @@ def test_generate_matches_engine(micro_checkpoint, engine, capsys):
     assert captured.err == ""
 
 
-def test_generate_chat_wraps_prompt(micro_checkpoint, engine, capsys, monkeypatch):
-    prompts = []
+def record_prompts(monkeypatch) -> list[str]:
+    """Make Engine.stream record each prompt it is given; return the list it fills."""
+    prompts: list[str] = []
     real_stream = Engine.stream
 
     def stream(self, prompt, params=None):
@@ -143,6 +144,11 @@ def test_generate_chat_wraps_prompt(micro_checkpoint, engine, capsys, monkeypatc
         return real_stream(self, prompt, params)
 
     monkeypatch.setattr(Engine, "stream", stream)
+    return prompts
+
+
+def test_generate_chat_wraps_prompt(micro_checkpoint, engine, capsys, monkeypatch):
+    prompts = record_prompts(monkeypatch)
     want = engine.generate([format_chat("hello there")], SamplingParams(max_new_tokens=6))[0]
     code = main(["generate", "--model", str(micro_checkpoint), "--prompt", "hello there", "--chat",
                  "--max-new-tokens", "6"])
@@ -241,14 +247,7 @@ def test_chat_history_and_reset(micro_checkpoint, capsys, monkeypatch):
 def test_chat_system_survives_reset(micro_checkpoint, capsys, monkeypatch):
     lines = iter(["hi", "/reset", "bye", "/quit", "never read"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
-    prompts = []
-    real_stream = Engine.stream
-
-    def stream(self, prompt, params=None):
-        prompts.append(prompt)
-        return real_stream(self, prompt, params)
-
-    monkeypatch.setattr(Engine, "stream", stream)
+    prompts = record_prompts(monkeypatch)
     code = main(["chat", "--model", str(micro_checkpoint), "--system", "Be brief.", "--max-new-tokens", "3"])
     assert code == 0
     assert prompts == ["Be brief.\nUser: hi\nAssistant:", "Be brief.\nUser: bye\nAssistant:"]

@@ -8,5 +8,18 @@ from .model import KVCache, SmallCoder
 from .tokenizer import Tokenizer, format_chat
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "new_model", "ModelConfig", "preset", "SmallCoderError", "Engine",
-           "SamplingParams", "Completion", "SmallCoder", "KVCache", "Tokenizer", "format_chat"]
+__all__ = [
+           "Completion",
+           "Engine",
+           "KVCache",
+           "ModelConfig",
+           "SamplingParams",
+           "SmallCoder",
+           "SmallCoderError",
+           "Tokenizer",
+           "format_chat",
+           "load",
+           "new_model",
+           "preset",
+           "save",
+]

@@ -8,8 +8,8 @@ piece never contains the start of a stop string that may still complete.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 

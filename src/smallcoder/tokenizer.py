@@ -7,8 +7,9 @@ The chat format is the model card's: `User: {request}\\nAssistant:` and the answ
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tokenizers import Tokenizer as _Backend
 
@@ -95,7 +96,7 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     @classmethod
-    def load(cls, path_or_id: str | Path) -> "Tokenizer":
+    def load(cls, path_or_id: str | Path) -> Tokenizer:
         """From a `tokenizer.json` file, a folder holding one, or a Hub repo id."""
         path = resolve(path_or_id, allow_patterns=TOKENIZER_FILES)
         file = path / "tokenizer.json" if path.is_dir() else path
