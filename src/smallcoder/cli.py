@@ -17,6 +17,14 @@ from .errors import SmallCoderError
 
 # The card's own model repo carries the StarCoder tokenizer files (bigcode/starcoder is gated).
 HUB_TOKENIZER = "Beebey/smallcoder-303m"
+# (module, group): each module defines `register(subparsers)` adding its commands to that group.
+SUBCOMMAND_MODULES = [
+    ("smallcoder.data.builtin", "data"),
+    ("smallcoder.data.pack", "data"),
+    ("smallcoder.data.decontam", "data"),
+    ("smallcoder.tokenizer_train", "tokenizer"),
+    ("smallcoder.eval.cli", None),
+]
 DEMO_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
@@ -193,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_demo)
+
+    # Subsystems register their own subcommands; each module keeps heavy imports inside functions.
+    import importlib
+
+    groups = {"data": "prepare training data (built-in corpus, packing, decontamination)",
+              "tokenizer": "train a byte-level BPE tokenizer"}
+    group_subs = {}
+    for name, help_text in groups.items():
+        g = sub.add_parser(name, help=help_text)
+        group_subs[name] = g.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+    for module, group in SUBCOMMAND_MODULES:
+        target = group_subs[group] if group else sub
+        importlib.import_module(module).register(target)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Training data: sources, the built-in corpus, packing, SFT formatting, mixtures, decontamination."""

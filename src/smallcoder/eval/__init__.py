@@ -1,0 +1,1 @@
+"""Evaluation: the card's benchmarks, a sandbox for generated code, pass@k, the report."""

@@ -1,0 +1,5 @@
+"""(being written)"""
+
+
+def register(subparsers) -> None:  # replaced by the module's real commands
+    pass
