@@ -1,5 +1,626 @@
-"""(being written)"""
+"""The token store: tokenized training data as memory-mappable uint16 shards (`smallcoder data pack`).
+
+One format serves pretraining and SFT. A pack is a folder:
+
+    index.json          written last; a folder without it is an interrupted write and is refused
+    tokens-00000.bin    token ids, uint16 little-endian (vocabularies up to 65,536 tokens)
+    mask-00000.bin      SFT only: loss mask, uint8 0/1, one per token
+    offsets-00000.bin   SFT only: int64 start of each record in the shard, records + 1 values
+
+kind "packed": documents are tokenized, each followed by EOS, concatenated, and cut into records
+of exactly `seq_len` tokens. The final partial record (fewer than `seq_len` tokens) is dropped
+and counted in `totals.dropped_tail_tokens`: every record is full, so a trainer never pads, and
+what is kept is exactly the prefix of the EOS-joined token stream. Empty documents are skipped
+(counted in `totals.empty_documents`).
+
+kind "sft": one record per example (ids + loss mask), variable length up to `seq_len` (the
+`max_len` given); longer examples are dropped whole and counted (`totals.dropped_over_long`),
+since cutting one would lose the answer's final EOS that the card's "EOS fix" always trains.
+
+The folder is built in a temporary sibling and renamed into place, and holds no timestamps, so
+the same inputs and tokenizer give a byte-identical pack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SmallCoderError
+
+FORMAT = "smallcoder-tokens"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+TOKEN_DTYPE = np.dtype("<u2")
+MASK_DTYPE = np.dtype("u1")
+OFFSET_DTYPE = np.dtype("<i8")
+MAX_VOCAB = int(np.iinfo(np.uint16).max) + 1  # ids 0..65535 fit uint16
+SHARD_RECORDS = 262_144  # 512 MiB of tokens per shard at seq_len 1024
+DEFAULT_SOURCE = "texts"
+_FILE_KINDS = {"tokens": TOKEN_DTYPE, "mask": MASK_DTYPE, "offsets": OFFSET_DTYPE}
 
 
-def register(subparsers) -> None:  # replaced by the module's real commands
-    pass
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of the canonical JSON of what decides token ids (model, added tokens, pre-tokenizer).
+
+    Only those parts are hashed, with keys sorted and BPE merges in one form, so saving and
+    loading a tokenizer, or a `tokenizers` release that writes other fields, keeps the hash.
+    """
+    backend = getattr(tokenizer, "backend", tokenizer)
+    data = json.loads(backend.to_str())
+    model = dict(data.get("model") or {})
+    if "merges" in model:
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
+    keep_model = ("type", "vocab", "merges", "unk_token", "continuing_subword_prefix", "end_of_word_suffix",
+                  "byte_fallback")
+    canonical = {
+        "model": {k: model.get(k) for k in keep_model},
+        "added_tokens": sorted([t["id"], t["content"], bool(t.get("special"))] for t in data.get("added_tokens", [])),
+        "normalizer": data.get("normalizer"),
+        "pre_tokenizer": data.get("pre_tokenizer"),
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if tokenizer.vocab_size > MAX_VOCAB:
+        raise SmallCoderError(f"tokenizer vocab_size {tokenizer.vocab_size:,} does not fit uint16 token shards "
+                              f"(at most {MAX_VOCAB:,} tokens)")
+
+
+def _created_by() -> str:
+    from .. import __version__
+
+    return f"smallcoder {__version__}"
+
+
+def _labelled(items: Iterable[Any] | Sequence[Iterable[Any]], source_labels: Sequence[str] | None,
+              ) -> tuple[list[str], Iterator[tuple[int, Any]]]:
+    """(labels, stream of (source index, item)): one unnamed source, or one iterable per label."""
+    if source_labels is None:
+        return [DEFAULT_SOURCE], ((0, x) for x in items)
+    labels = [str(s) for s in source_labels]
+    if len(set(labels)) != len(labels):
+        raise SmallCoderError(f"source_labels must be distinct, got {labels}")
+    if not isinstance(items, Sequence) or len(items) != len(labels):
+        raise SmallCoderError(f"with source_labels ({len(labels)} labels), pass one iterable per source "
+                              f"(got {type(items).__name__})")
+    return labels, ((i, x) for i, src in enumerate(items) for x in src)
+
+
+class _ShardWriter:
+    """Appends records to numbered shards in `folder`, hashing each file as it is written."""
+
+    def __init__(self, folder: Path, kind: str, shard_records: int) -> None:
+        self.folder, self.kind, self.shard_records = folder, kind, shard_records
+        self.shards: list[dict[str, Any]] = []
+        self._files: dict[str, Any] = {}
+        self._hashes: dict[str, Any] = {}
+        self._records = 0
+        self._tokens = 0
+        self._offsets: list[int] = []
+
+    def _open(self) -> None:
+        n = len(self.shards)
+        names = {"tokens": f"tokens-{n:05d}.bin"}
+        if self.kind == "sft":
+            names.update(mask=f"mask-{n:05d}.bin", offsets=f"offsets-{n:05d}.bin")
+        self._names = names
+        # held open across write calls; closed in _close() or abort()
+        self._files = {k: open(self.folder / v, "wb") for k, v in names.items() if k != "offsets"}  # noqa: SIM115
+        self._hashes = {k: hashlib.sha256() for k in names}
+        self._records, self._tokens, self._offsets = 0, 0, [0]
+
+    def _write(self, key: str, array: np.ndarray) -> None:
+        data = array.tobytes()
+        self._files[key].write(data)
+        self._hashes[key].update(data)
+
+    def _close(self) -> None:
+        if not self._files:
+            return
+        if self.kind == "sft":
+            offsets = np.asarray(self._offsets, dtype=OFFSET_DTYPE)
+            with open(self.folder / self._names["offsets"], "wb") as f:
+                f.write(offsets.tobytes())
+            self._hashes["offsets"].update(offsets.tobytes())
+        for f in self._files.values():
+            f.close()
+        self.shards.append({"files": dict(self._names), "records": self._records, "num_tokens": self._tokens,
+                            "sha256": {k: h.hexdigest() for k, h in self._hashes.items()}})
+        self._files = {}
+
+    def _room(self) -> int:
+        if self._files and self._records >= self.shard_records:
+            self._close()
+        if not self._files:
+            self._open()
+        return self.shard_records - self._records
+
+    def write_packed(self, tokens: np.ndarray, seq_len: int) -> None:
+        """`tokens` holds whole records (a multiple of seq_len), split across shards as they fill."""
+        records = len(tokens) // seq_len
+        done = 0
+        while done < records:
+            take = min(self._room(), records - done)
+            self._write("tokens", tokens[done * seq_len:(done + take) * seq_len])
+            self._records += take
+            self._tokens += take * seq_len
+            done += take
+
+    def write_example(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self._room()
+        self._write("tokens", ids)
+        self._write("mask", mask)
+        self._tokens += len(ids)
+        self._records += 1
+        self._offsets.append(self._tokens)
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+def _write_index(folder: Path, index: dict[str, Any]) -> None:
+    tmp = folder / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / INDEX_FILE)
+
+
+def _base_index(kind: str, seq_len: int, tokenizer: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "seq_len": seq_len,
+            "dtype": "uint16", "byteorder": "little", "eos_id": int(tokenizer.eos_id),
+            "vocab_size": int(tokenizer.vocab_size), "tokenizer_hash": tokenizer_hash(tokenizer)}
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SmallCoderError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _encoder(tokenizer: Any):
+    """Batch encoder returning id lists: `encode_batch_fast` (no offsets, Rust threads) when present."""
+    backend = getattr(tokenizer, "backend", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None:
+        return lambda texts: [e.ids for e in fast(texts, add_special_tokens=False)]
+    return tokenizer.encode_batch
+
+
+def pack_texts(texts: Iterable[str] | Sequence[Iterable[str]], tokenizer: Any, out_dir: str | Path,
+               seq_len: int = 1024, *, source_labels: Sequence[str] | None = None, batch_docs: int = 1024,
+               shard_records: int = SHARD_RECORDS, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Tokenize documents, join them with EOS, cut into `seq_len`-token records; returns the index.
+
+    `texts` is one iterable of documents, or, with `source_labels`, one iterable per label (the
+    index then counts documents per source). Batches of `batch_docs` documents go through the
+    tokenizer's multithreaded `encode_batch_fast`, one batch ahead of reading and writing. The
+    last partial record is dropped and counted (`totals.dropped_tail_tokens`).
+    """
+    from tqdm import tqdm
+
+    from ..checkpoint import atomic_folder
+
+    seq_len = _check_positive("seq_len", seq_len)
+    batch_docs = _check_positive("batch_docs", batch_docs)
+    shard_records = _check_positive("shard_records", shard_records)
+    _check_tokenizer(tokenizer)
+    labels, stream = _labelled(texts, source_labels)
+    encode = _encoder(tokenizer)
+    eos = int(tokenizer.eos_id)
+    doc_counts = [0] * len(labels)
+    seen = [0] * len(labels)
+    empty = 0
+    total_tokens = 0  # document tokens plus one EOS each
+
+    def doc_batches() -> Iterator[list[str]]:
+        """Batches of non-empty documents, checked and counted as they are read."""
+        nonlocal empty
+        while batch := list(itertools.islice(stream, batch_docs)):
+            docs = []
+            for src, text in batch:
+                if not isinstance(text, str):
+                    raise SmallCoderError(f"source {labels[src]!r}, document {seen[src]}: "
+                                          f"expected a string, got {type(text).__name__}")
+                seen[src] += 1
+                if text:
+                    docs.append(text)
+                    doc_counts[src] += 1
+                else:
+                    empty += 1
+            bar.update(len(batch))
+            if docs:
+                yield docs
+
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, "packed", shard_records)
+        pending = np.zeros(0, dtype=TOKEN_DTYPE)
+
+        def consume(ids: list[list[int]]) -> None:
+            nonlocal pending, total_tokens
+            n = sum(len(x) for x in ids) + len(ids)
+            part = np.fromiter(itertools.chain.from_iterable(x + [eos] for x in ids), dtype=TOKEN_DTYPE, count=n)
+            total_tokens += n
+            joined = np.concatenate([pending, part]) if len(pending) else part
+            full = len(joined) // seq_len * seq_len
+            writer.write_packed(joined[:full], seq_len)
+            pending = joined[full:].copy()
+
+        bar = tqdm(desc="packing", unit=" docs", file=sys.stderr, disable=None if progress else True)
+        try:
+            # The tokenizer releases the GIL: batch k+1 is tokenized (Rust threads) while this thread
+            # reads the next documents and writes batch k. Results are consumed in order.
+            with ThreadPoolExecutor(1, thread_name_prefix="smallcoder-tokenize") as pool:
+                running: Future | None = None
+                for docs in doc_batches():
+                    nxt = pool.submit(encode, docs)
+                    if running is not None:
+                        consume(running.result())
+                    running = nxt
+                if running is not None:
+                    consume(running.result())
+            shards = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        records = sum(s["records"] for s in shards)
+        if records == 0:
+            raise SmallCoderError(f"no records: {sum(doc_counts):,} documents gave {total_tokens:,} tokens "
+                                  f"(EOS included), fewer than seq_len {seq_len}")
+        index = _base_index("packed", seq_len, tokenizer)
+        index.update({
+            "shards": shards,
+            "totals": {"documents": sum(doc_counts), "empty_documents": empty, "document_tokens": total_tokens,
+                       "tokens": records * seq_len, "records": records, "dropped_tail_tokens": len(pending)},
+            "sources": [{"label": lb, "documents": c} for lb, c in zip(labels, doc_counts)],
+            "created_by": _created_by(),
+        })
+        _write_index(tmp, index)
+    return index
+
+
+def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]] | Sequence[Iterable[Any]],
+                  tokenizer: Any, out_dir: str | Path, max_len: int = 1024, *,
+                  source_labels: Sequence[str] | None = None, shard_records: int = SHARD_RECORDS,
+                  overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Store SFT examples `(token ids, loss mask 0/1)` as variable-length records; returns the index.
+
+    Examples longer than `max_len` tokens and empty ones are dropped and counted. With
+    `source_labels`, `examples` is one iterable per label, as in `pack_texts`.
+    """
+    from tqdm import tqdm
+
+    from ..checkpoint import atomic_folder
+
+    max_len = _check_positive("max_len", max_len)
+    shard_records = _check_positive("shard_records", shard_records)
+    _check_tokenizer(tokenizer)
+    vocab = tokenizer.vocab_size
+    labels, stream = _labelled(examples, source_labels)
+    counts = [0] * len(labels)
+    seen = [0] * len(labels)
+    over_long = over_long_tokens = empty = loss_tokens = 0
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, "sft", shard_records)
+        try:
+            for src, example in tqdm(stream, desc="packing", unit=" examples", file=sys.stderr,
+                                     disable=None if progress else True):
+                where = f"source {labels[src]!r}, example {seen[src]}"
+                seen[src] += 1
+                try:
+                    ids_in, mask_in = example
+                    ids = np.asarray(ids_in, dtype=np.int64)
+                    mask = np.asarray(mask_in, dtype=np.int64)
+                except (TypeError, ValueError) as e:
+                    raise SmallCoderError(f"{where}: expected (token ids, loss mask) lists of integers ({e})") from None
+                if ids.ndim != 1 or mask.shape != ids.shape:
+                    raise SmallCoderError(f"{where}: ids and loss mask differ in length "
+                                          f"({ids.shape} vs {mask.shape})")
+                if len(ids) == 0:
+                    empty += 1
+                    continue
+                if ids.min() < 0 or ids.max() >= vocab:
+                    bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+                    raise SmallCoderError(f"{where}: token id {bad} is outside the tokenizer's vocabulary (0..{vocab - 1})")
+                if not np.isin(mask, (0, 1)).all():
+                    bad = int(mask[~np.isin(mask, (0, 1))][0])
+                    raise SmallCoderError(f"{where}: loss mask value {bad} is not 0 or 1")
+                if len(ids) > max_len:
+                    over_long += 1
+                    over_long_tokens += len(ids)
+                    continue
+                writer.write_example(ids.astype(TOKEN_DTYPE), mask.astype(MASK_DTYPE))
+                counts[src] += 1
+                loss_tokens += int(mask.sum())
+            shards = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        records = sum(s["records"] for s in shards)
+        if records == 0:
+            raise SmallCoderError(f"no records: of {sum(seen):,} examples, {over_long:,} were longer than "
+                                  f"max_len {max_len} and {empty:,} were empty")
+        index = _base_index("sft", max_len, tokenizer)
+        index.update({
+            "mask_dtype": "uint8", "offsets_dtype": "int64",
+            "shards": shards,
+            "totals": {"documents": sum(seen), "tokens": sum(s["num_tokens"] for s in shards), "records": records,
+                       "loss_tokens": loss_tokens, "dropped_over_long": over_long,
+                       "dropped_over_long_tokens": over_long_tokens, "dropped_empty": empty},
+            "sources": [{"label": lb, "documents": n, "records": c} for lb, n, c in zip(labels, seen, counts)],
+            "created_by": _created_by(),
+        })
+        _write_index(tmp, index)
+    return index
+
+
+class TokenDataset:
+    """A pack opened read-only through `np.memmap`: `ds[i] -> (uint16 ids, uint8 loss mask or None)`.
+
+    Opening checks the index (format, version, kind), that every shard exists with the size the
+    index gives, SFT offsets, and with `tokenizer` given that it is the one the pack was made
+    with. `verify=True` (or `.verify()`) also re-hashes every file, which reads it all.
+    Returned arrays are read-only views into the files.
+    """
+
+    def __init__(self, folder: str | Path, tokenizer: Any = None, *, verify: bool = False) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SmallCoderError(f"{self.folder}: no such pack folder")
+        path = self.folder / INDEX_FILE
+        if not path.exists():
+            raise SmallCoderError(f"{self.folder}: incomplete pack: no {INDEX_FILE} (an interrupted write?); "
+                                  "pack it again")
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SmallCoderError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(index, dict):
+            raise SmallCoderError(f"{path}: expected a JSON object, got {type(index).__name__}")
+        self.index = index
+        self._path = path
+        fmt = index.get("format")
+        if fmt != FORMAT:
+            raise SmallCoderError(f"{path}: field 'format' is {fmt!r}, expected {FORMAT!r}")
+        version = index.get("version")
+        if version != FORMAT_VERSION:
+            raise SmallCoderError(f"{path}: field 'version' is {version!r}; this smallcoder reads version "
+                                  f"{FORMAT_VERSION} (pack the data again)")
+        self.kind: str = self._field("kind", str)
+        if self.kind not in ("packed", "sft"):
+            raise SmallCoderError(f"{path}: field 'kind' is {self.kind!r}, expected 'packed' or 'sft'")
+        for field, expected in (("dtype", "uint16"), ("byteorder", "little")):
+            if index.get(field) != expected:
+                raise SmallCoderError(f"{path}: field {field!r} is {index.get(field)!r}, expected {expected!r}")
+        self.seq_len: int = self._field("seq_len", int)
+        self.eos_id: int = self._field("eos_id", int)
+        self.vocab_size: int = self._field("vocab_size", int)
+        self.tokenizer_hash: str = self._field("tokenizer_hash", str)
+        self.sources: list[dict[str, Any]] = self._field("sources", list)
+        self.totals: dict[str, Any] = self._field("totals", dict)
+        shards = self._field("shards", list)
+        if tokenizer is not None:
+            mine = tokenizer_hash(tokenizer)
+            if mine != self.tokenizer_hash:
+                raise SmallCoderError(f"{path}: pack was made with tokenizer {self.tokenizer_hash}, but the given "
+                                      f"tokenizer is {mine}; pack the data again with this tokenizer")
+        self._tokens: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        self._starts = [0]
+        for i, shard in enumerate(shards):
+            self._open_shard(i, shard)
+        self.num_records = self._starts[-1]
+        self.num_tokens = int(sum(len(t) for t in self._tokens))
+        if self.totals.get("records") not in (None, self.num_records):
+            raise SmallCoderError(f"{path}: field 'totals.records' is {self.totals.get('records')}, "
+                                  f"but the shards hold {self.num_records}")
+        if verify:
+            self.verify()
+
+    def _field(self, name: str, kind: type) -> Any:
+        value = self.index.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise SmallCoderError(f"{self._path}: field {name!r} is {value!r}, expected a {kind.__name__}")
+        return value
+
+    def _open_shard(self, i: int, shard: Any) -> None:
+        where = f"{self._path}: shards[{i}]"
+        try:
+            files, records, num_tokens = shard["files"], int(shard["records"]), int(shard["num_tokens"])
+            names = {k: files[k] for k in (("tokens", "mask", "offsets") if self.kind == "sft" else ("tokens",))}
+        except (KeyError, TypeError, ValueError) as e:
+            raise SmallCoderError(f"{where}: malformed shard entry ({e!r})") from None
+        expected_len = {"tokens": num_tokens, "mask": num_tokens, "offsets": records + 1}
+        arrays = {}
+        for key, name in names.items():
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+                raise SmallCoderError(f"{where}: field 'files.{key}' is {name!r}, not a file name in the pack")
+            file = self.folder / name
+            if not file.is_file():
+                raise SmallCoderError(f"{file}: shard file is missing")
+            dtype = _FILE_KINDS[key]
+            size, want = file.stat().st_size, expected_len[key] * dtype.itemsize
+            if size != want:
+                raise SmallCoderError(f"{file}: {size:,} bytes, but {INDEX_FILE} says {want:,} "
+                                      f"({expected_len[key]:,} x {dtype.name}); the shard is truncated or corrupt")
+            arrays[key] = (np.memmap(file, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype))
+        if self.kind == "packed":
+            if num_tokens != records * self.seq_len:
+                raise SmallCoderError(f"{where}: num_tokens {num_tokens} != records {records} x seq_len {self.seq_len}")
+        else:
+            off = arrays["offsets"]
+            lengths = np.diff(off)
+            if off[0] != 0 or off[-1] != num_tokens or (lengths < 0).any() or (lengths > self.seq_len).any():
+                raise SmallCoderError(f"{self.folder / names['offsets']}: record offsets are inconsistent "
+                                      f"(start {int(off[0])}, end {int(off[-1])}, tokens {num_tokens}, "
+                                      f"max_len {self.seq_len})")
+            self._masks.append(arrays["mask"])
+            self._offsets.append(off)
+        self._tokens.append(arrays["tokens"])
+        self._starts.append(self._starts[-1] + records)
+
+    def verify(self) -> None:
+        """Re-hash every shard file against the index (reads all the data)."""
+        for i, shard in enumerate(self.index["shards"]):
+            for key, name in shard["files"].items():
+                h = hashlib.sha256()
+                with open(self.folder / name, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+                want = shard.get("sha256", {}).get(key)
+                if h.hexdigest() != want:
+                    raise SmallCoderError(f"{self.folder / name}: sha256 {h.hexdigest()} does not match "
+                                          f"{INDEX_FILE} shards[{i}].sha256.{key} {want}")
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        n = self.num_records
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"TokenDataset index must be an integer, got {type(i).__name__}")
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"record {i} out of range for a pack of {n} records")
+        s = bisect.bisect_right(self._starts, i) - 1
+        j = int(i - self._starts[s])
+        if self.kind == "packed":
+            return np.asarray(self._tokens[s][j * self.seq_len:(j + 1) * self.seq_len]), None
+        a, b = int(self._offsets[s][j]), int(self._offsets[s][j + 1])
+        return np.asarray(self._tokens[s][a:b]), np.asarray(self._masks[s][a:b])
+
+    def __repr__(self) -> str:
+        return (f"TokenDataset({str(self.folder)!r}, kind={self.kind!r}, records={self.num_records}, "
+                f"tokens={self.num_tokens}, seq_len={self.seq_len})")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def _source_label(spec: Any) -> str:
+    return str(getattr(spec, "display_label", None) or spec.label)
+
+
+def _encoded_conversations(spec: Any, tokenizer: Any, batch: int = 1024) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, loss mask) of each conversation of `spec`, encoded in parallel batches."""
+    from .sft import encode_conversations
+    from .sources import iter_conversations
+
+    conversations = iter_conversations(spec)
+    while chunk := list(itertools.islice(conversations, batch)):
+        yield from encode_conversations(chunk, tokenizer)
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """--input and the field options, shared by `data pack` and `tokenizer train`."""
+    p.add_argument("--input", action="append", required=True, metavar="SPEC",
+                   help="a .jsonl/.parquet/.txt file, a folder, hub:ORG/NAME[:CONFIG][@SPLIT], "
+                        "card:NAME or builtin:PART (repeatable)")
+    p.add_argument("--field", default=None, help="text field of the records (default: text, or the source's own)")
+    p.add_argument("--messages-field", default=None,
+                   help="conversations: field holding a list of {role, content} messages (with --sft the "
+                        "default is messages)")
+    p.add_argument("--prompt-field", default=None, help="conversations: single-turn request field ...")
+    p.add_argument("--response-field", default=None, help="... and its answer field")
+
+
+def specs_from_args(args: argparse.Namespace, sft: bool = False) -> list[Any]:
+    """Parse every --input; conversation options apply to all; with `sft` a plain source is read
+    as conversations in its `messages` field."""
+    import dataclasses
+
+    from .sources import parse_source
+
+    fields = {"field": args.field} if args.field else {}
+    conv: dict[str, str | None] = {}
+    if args.messages_field or args.prompt_field or args.response_field:
+        conv = {"messages_field": args.messages_field, "prompt_field": args.prompt_field,
+                "response_field": args.response_field}
+    specs = []
+    for text in args.input:
+        spec = parse_source(text, **fields)
+        if not conv and sft and not spec.is_sft:
+            conv = {"messages_field": "messages"}
+        if conv:
+            try:
+                spec = dataclasses.replace(spec, **{"messages_field": None, "prompt_field": None,
+                                                    "response_field": None, **conv})
+            except SmallCoderError as e:
+                raise SmallCoderError(f"--input {text}: {e}") from None
+        specs.append(spec)
+    labels = [_source_label(s) for s in specs]
+    if len(set(labels)) != len(labels):
+        raise SmallCoderError(f"--input: the same source is given twice ({', '.join(labels)})")
+    return specs
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from ..tokenizer import Tokenizer
+    from .sources import iter_texts
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise SmallCoderError(f"{out}: folder exists and is not empty (use --force to replace it)")
+    specs = specs_from_args(args, sft=args.sft)
+    labels = [_source_label(s) for s in specs]
+    for s, text in zip(specs, args.input):
+        if s.is_sft and not args.sft:
+            raise SmallCoderError(f"--input {text}: a conversation source; pack it with --sft")
+    tokenizer = Tokenizer.load(args.tokenizer)
+    t0 = time.perf_counter()
+    if args.sft:
+        examples = [_encoded_conversations(s, tokenizer) for s in specs]
+        index = pack_examples(examples, tokenizer, out, args.max_len, source_labels=labels, overwrite=args.force)
+    else:
+        index = pack_texts([iter_texts(s) for s in specs], tokenizer, out, args.seq_len, source_labels=labels,
+                           overwrite=args.force)
+    dt = time.perf_counter() - t0
+    t = index["totals"]
+    print(f"wrote {out}: {index['kind']}, {t['documents']:,} documents -> {t['tokens']:,} tokens in "
+          f"{t['records']:,} records of {'at most ' if args.sft else ''}{index['seq_len']} tokens, "
+          f"{len(index['shards'])} shard(s)")
+    if args.sft:
+        print(f"loss tokens {t['loss_tokens']:,}; dropped {t['dropped_over_long']:,} examples longer than "
+              f"{index['seq_len']} tokens and {t['dropped_empty']:,} empty")
+    else:
+        print(f"dropped the last {t['dropped_tail_tokens']:,} tokens (a partial record); "
+              f"skipped {t['empty_documents']:,} empty documents")
+    for s in index["sources"]:
+        print(f"  {s['label']}: {s['documents']:,} documents" + (f", {s['records']:,} kept" if "records" in s else ""))
+    rate = t.get("document_tokens", t["tokens"]) / dt if dt > 0 else float("inf")
+    print(f"{dt:.1f} s, {rate:,.0f} tokens/s")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pack", help="tokenize a corpus into uint16 shards for training")
+    add_source_args(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or Hub repo id")
+    p.add_argument("--out", required=True, help="pack folder to create")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed record")
+    p.add_argument("--sft", action="store_true", help="conversations -> variable-length records with loss masks")
+    p.add_argument("--max-len", type=int, default=1024, help="with --sft: drop examples longer than this")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_pack)

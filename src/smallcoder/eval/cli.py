@@ -1,5 +1,211 @@
-"""(being written)"""
+"""`smallcoder eval`: run the card's benchmarks on a model, or score a ready samples file.
+
+Kept light at import time (the CLI imports it for `--help`): torch, the tokenizer and the task
+modules load inside `cmd_eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import SmallCoderError
+from .data import TASK_NAMES as TASKS
+
+CODE_TASKS = ("humaneval", "mbpp")
 
 
-def register(subparsers) -> None:  # replaced by the module's real commands
-    pass
+def register(subparsers: Any) -> None:
+    """Add the `eval` command."""
+    p = subparsers.add_parser(
+        "eval", help="run benchmarks (HumanEval, MBPP, GSM8k, Wikitext-2, ARC, HellaSwag) or score a samples file",
+        description="Evaluate a model with the card's protocols and print the card's table. "
+                    "With --samples, score ready completions without a model.")
+    p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub repo id")
+    p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(TASKS)}")
+    p.add_argument("--samples", default=None, metavar="FILE.jsonl",
+                   help='score {"task_id", "completion"} lines for one code task (no model needed)')
+    p.add_argument("--n-samples", type=int, default=1, help="samples per code task (pass@k needs n >= k)")
+    p.add_argument("--k", default="1", help="pass@k values, comma-separated (default 1)")
+    p.add_argument("--temperature", type=float, default=0.2, help="code tasks (card: 0.2); GSM8k is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="card: 512")
+    p.add_argument("--limit", type=int, default=None, help="only the first K items of each task")
+    p.add_argument("--seed", type=int, default=0, help="sample j of each task uses seed + j")
+    p.add_argument("--data-dir", default=None,
+                   help="benchmark files in the layout of shared/data (default: $SMALLCODER_DATA or "
+                        "../shared/data if present, else the Hub)")
+    p.add_argument("--out", default=None, help="folder for results.json, results.md and samples_<task>.jsonl")
+    p.add_argument("--format", dest="fmt", choices=("instruct", "base"), default="instruct",
+                   help="HumanEval prompt: the card's User:/Assistant: format, or the raw prompt")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    p.add_argument("--workers", type=int, default=None, help="parallel sandbox processes (default: all cores)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per program (default: the sandbox's)")
+    p.add_argument("--compare-card", action="store_true", help="add the card's published numbers to the table")
+    p.set_defaults(func=cmd_eval)
+
+
+def parse_tasks(text: str) -> list[str]:
+    """Task names in the order given, without repeats; unknown names list the valid ones."""
+    tasks = list(dict.fromkeys(t.strip().lower().replace("-", "_") for t in text.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SmallCoderError(f"--tasks: unknown task(s) {', '.join(map(repr, unknown))}; "
+                              f"valid tasks: {', '.join(TASKS)}")
+    if not tasks:
+        raise SmallCoderError(f"--tasks: name at least one task ({', '.join(TASKS)})")
+    return tasks
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("n_samples", "batch_size", "max_new_tokens", "limit", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_new_tokens" else 1):
+            flag = "--" + name.replace("_", "-")
+            raise SmallCoderError(f"{flag} must be {'>= 0' if name == 'max_new_tokens' else '>= 1'}, got {value}")
+    if args.temperature < 0:
+        raise SmallCoderError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise SmallCoderError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise SmallCoderError(f"--timeout must be > 0 seconds, got {args.timeout}")
+
+
+def _data_dir(args: argparse.Namespace) -> Path | None:
+    if args.data_dir is not None:
+        path = Path(args.data_dir)
+        if not path.is_dir():
+            raise SmallCoderError(f"--data-dir {path}: no such folder")
+        return path
+    from ..cli import default_data_dir
+
+    return default_data_dir()
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    if args.timeout is None:
+        return None
+    from .sandbox import Limits
+
+    return Limits(timeout=args.timeout)
+
+
+def _load(task: str, data_dir: Path | None) -> Any:
+    from .data import load_task_data
+
+    return load_task_data(task, data_dir)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Validate everything cheap first (tasks, k, files, data), then load the model and run."""
+    from .passk import check_ks, parse_ks
+    from .report import markdown_table, read_samples, write_report
+
+    tasks = parse_tasks(args.tasks)
+    ks = parse_ks(args.k)
+    _check_args(args)
+    data_dir = _data_dir(args)
+    progress = sys.stderr.isatty()
+    settings: dict[str, Any] = {
+        "model": args.model, "dtype": args.dtype, "tasks": tasks, "n_samples": args.n_samples, "k": ks,
+        "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit, "seed": args.seed, "format": args.fmt, "batch_size": args.batch_size,
+        "data_dir": str(data_dir) if data_dir else None, "samples": args.samples,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
+        "platform": platform.platform()}
+    results = []
+    started = time.perf_counter()
+
+    if args.samples is not None:
+        if args.model is not None:
+            raise SmallCoderError("--samples scores a ready file without a model: drop --model (or --samples)")
+        if len(tasks) != 1 or tasks[0] not in CODE_TASKS:
+            raise SmallCoderError(f"--samples scores one code task: use --tasks humaneval or --tasks mbpp "
+                                  f"(got --tasks {','.join(tasks)})")
+        from .humaneval import score_humaneval
+        from .mbpp import score_mbpp
+
+        samples = read_samples(args.samples)
+        records = _load(tasks[0], data_dir)
+        t0 = time.perf_counter()
+        if tasks[0] == "humaneval":
+            result = score_humaneval(records, samples, ks=ks, fmt="base", limits=_limits(args),
+                                     workers=args.workers, progress=progress, source=args.samples)
+        else:
+            result = score_mbpp(records, samples, ks=ks, limits=_limits(args), workers=args.workers,
+                                progress=progress, source=args.samples)
+        result.settings["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        results.append(result)
+    else:
+        if args.model is None:
+            raise SmallCoderError("--model is needed to run benchmarks (a checkpoint folder or Hub repo id); "
+                                  "to score ready completions use --samples FILE.jsonl")
+        if any(t in CODE_TASKS for t in tasks):
+            check_ks(ks, args.n_samples)
+        data = {t: _load(t, data_dir) for t in tasks}  # a missing file fails before the model loads
+        engine = _engine(args)
+        settings["parameters"] = engine.model.num_parameters()
+        for task in tasks:
+            t0 = time.perf_counter()
+            result = _run_task(task, engine, data[task], args, ks, progress)
+            result.settings["wall_seconds"] = round(time.perf_counter() - t0, 3)
+            results.append(result)
+            print(f"{task}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    settings["wall_seconds"] = round(time.perf_counter() - started, 3)
+    table = markdown_table(results, compare_card=args.compare_card)
+    print(table, end="")
+    for r in results:
+        for note in r.notes:
+            print(f"note ({r.task}): {note}")
+    if args.out is not None:
+        from . import sandbox
+
+        written = write_report(args.out, results, settings, sandbox.protections(), compare_card=args.compare_card)
+        print(f"wrote {written['results']} (+ {written['table'].name}, samples_<task>.jsonl)")
+    else:
+        print("(pass --out DIR to keep results.json and every sample)", file=sys.stderr)
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from ..checkpoint import load
+    from ..generate import Engine
+
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    return Engine(model, tokenizer)
+
+
+def _run_task(task: str, engine: Any, data: Any, args: argparse.Namespace, ks: list[int], progress: bool) -> Any:
+    """Dispatch one task to its module with the shared settings."""
+    limit = args.limit
+    if task == "humaneval":
+        from .humaneval import run_humaneval
+
+        problems = data[:limit] if limit is not None else data
+        return run_humaneval(engine, problems, n_samples=args.n_samples, ks=ks, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed, fmt=args.fmt,
+                             batch_size=args.batch_size, top_p=args.top_p, limits=_limits(args),
+                             workers=args.workers, progress=progress)
+    if task == "mbpp":
+        from .mbpp import run_mbpp
+
+        return run_mbpp(engine, data, n_samples=args.n_samples, ks=ks, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                        top_p=args.top_p, limit=limit, limits=_limits(args), workers=args.workers,
+                        progress=progress)
+    if task == "gsm8k":
+        from .gsm8k import run_gsm8k
+
+        items = data[:limit] if limit is not None else data
+        return run_gsm8k(engine, items, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         seed=args.seed, progress=progress)
+    from . import lm_tasks
+
+    if task == "wikitext2":
+        return lm_tasks.run_wikitext2(engine, data, limit=limit, batch_size=args.batch_size)
+    return lm_tasks.run_multiple_choice(engine, task, data, limit=limit, batch_size=args.batch_size)

