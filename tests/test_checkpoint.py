@@ -416,14 +416,16 @@ def test_failed_final_rename_restores_previous_checkpoint(model, micro_checkpoin
     target = tmp_path / "existing"
     shutil.copytree(micro_checkpoint, target)
     before = _tree(target)
-    real_rename = ckpt.os.rename
+    import smallcoder.fsutil as fsutil
+
+    real_rename = fsutil.os.rename
 
     def rename(src, dst):
         if Path(src).name.startswith(".existing.tmp-"):
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr(fsutil.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         save(new_model(model.config, seed=5), None, target, overwrite=True)
     monkeypatch.undo()

@@ -109,6 +109,38 @@ def test_extract_passes_raw_code_through_and_dedents_an_indented_excerpt():
     assert extract_code(answer) == "def g():\n    return 1\n"
 
 
+def _brute_force_longest_run(text: str) -> int:
+    """Length as written of the longest parsing, code-like run, trying every (start, end)."""
+    import textwrap
+
+    from smallcoder.eval.extract import _looks_like_code, parses
+
+    lines, best = text.split("\n"), 0
+    for s in range(len(lines)):
+        for e in range(s + 1, len(lines) + 1):
+            chunk = "\n".join(lines[s:e]).rstrip()
+            if not lines[s].strip() or len(chunk) <= best:
+                continue
+            form = chunk if parses(chunk) else textwrap.dedent(chunk)
+            if parses(form) and _looks_like_code(form):
+                best = len(chunk)
+    return best
+
+
+def test_longest_run_search_with_error_jumps_matches_brute_force():
+    """The jumps to a syntax error's line prune the search but never miss the longest run."""
+    from smallcoder.eval.extract import _longest_run
+
+    pool = ["def f(x):", "    return x + 1", "    if x:", "        y = (1,", "        2)", "x = [1, 2,", "3]",
+            "Here is the code:", "This returns (the sum", "print('hi')", "", "    ", "class A:", "    pass",
+            "That's all.", "for i in range(3):", "    print(i)", "Sure", "  total = 0", "z = 1 +", ")",
+            '    """doc', '    """', "It works (mostly).", "a, b = 1, 2", "    else:", "        return 0"]
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "\n".join(rng.choice(pool) for _ in range(rng.randint(1, 12)))
+        assert _longest_run(text)[1] == _brute_force_longest_run(text), text
+
+
 def test_defines_top_level_function_only():
     assert defines(FUNC, "add")
     assert not defines("def other():\n    def add(): pass\n", "add")

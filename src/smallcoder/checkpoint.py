@@ -9,11 +9,7 @@ beside the target and renamed into place, so a crash never leaves a half-written
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +18,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import SmallCoderError
+from .fsutil import atomic_folder
 from .hub import resolve
 from .model import SmallCoder
 from .tokenizer import Tokenizer
@@ -48,56 +45,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise SmallCoderError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
-
-
-def _finish_files(folder: Path) -> None:
-    """fsync every file, and give each the usual umask permissions (some writers use 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~umask)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-@contextlib.contextmanager
-def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
-
-    Refuses to replace a non-empty `target` unless `overwrite`; on error the target is untouched.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise SmallCoderError(f"{target}: exists and is not a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise SmallCoderError(f"{target}: folder exists and is not empty (refusing to overwrite it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _finish_files(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _state_dict_to_save(model: SmallCoder, dtype: torch.dtype) -> dict[str, torch.Tensor]:

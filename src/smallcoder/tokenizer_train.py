@@ -102,7 +102,7 @@ def _iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Iter
 def cmd_train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .checkpoint import atomic_folder
+    from .fsutil import atomic_folder
     from .data.pack import specs_from_args
 
     if args.limit_docs is not None and args.limit_docs < 1:

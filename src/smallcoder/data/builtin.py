@@ -594,7 +594,7 @@ def build_builtin(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
     byte-identical files. `max_stdlib_files` keeps only the first N standard-library files (in
     sorted order): a small corpus for quick trials and tests.
     """
-    from ..checkpoint import atomic_folder
+    from ..fsutil import atomic_folder
 
     if isinstance(math_problems, bool) or not isinstance(math_problems, int) or math_problems < 1:
         raise SmallCoderError(f"math_problems must be a positive integer, got {math_problems!r}")

@@ -33,10 +33,8 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SmallCoderError
+from ..fsutil import atomic_write
 
 DEFAULT_TASKS = ("humaneval", "mbpp", "gsm8k")
 MAX_REPORTED_REMOVALS = 50
@@ -298,27 +297,6 @@ def _benchmark_texts(task: str, data: list[dict] | str) -> Iterator[tuple[str, s
 
 # ---------------------------------------------------------------- CLI
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file beside `path`, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def decontaminate_to_jsonl(deco: Decontaminator, docs: Iterable[tuple[str, Any]], out: str | Path,
                            progress: bool = True) -> dict[str, Any]:
     """Filter (text, label) pairs and write the clean ones as `{"text": ...}` lines to `out`."""
@@ -333,7 +311,7 @@ def decontaminate_to_jsonl(deco: Decontaminator, docs: Iterable[tuple[str, Any]]
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
 
     try:
-        _atomic_write(Path(out), write)
+        atomic_write(Path(out), write)
     finally:
         bar.close()
     return deco.report()
@@ -371,7 +349,7 @@ def cmd_decontam(args: argparse.Namespace) -> None:
     report["inputs"] = list(args.input)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if args.report:
-        _atomic_write(Path(args.report), lambda f: f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
+        atomic_write(Path(args.report), lambda f: f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
     per = ", ".join(f"{b} {n}" for b, n in report["removed_per_benchmark"].items())
     print(f"{report['documents']:,} documents read, {report['removed']:,} removed ({per}), "
           f"{report['kept']:,} written to {args.out} in {report['seconds']:.1f} s")

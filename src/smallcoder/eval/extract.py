@@ -21,13 +21,7 @@ _PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
 
 def parses(code: str) -> bool:
     """Whether `code` is valid Python syntax (warnings such as invalid escapes are ignored)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    return True
+    return _error_line(code) == 0
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:
@@ -39,9 +33,16 @@ def longest_parsing_run(text: str) -> str:
     """The longest (in characters) run of consecutive lines that parses and holds code.
 
     A run must contain at least one line that is more than a bare word, so a lone "Sure" or "Done"
-    (valid expressions) is not taken for code. Quadratic in lines in the worst case, but a run that
+    (valid expressions) is not taken for code. For each first line, runs are tried longest first;
+    a syntax error before a run's last line means no longer run from there can parse (the text up
+    to the error is already invalid), so the search jumps back to the error's line. A run that
     cannot beat the best one is never parsed.
     """
+    return _longest_run(text)[0]
+
+
+def _longest_run(text: str) -> tuple[str, int]:
+    """(the run, possibly dedented; its length as written) for `longest_parsing_run`."""
     lines = text.split("\n")
     best, best_len = "", 0  # lengths compare the runs as written, before any dedent
     for start in range(len(lines)):
@@ -49,23 +50,54 @@ def longest_parsing_run(text: str) -> str:
             continue
         if sum(len(s) + 1 for s in lines[start:]) - 1 <= best_len:
             break
-        for end in range(len(lines), start, -1):
+        end = len(lines)
+        while end > start:
             chunk = "\n".join(lines[start:end]).rstrip()
             if len(chunk) <= best_len:
                 break
-            candidate = _parsing_form(chunk)
-            if candidate is not None and _looks_like_code(candidate):
-                best, best_len = candidate, len(chunk)
-                break
-    return best
+            candidate, error_line = _parsing_form(chunk)
+            if candidate is not None:
+                if _looks_like_code(candidate):
+                    best, best_len = candidate, len(chunk)
+                    break
+                end -= 1
+            elif error_line is not None and error_line < chunk.count("\n") + 1:
+                end = start + error_line
+            else:
+                end -= 1
+    return best, best_len
 
 
-def _parsing_form(chunk: str) -> str | None:
-    """`chunk` if it parses, else its dedented form if that parses (an indented excerpt), else None."""
-    if parses(chunk):
-        return chunk
+def _error_line(code: str) -> int | None:
+    """0 when `code` parses, else the 1-based line of its syntax error (None if unknown)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(code)
+    except IndentationError:
+        return None  # a shorter run may parse once dedented: no jump
+    except SyntaxError as e:
+        return e.lineno if e.lineno and e.lineno > 0 else None
+    except (ValueError, MemoryError, RecursionError):
+        return None
+    return 0
+
+
+def _parsing_form(chunk: str) -> tuple[str | None, int | None]:
+    """(`chunk`, or its dedented form for an indented excerpt, if it parses; else None, error line).
+
+    The error line is the later of the two forms' errors, so no run that could parse is skipped.
+    """
+    raw = _error_line(chunk)
+    if raw == 0:
+        return chunk, None
     dedented = textwrap.dedent(chunk)
-    return dedented if dedented != chunk and parses(dedented) else None
+    if dedented == chunk:
+        return None, raw
+    dent = _error_line(dedented)
+    if dent == 0:
+        return dedented, None
+    return None, None if raw is None or dent is None else max(raw, dent)
 
 
 def _looks_like_code(chunk: str) -> bool:
