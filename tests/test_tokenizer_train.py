@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -11,15 +13,17 @@ import pytest
 from smallcoder import SmallCoderError, Tokenizer
 from smallcoder.tokenizer_train import MIN_VOCAB_SIZE, SPECIAL_TOKENS, train_tokenizer
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "smallcoder"
 PROSE = ["Grüße aus Köln! Ça va? 你好，世界。 Привет, мир. こんにちは 🎉🚀 naïve café",
          "The year 2024 had 366 days; π ≈ 3.14159 and e ≈ 2.71828.\n\tTabs\tand\r\nCRLF lines.\n"]
 VOCAB = 700
 
 
+@functools.cache
 def _corpus() -> list[str]:
-    texts = [p.read_text(encoding="utf-8") for p in sorted(SRC.rglob("*.py"))]
-    assert sum(map(len, texts)) > 50_000, "the package sources should be a big enough corpus"
+    """Read-only standard-library sources (stable, unlike this repo's files) plus unicode prose."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8") for pkg in ("json", "email") for p in sorted((root / pkg).glob("*.py"))]
+    assert sum(map(len, texts)) > 50_000, "the stdlib sources should be a big enough corpus"
     return texts + PROSE * 5
 
 

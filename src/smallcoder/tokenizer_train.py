@@ -102,8 +102,8 @@ def _iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Iter
 def cmd_train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .fsutil import atomic_folder
     from .data.pack import specs_from_args
+    from .fsutil import atomic_folder
 
     if args.limit_docs is not None and args.limit_docs < 1:
         raise SmallCoderError(f"--limit-docs {args.limit_docs}: must be at least 1")

@@ -218,7 +218,7 @@ def pack_texts(texts: Iterable[str] | Sequence[Iterable[str]], tokenizer: Any, o
     """
     from tqdm import tqdm
 
-    from ..checkpoint import atomic_folder
+    from ..fsutil import atomic_folder
 
     seq_len = _check_positive("seq_len", seq_len)
     batch_docs = _check_positive("batch_docs", batch_docs)
@@ -311,7 +311,7 @@ def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]] | Sequ
     """
     from tqdm import tqdm
 
-    from ..checkpoint import atomic_folder
+    from ..fsutil import atomic_folder
 
     max_len = _check_positive("max_len", max_len)
     shard_records = _check_positive("shard_records", shard_records)

@@ -1,0 +1,1 @@
+"""Training: recipes, the trainer, and data-parallel scale-out."""
