@@ -1,0 +1,274 @@
+"""Data-parallel training equals single-process training: 2 CPU processes under torchrun (gloo).
+
+The workers run a small script written to a temp folder: a micro SmallCoder trained for 3 AdamW
+steps on the real loss path (MixtureLoader slices of the global batch, `sft.collate` / `loss_sum`
+normalised by the global count of trained tokens, gradient accumulation under `no_sync`, grad
+clipping that is active), once in a plain process and once per strategy under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from smallcoder import ModelConfig, SmallCoderError, new_model
+from smallcoder.train import distributed as D
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+STEPS = 3
+
+SCRIPT = textwrap.dedent('''
+    """Train a micro SmallCoder for a few steps per strategy; rank 0 saves the weights, each rank a report."""
+    import argparse
+    import json
+    import os
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from smallcoder import ModelConfig, new_model
+    from smallcoder.data.mixture import Component, MixtureLoader
+    from smallcoder.data.sft import loss_sum
+    from smallcoder.train.distributed import (all_reduce_sum, barrier, broadcast_object, full_state_dict,
+                                              init_distributed, no_sync, shutdown, wrap_model)
+
+    SEQ, VOCAB = 16, 300
+    CONFIG = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=SEQ)
+
+
+    class Records:
+        def __init__(self, kind, records):
+            self.kind, self.seq_len, self.records = kind, SEQ, records
+
+        def __len__(self):
+            return len(self.records)
+
+        def __getitem__(self, i):
+            return self.records[i]
+
+
+    def components():
+        rng = np.random.default_rng(0)
+        packed = [(rng.integers(1, VOCAB, SEQ).astype(np.uint16), None) for _ in range(12)]
+        sft = []
+        for _ in range(12):  # short records whose answer closes them: each rank trains a different count
+            n = int(rng.integers(4, SEQ + 1))
+            mask = np.zeros(n, np.uint8)
+            mask[int(rng.integers(1, n)):] = 1
+            sft.append((rng.integers(1, VOCAB, n).astype(np.uint16), mask))
+        return [Component("code", Records("packed", packed), 0.5), Component("chat", Records("sft", sft), 0.5)]
+
+
+    def train(strategy, info, steps):
+        model = wrap_model(new_model(CONFIG, seed=0), info, strategy)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        # global batch 8 in micro-batches of 2: 4 accumulated micro-steps alone, 2 per rank on 2 ranks
+        loader = MixtureLoader(components(), seq_len=SEQ, global_batch=8, micro_batch=2, seed=3, pad_id=0,
+                               rank=info.rank, world_size=info.world_size)
+        losses, norms, local_counts = [], [], []
+        for _ in range(steps):
+            step = loader.next_step()
+            total = 0.0
+            for i, mb in enumerate(step.micro_batches):
+                with no_sync(model, enabled=i < len(step.micro_batches) - 1):
+                    logits = model(mb["input_ids"].to(info.device))
+                    loss = loss_sum(logits, mb["labels"].to(info.device)) / step.num_loss_tokens * info.world_size
+                    loss.backward()
+                total += loss.item() / info.world_size
+            local_counts.append(sum(mb["num_loss_tokens"] for mb in step.micro_batches))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # norms here are ~1: clipping acts
+            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(all_reduce_sum(total, info))
+        return full_state_dict(model, info), {"losses": losses, "norms": norms, "local_counts": local_counts}
+
+
+    def main():
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--strategies", required=True)
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--steps", type=int, default=3)
+        args = ap.parse_args()
+        info = init_distributed("cpu")
+        report = {"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
+                  "backend": info.backend, "device": str(info.device), "is_main": info.is_main,
+                  "group": torch.distributed.is_initialized(), "rank_sum": all_reduce_sum(info.rank + 1, info),
+                  "broadcast": broadcast_object({"from": info.rank}, info, src=info.world_size - 1), "runs": {}}
+        for strategy in args.strategies.split(","):
+            state, stats = train(strategy, info, args.steps)
+            stats["keys"] = sorted(state)
+            report["runs"][strategy] = stats
+            if info.is_main:
+                tmp = os.path.join(args.out, f".{strategy}.pt.tmp")
+                torch.save({k: v.clone() for k, v in state.items()}, tmp)
+                os.replace(tmp, os.path.join(args.out, f"{strategy}.pt"))
+        barrier(info)
+        shutdown(info)
+        with open(os.path.join(args.out, f"report{info.rank}.json"), "w") as f:
+            json.dump(report, f)
+
+
+    if __name__ == "__main__":
+        main()
+''')
+
+
+def _fsdp2_available() -> str | None:
+    """None when FSDP2 can run here, else why not."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as e:
+        return f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard ({e})"
+    return None
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                    f"--- stderr\n{proc.stderr[-6000:]}")
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Reference (one plain process) and 2-process torchrun results, in one folder."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip(f"torch {torch.__version__} was built without torch.distributed / gloo")
+    work = tmp_path_factory.mktemp("dist")
+    (work / "out").mkdir()
+    (work / "dist_train.py").write_text(SCRIPT)
+    _run([sys.executable, "dist_train.py", "--strategies", "none", "--out", "out", "--steps", str(STEPS)], work)
+    strategies = "ddp,fsdp2" if _fsdp2_available() is None else "ddp"
+    _run([*_torchrun(2), "dist_train.py", "--strategies", strategies, "--out", "out", "--steps", str(STEPS)], work)
+    return work / "out"
+
+
+def _report(out: Path, rank: int) -> dict:
+    return json.loads((out / f"report{rank}.json").read_text())
+
+
+def test_reference_run_is_single_process(runs: Path) -> None:
+    ref = _report(runs, 0)
+    assert (ref["rank"], ref["world_size"], ref["backend"], ref["group"], ref["is_main"]) == (0, 1, None, False, True)
+    assert ref["rank_sum"] == 1.0 and ref["broadcast"] == {"from": 0}
+
+
+def test_torchrun_collectives(runs: Path) -> None:
+    reports = [_report(runs, r) for r in (0, 1)]
+    for r, rep in enumerate(reports):
+        assert (rep["rank"], rep["local_rank"], rep["world_size"], rep["backend"]) == (r, r, 2, "gloo")
+        assert rep["is_main"] is (r == 0) and rep["group"] is True and rep["device"] == "cpu"
+        assert rep["rank_sum"] == 3.0  # 1 + 2
+        assert rep["broadcast"] == {"from": 1}  # src=1's object reached rank 0 too
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_match_single_process(runs: Path, strategy: str) -> None:
+    if strategy == "fsdp2" and (why := _fsdp2_available()):
+        pytest.skip(why)
+    ref_state = torch.load(runs / "none.pt")
+    state = torch.load(runs / f"{strategy}.pt")
+    assert sorted(state) == sorted(ref_state)
+    for key, ref in ref_state.items():
+        assert state[key].device.type == "cpu" and not hasattr(state[key], "placements"), key  # plain, unsharded
+        torch.testing.assert_close(state[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    ref_run = _report(runs, 0)["runs"]["none"]
+    rank_runs = [_report(runs, r)["runs"][strategy] for r in (0, 1)]
+    assert rank_runs[0]["losses"] == rank_runs[1]["losses"]  # all-reduced: one global loss
+    assert rank_runs[0]["losses"] == pytest.approx(ref_run["losses"], rel=1e-6)
+    assert rank_runs[0]["norms"] == pytest.approx(ref_run["norms"], rel=1e-5)
+    assert all(n > 0.5 for n in ref_run["norms"])  # clipping was active on every step
+    # the ranks trained different numbers of tokens, so per-rank normalisation would have shown
+    assert any(a != b for a, b in zip(rank_runs[0]["local_counts"], rank_runs[1]["local_counts"]))
+    assert [a + b for a, b in zip(rank_runs[0]["local_counts"], rank_runs[1]["local_counts"])] == \
+        ref_run["local_counts"]
+    init = new_model(ModelConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16),
+                     seed=0).state_dict()
+    moved = max((ref_state[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-2  # training moved the weights far beyond the tolerance
+
+
+# ---- single process: no torchrun environment ---------------------------------------------------
+
+@pytest.fixture
+def no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def _micro():
+    return new_model(ModelConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=32, max_position_embeddings=8), seed=0)
+
+
+def test_init_without_torchrun_is_single_process(no_torchrun_env: None) -> None:
+    info = D.init_distributed("cpu")
+    assert info == D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None,
+                              is_main=True)
+    assert not torch.distributed.is_initialized()
+    auto = D.init_distributed()  # "auto": CUDA only when there is one
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert D.all_reduce_sum(2.5, info) == 2.5
+    assert D.broadcast_object({"a": 1}, info) == {"a": 1}
+    D.barrier(info)
+    D.shutdown(info)
+    model = _micro()
+    for strategy in D.STRATEGIES:  # nothing to shard or sync across one process
+        assert D.wrap_model(model, info, strategy) is model
+    assert D.unwrap(model) is model
+    with D.no_sync(model, enabled=True):
+        model(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert model.lm_head.weight.grad is not None
+    state = D.full_state_dict(model, info)
+    assert sorted(state) == sorted(model.state_dict()) and all(v.device.type == "cpu" for v in state.values())
+
+
+def test_unknown_strategy_and_device(no_torchrun_env: None) -> None:
+    info = D.init_distributed("cpu")
+    with pytest.raises(SmallCoderError, match="unknown distributed strategy 'zero3'.*ddp, fsdp2, none"):
+        D.wrap_model(_micro(), info, "zero3")
+    with pytest.raises(SmallCoderError, match="unknown device 'tpu'"):
+        D.init_distributed("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SmallCoderError, match="device 'cuda'.*no CUDA"):
+            D.init_distributed("cuda")
+
+
+def test_bad_torchrun_environment(no_torchrun_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SmallCoderError, match="MASTER_ADDR, MASTER_PORT not set"):
+        D.init_distributed("cpu")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("RANK", "first")
+    with pytest.raises(SmallCoderError, match="RANK='first' must be an integer"):
+        D.init_distributed("cpu")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(SmallCoderError, match="RANK=2 is outside WORLD_SIZE=2"):
+        D.init_distributed("cpu")
+    assert not torch.distributed.is_initialized()
