@@ -232,8 +232,8 @@ def test_multiple_choice_acc_and_acc_norm():
     acc, norm = result.metrics["acc"], result.metrics["acc_norm"]
     assert (acc.value, acc.correct, acc.total, acc.count) == (0.5, 2, 4, "2/4")
     assert (norm.value, norm.correct, norm.total) == (0.75, 3, 4)
-    assert acc.stderr == pytest.approx(math.sqrt(0.5 * 0.5 / 4))
-    assert norm.stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    assert acc.stderr == pytest.approx(math.sqrt(0.5 * 0.5 / 3))
+    assert norm.stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
     # the requests: lm-eval's ARC context and " " + choice, every choice in order
     assert fake.requests[:3] == [("Question: Which is largest?\nAnswer:", " sun"),
                                  ("Question: Which is largest?\nAnswer:", " moon"),

@@ -19,8 +19,7 @@ Each follows lm-evaluation-harness, so the numbers compare with published ones:
   disjoint windows of the context length, the first token predicted from EOS/BOS). Words and
   bytes are counted on the original, not the detokenized, article.
 
-Standard errors are sqrt(p(1-p)/n) for accuracies (lm-eval divides by n-1 instead; the two differ
-by under 0.03% at n >= 1,172). Perplexities are corpus-level ratios and carry no count.
+Standard errors are sqrt(p(1-p)/(n-1)) for accuracies, as lm-eval and our pass@k report them. Perplexities are corpus-level ratios and carry no count.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SmallCoderError
+from .passk import proportion
 from .results import Score, TaskResult
 
 if TYPE_CHECKING:
@@ -77,12 +77,6 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def accuracy(correct: int, total: int) -> Score:
-    """A proportion with its count and binomial standard error sqrt(p(1-p)/n)."""
-    p = correct / total
-    return Score(p, correct, total, math.sqrt(p * (1 - p) / total))
-
-
 def run_multiple_choice(engine: Engine, task: str, items: list[dict], limit: int | None = None,
                         batch_size: int = 16) -> TaskResult:
     """Score ARC Easy/Challenge or HellaSwag: acc and acc_norm over the first `limit` items."""
@@ -116,9 +110,9 @@ def run_multiple_choice(engine: Engine, task: str, items: list[dict], limit: int
                 "context": "{ctx}" if task == "hellaswag" else ARC_TEMPLATE,
                 "continuation": '" " + choice', "acc_norm": "loglikelihood / len(choice) in characters",
                 "context_length": engine.context_length}
-    return TaskResult(task, {"acc": accuracy(n_acc, n), "acc_norm": accuracy(n_norm, n)},
+    return TaskResult(task, {"acc": proportion(n_acc, n), "acc_norm": proportion(n_norm, n)},
                       settings=settings, samples=samples,
-                      notes=["stderr = sqrt(p(1-p)/n)", "protocol: lm-evaluation-harness multiple_choice, 0-shot"])
+                      notes=["stderr = sqrt(p(1-p)/(n-1)) as lm-eval", "protocol: lm-evaluation-harness multiple_choice, 0-shot"])
 
 
 # ---------------------------------------------------------------- Wikitext-2

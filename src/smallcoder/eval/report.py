@@ -1,6 +1,6 @@
 """The evaluation report: results.json + samples_<task>.jsonl + a Markdown table in the card's layout.
 
-Files are written to a temporary name and moved into place (`os.replace`), so a crashed run never
+Files are written to a temporary name and moved into place (`fsutil.atomic_write`), so a crashed run never
 leaves a half-written report that a later read would trust. Every score in the table carries its
 count (45/164), n, temperature, seed(s) and standard error, so a number can be checked and
 compared; `--compare-card` adds the card's published figure beside it.
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..errors import SmallCoderError
+from ..fsutil import atomic_write, atomic_write_text
 from .results import Score, TaskResult
 
 # (domain, benchmark label) per task, in the card's order.
@@ -120,37 +119,6 @@ def report_dict(results: Sequence[TaskResult], settings: dict[str, Any], protect
     return {"settings": settings, "protections": protections, "tasks": tasks}
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, chunks: Iterable[str]) -> None:
-    """Write text to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the report from other users
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_report(out_dir: str | Path, results: Sequence[TaskResult], settings: dict[str, Any],
                  protections: dict[str, Any] | None, compare_card: bool = False) -> dict[str, Path]:
     """results.json, samples_<task>.jsonl and results.md in `out_dir`; returns their paths."""
@@ -160,14 +128,15 @@ def write_report(out_dir: str | Path, results: Sequence[TaskResult], settings: d
     written: dict[str, Path] = {}
     for r in results:
         path = out / f"samples_{r.task}.jsonl"
-        _atomic_write(path, (json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in r.samples))
+        atomic_write(path, lambda f, r=r: f.writelines(json.dumps(s, ensure_ascii=False, default=str) + "\n"
+                                                      for s in r.samples))
         written[f"samples_{r.task}"] = path
     md = out / "results.md"
-    _atomic_write(md, [markdown_table(results, compare_card)])
+    atomic_write_text(md, markdown_table(results, compare_card))
     written["table"] = md
     path = out / "results.json"
-    _atomic_write(path, [json.dumps(report_dict(results, settings, protections), indent=1, ensure_ascii=False,
-                                    default=str), "\n"])
+    atomic_write_text(path, json.dumps(report_dict(results, settings, protections), indent=1, ensure_ascii=False,
+                                       default=str) + "\n")
     written["results"] = path
     return written
 
