@@ -171,5 +171,8 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     import torch.nn.functional as F
 
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
+    # step (and again in backward); the last position's label becomes -100 and drops out.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")

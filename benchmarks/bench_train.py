@@ -1,0 +1,189 @@
+"""Training throughput (tokens/s) and MFU of SmallCoder vs transformers' LlamaForCausalLM, A/B alternated.
+
+    python benchmarks/bench_train.py --preset tiny                      # batch 8 x 512
+    python benchmarks/bench_train.py --preset smallcoder-303m --steps 2 --rounds 3   # batch 1 x 1024
+    python benchmarks/bench_train.py --preset smallcoder-303m --device cuda --dtype bfloat16 --batch 16
+
+Both models get the same config and weights, the same batch and the same optimizer (AdamW β 0.9/0.95,
+weight decay 0.1, foreach or fused alike) and grad clipping at 1.0. Ours is trained the way the
+trainer does it (`model(ids)` then `sft.loss_sum / count`); transformers the usual way
+(`model(input_ids, labels=labels).loss`). Each round times `--steps` full optimizer steps of one
+model then the other, the order flipping every round; medians over rounds are reported, with the
+forward / backward / optimizer split. FLOPs per token = 6 * N_matmul (every Linear incl. lm_head,
+not the embedding lookup) + 12 * layers * hidden * seq (attention scores and values, fwd + bwd);
+MFU is against the matmul peak measured here (2048^3 fp32 on CPU, 8192^3 in --dtype on CUDA).
+bf16 runs under autocast with fp32 master weights, as the trainer does; on this CPU bf16 is ~20x
+slower than fp32 (no native bf16), so train and measure fp32 here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from smallcoder import ModelConfig, new_model, preset
+from smallcoder.data.sft import loss_sum
+
+DEFAULT_SHAPE = {"tiny": (8, 512), "smallcoder-303m": (1, 1024)}
+PHASES = ("forward", "backward", "optimizer")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
+    """Median FLOP/s of an n^3 matmul: the ceiling that MFU is measured against."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    a @ b  # warm-up (thread pool, cuBLAS handle)
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def flops_per_token(config: ModelConfig, seq: int) -> float:
+    """6 * matmul weights (lm_head included, embedding lookup not) + the attention term."""
+    n_matmul = config.num_parameters - config.vocab_size * config.hidden_size - \
+        (2 * config.num_hidden_layers + 1) * config.hidden_size  # minus embedding and norm weights
+    if config.tie_word_embeddings:  # the tied head is still a matmul
+        n_matmul += config.vocab_size * config.hidden_size
+    return 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+class Runner:
+    """One model + its optimizer; `step()` runs one timed optimizer step and records its phases."""
+
+    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 args: argparse.Namespace, device: torch.device, amp: torch.dtype | None) -> None:
+        self.name, self.model, self.loss_fn, self.device, self.amp = name, model, loss_fn, device, amp
+        opt_kw = {"fused": True} if args.optimizer == "fused" else {"foreach": True}
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **opt_kw)
+        self.times: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.rates: list[float] = []
+
+    def step(self, ids: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        sync(self.device)
+        t0 = time.perf_counter()
+        with autocast:
+            loss = self.loss_fn(ids, labels)
+        sync(self.device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(self.device)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
+
+
+def build(args: argparse.Namespace, config: ModelConfig, device: torch.device) -> list[Runner]:
+    import transformers
+
+    amp = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    ours = new_model(config, seed=0).to(device).train()
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf_dict().items()
+                                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    hf_config._attn_implementation = "sdpa"
+    hf = transformers.LlamaForCausalLM(hf_config).to(device).train()
+    missing = hf.load_state_dict(ours.state_dict(), strict=True)  # same weights: same work, same numbers
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    ours_fwd: torch.nn.Module = torch.compile(ours) if args.compile else ours
+    hf_fwd: torch.nn.Module = torch.compile(hf) if args.compile == "both" else hf
+
+    def ours_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_sum(ours_fwd(ids), labels) / (labels.shape[0] * (labels.shape[1] - 1))
+
+    def hf_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return hf_fwd(input_ids=ids, labels=labels, use_cache=False).loss
+
+    return [Runner("smallcoder", ours, ours_loss, args, device, amp),
+            Runner("transformers", hf, hf_loss, args, device, amp)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=sorted(DEFAULT_SHAPE))
+    ap.add_argument("--batch", type=int, help="sequences per step (default: 8 for tiny, 1 for 303m)")
+    ap.add_argument("--seq", type=int, help="tokens per sequence (default: 512 for tiny, 1024 for 303m)")
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per model per round")
+    ap.add_argument("--rounds", type=int, default=3, help="A/B rounds; the order flips each round")
+    ap.add_argument("--compile", nargs="?", const="both", choices=["both", "smallcoder"],
+                    help="torch.compile both models (default when given) or only ours")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="autocast dtype (weights stay fp32)")
+    ap.add_argument("--optimizer", default="foreach", choices=["foreach", "fused"])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--warmup", type=int, help="untimed steps per model first (default 1; 2 with --compile, "
+                    "whose second call recompiles once)")
+    ap.add_argument("--only", choices=["smallcoder", "transformers"], help="time one model (profiling)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = preset(args.preset)
+    batch, seq = DEFAULT_SHAPE[args.preset]
+    batch, seq = args.batch or batch, args.seq or seq
+    if seq > config.max_position_embeddings:
+        sys.exit(f"--seq {seq} exceeds the preset's context {config.max_position_embeddings}")
+    import transformers
+
+    peak_dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
+    peak = matmul_peak(device, peak_dtype, 2048 if device.type == "cpu" else 8192)
+    fpt = flops_per_token(config, seq)
+    print(f"{args.preset} ({config.num_parameters / 1e6:.1f}M params), batch {batch} x {seq}, {args.dtype}, "
+          f"{device}, {args.threads} threads, AdamW {args.optimizer}, compile={args.compile}; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({peak_dtype}); {fpt / 1e9:.3f} GFLOP per token trained",
+          flush=True)
+
+    runners = build(args, config, device)
+    if args.only:
+        runners = [r for r in runners if r.name == args.only]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, config.vocab_size, (batch, seq), generator=g).to(device)
+    labels = ids.clone()
+    tokens = batch * seq
+    warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
+    for r in runners:  # warm-up: allocator, optimizer state, compilation
+        for _ in range(warmup):
+            r.step(ids, labels)
+    for rnd in range(args.rounds):
+        order = runners if rnd % 2 == 0 else runners[::-1]
+        for r in order:
+            phases = [r.step(ids, labels) for _ in range(args.steps)]
+            total = sum(sum(p.values()) for p in phases)
+            r.rates.append(tokens * args.steps / total)
+            for p in PHASES:
+                r.times[p].append(statistics.median(ph[p] for ph in phases))
+            print(f"round {rnd} {r.name:12s} {r.rates[-1]:9.1f} tok/s", flush=True)
+
+    print()
+    med = {}
+    for r in runners:
+        med[r.name] = m = statistics.median(r.rates)
+        split = "  ".join(f"{p} {statistics.median(r.times[p]) * 1e3:7.0f} ms" for p in PHASES)
+        print(f"{r.name:12s} median {m:9.1f} tok/s  MFU {m * fpt / peak:6.1%}  per step: {split}")
+    if len(med) == 2:
+        print(f"ratio smallcoder/transformers: {med['smallcoder'] / med['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
