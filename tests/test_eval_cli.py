@@ -136,7 +136,7 @@ def test_samples_file_with_unknown_task_ids(capsys, tmp_path, shared_data):
 def test_samples_file_with_bad_lines(capsys, tmp_path, shared_data):
     bad_json = _write_jsonl(tmp_path / "a.jsonl", [{"task_id": "HumanEval/0", "completion": ""}, "{not json"])
     rc, _, err = run_cli(capsys, "--tasks", "humaneval", "--samples", bad_json, "--data-dir", shared_data)
-    assert rc == 2 and f"{bad_json}: line 2 is not valid JSON" in err
+    assert rc == 2 and f"{bad_json}: line 2: invalid JSON" in err
     no_field = _write_jsonl(tmp_path / "b.jsonl", [{"task_id": "HumanEval/0"}])
     rc, _, err = run_cli(capsys, "--tasks", "humaneval", "--samples", no_field, "--data-dir", shared_data)
     assert rc == 2 and "line 1: field 'completion' is missing" in err

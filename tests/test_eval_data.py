@@ -84,7 +84,7 @@ def test_bad_local_files_name_file_line_and_field(tmp_path: Path) -> None:
     with pytest.raises(SmallCoderError, match=r"ARC-Easy-Test.jsonl: line 1: field 'answerKey' is 'C'"):
         load_task_data("arc_easy", tmp_path)
     (tmp_path / "arc" / "ARC-Easy-Test.jsonl").write_text(json.dumps(row) + "\nnot json\n")
-    with pytest.raises(SmallCoderError, match=r"ARC-Easy-Test.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(SmallCoderError, match=r"ARC-Easy-Test.jsonl: line 2: invalid JSON"):
         load_task_data("arc_easy", tmp_path)
     (tmp_path / "hellaswag").mkdir()
     import bz2

@@ -308,7 +308,8 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") or part in SKIPPED_DIRS for part in rel.parts)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL(.gz) file; errors name file and line."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     offset = 0
     with opener(path, "rb") as fh:
@@ -330,7 +331,12 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise SmallCoderError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise SmallCoderError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+            yield lineno, record
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for lineno, record in read_jsonl(path):
+        yield f"{path}: line {lineno}", record
 
 
 def _parquet_records(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import json
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -92,22 +91,12 @@ def _open_text(path: Path):
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) pairs; a broken line is a user error naming the file and line."""
-    rows = []
+    from ..data.sources import read_jsonl
+
     try:
-        with _open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SmallCoderError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise SmallCoderError(f"{path}: line {n} is a JSON {type(obj).__name__}, expected an object")
-                rows.append((n, obj))
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+        return list(read_jsonl(path))
+    except (OSError, EOFError) as e:
         raise SmallCoderError(f"{path}: cannot be read ({e})") from None
-    return rows
 
 
 def _field(row: dict, name: str, where: str, kind: type | tuple[type, ...] = str) -> Any:

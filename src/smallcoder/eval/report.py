@@ -146,27 +146,19 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise SmallCoderError(f"--samples {p}: no such file")
+    from ..data.sources import read_jsonl
+
     samples = []
     try:
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SmallCoderError(f"{p}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise SmallCoderError(f"{p}: line {n} is a JSON {type(obj).__name__}, "
-                                          'expected an object {"task_id", "completion"}')
-                for field, kinds in (("task_id", (str, int)), ("completion", (str,))):
-                    if field not in obj:
-                        raise SmallCoderError(f"{p}: line {n}: field {field!r} is missing")
-                    if not isinstance(obj[field], kinds) or isinstance(obj[field], bool):
-                        raise SmallCoderError(f"{p}: line {n}: field {field!r} should be "
-                                              f"{' or '.join(k.__name__ for k in kinds)}, got {obj[field]!r:.60}")
-                samples.append(obj)
-    except (OSError, UnicodeDecodeError) as e:
+        for n, obj in read_jsonl(p):
+            for field, kinds in (("task_id", (str, int)), ("completion", (str,))):
+                if field not in obj:
+                    raise SmallCoderError(f"{p}: line {n}: field {field!r} is missing")
+                if not isinstance(obj[field], kinds) or isinstance(obj[field], bool):
+                    raise SmallCoderError(f"{p}: line {n}: field {field!r} should be "
+                                          f"{' or '.join(k.__name__ for k in kinds)}, got {obj[field]!r:.60}")
+            samples.append(obj)
+    except OSError as e:
         raise SmallCoderError(f"--samples {p}: cannot be read ({e})") from None
     if not samples:
         raise SmallCoderError(f"{p}: holds no samples (expected one JSON object per line)")
