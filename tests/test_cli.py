@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import smallcoder
 from smallcoder import Engine, SamplingParams, format_chat, load
 from smallcoder.cli import main
 
@@ -56,8 +56,8 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("init", "generate", "chat", "demo"):
-        assert f"    {cmd} " in out, cmd
+    for cmd in ("init", "generate", "chat", "train", "eval", "data", "tokenizer"):
+        assert re.search(rf"^    {cmd}\b", out, re.M), cmd
 
 
 def test_no_command_prints_help(capsys):
@@ -252,32 +252,6 @@ def test_chat_system_survives_reset(micro_checkpoint, capsys, monkeypatch):
     assert code == 0
     assert prompts == ["Be brief.\nUser: hi\nAssistant:", "Be brief.\nUser: bye\nAssistant:"]
     assert next(lines) == "never read"
-
-
-# ---- demo --------------------------------------------------------------------------------------
-
-
-def test_demo(tok_dir, tmp_path, capsys):
-    out_dir = tmp_path / "demo"
-    assert main(["demo", "--tokenizer", str(tok_dir), "--out", str(out_dir), "--max-new-tokens", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "tok/s" in out
-    assert f"next: smallcoder generate --model {out_dir} --prompt" in out
-    model, tok = smallcoder.load(out_dir)
-    assert model.config.hidden_size == 256 and model.config.vocab_size == tok.vocab_size
-
-
-def test_demo_refuses_non_empty_out_without_force(tok_dir, tmp_path, capsys):
-    out_dir = tmp_path / "mine"
-    out_dir.mkdir()
-    (out_dir / "thesis.txt").write_text("precious")
-    args = ["demo", "--tokenizer", str(tok_dir), "--out", str(out_dir), "--max-new-tokens", "2"]
-    assert main(args) == 2
-    assert "not empty" in _error_line(capsys.readouterr().err)
-    assert (out_dir / "thesis.txt").read_text() == "precious"
-    assert main(args + ["--force"]) == 0
-    assert not (out_dir / "thesis.txt").exists()
-    smallcoder.load(out_dir)
 
 
 # ---- real processes: the installed script and `python -m` ---------------------------------------

@@ -100,6 +100,7 @@ SCRIPT = textwrap.dedent('''
         ap.add_argument("--strategies", required=True)
         ap.add_argument("--out", required=True)
         ap.add_argument("--steps", type=int, default=3)
+        ap.add_argument("--tag", required=True)
         args = ap.parse_args()
         info = init_distributed("cpu")
         report = {"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
@@ -116,7 +117,7 @@ SCRIPT = textwrap.dedent('''
                 os.replace(tmp, os.path.join(args.out, f"{strategy}.pt"))
         barrier(info)
         shutdown(info)
-        with open(os.path.join(args.out, f"report{info.rank}.json"), "w") as f:
+        with open(os.path.join(args.out, f"{args.tag}-report{info.rank}.json"), "w") as f:
             json.dump(report, f)
 
 
@@ -142,10 +143,12 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240,
+                          check=False)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
-                    f"--- stderr\n{proc.stderr[-6000:]}")
+        errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line)  # each rank's cause
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- errors\n{errors[-3000:]}\n--- stdout\n"
+                    f"{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-5000:]}")
 
 
 def _torchrun(nproc: int) -> list[str]:
@@ -160,24 +163,26 @@ def runs(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("dist")
     (work / "out").mkdir()
     (work / "dist_train.py").write_text(SCRIPT)
-    _run([sys.executable, "dist_train.py", "--strategies", "none", "--out", "out", "--steps", str(STEPS)], work)
+    _run([sys.executable, "dist_train.py", "--strategies", "none", "--out", "out", "--steps", str(STEPS),
+          "--tag", "single"], work)
     strategies = "ddp,fsdp2" if _fsdp2_available() is None else "ddp"
-    _run([*_torchrun(2), "dist_train.py", "--strategies", strategies, "--out", "out", "--steps", str(STEPS)], work)
+    _run([*_torchrun(2), "dist_train.py", "--strategies", strategies, "--out", "out", "--steps", str(STEPS),
+          "--tag", "torchrun"], work)
     return work / "out"
 
 
-def _report(out: Path, rank: int) -> dict:
-    return json.loads((out / f"report{rank}.json").read_text())
+def _report(out: Path, tag: str, rank: int = 0) -> dict:
+    return json.loads((out / f"{tag}-report{rank}.json").read_text())
 
 
 def test_reference_run_is_single_process(runs: Path) -> None:
-    ref = _report(runs, 0)
+    ref = _report(runs, "single")
     assert (ref["rank"], ref["world_size"], ref["backend"], ref["group"], ref["is_main"]) == (0, 1, None, False, True)
     assert ref["rank_sum"] == 1.0 and ref["broadcast"] == {"from": 0}
 
 
 def test_torchrun_collectives(runs: Path) -> None:
-    reports = [_report(runs, r) for r in (0, 1)]
+    reports = [_report(runs, "torchrun", r) for r in (0, 1)]
     for r, rep in enumerate(reports):
         assert (rep["rank"], rep["local_rank"], rep["world_size"], rep["backend"]) == (r, r, 2, "gloo")
         assert rep["is_main"] is (r == 0) and rep["group"] is True and rep["device"] == "cpu"
@@ -195,8 +200,8 @@ def test_two_processes_match_single_process(runs: Path, strategy: str) -> None:
     for key, ref in ref_state.items():
         assert state[key].device.type == "cpu" and not hasattr(state[key], "placements"), key  # plain, unsharded
         torch.testing.assert_close(state[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
-    ref_run = _report(runs, 0)["runs"]["none"]
-    rank_runs = [_report(runs, r)["runs"][strategy] for r in (0, 1)]
+    ref_run = _report(runs, "single")["runs"]["none"]
+    rank_runs = [_report(runs, "torchrun", r)["runs"][strategy] for r in (0, 1)]
     assert rank_runs[0]["losses"] == rank_runs[1]["losses"]  # all-reduced: one global loss
     assert rank_runs[0]["losses"] == pytest.approx(ref_run["losses"], rel=1e-6)
     assert rank_runs[0]["norms"] == pytest.approx(ref_run["norms"], rel=1e-5)
@@ -272,3 +277,89 @@ def test_bad_torchrun_environment(no_torchrun_env: None, monkeypatch: pytest.Mon
     with pytest.raises(SmallCoderError, match="RANK=2 is outside WORLD_SIZE=2"):
         D.init_distributed("cpu")
     assert not torch.distributed.is_initialized()
+
+
+# ---- the trainer under torchrun ----------------------------------------------------------------
+
+TRAIN_RECIPE = """\
+[model]
+preset = "tiny"
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+intermediate_size = 64
+tokenizer = "{tokenizer}"
+
+[run]
+seed = 0
+device = "cpu"
+strategy = "ddp"
+checkpoint_every = 0
+eval_every = 0
+eval_batches = 1
+log_every = 1
+val_fraction = 0.1
+val_docs = 4
+
+[[stages]]
+name = "base"
+tokens = 256                # 2 optimizer steps of 4 x 32 tokens
+seq_len = 32
+global_batch_tokens = 128
+micro_batch = 1             # 4 accumulated micro-steps alone, 2 per rank on 2 ranks
+schedule = "cosine"
+warmup = 0
+lr = 1e-3
+min_lr = 1e-4
+grad_clip = 0.5
+[[stages.sources]]
+source = "jsonl:docs.jsonl"
+weight = 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory, small_tokenizer) -> Path:
+    if not (REPO / "src" / "smallcoder" / "train" / "trainer.py").exists():
+        pytest.skip("the trainer (smallcoder.train.trainer) is not there yet")
+    import random
+
+    work = tmp_path_factory.mktemp("train")
+    (work / "tokenizer").mkdir()
+    small_tokenizer.save(work / "tokenizer")
+    rng = random.Random(0)
+    words = ["def", "return", "for", "in", "range", "print", "self", "value", "index", "the", "quick", "brown", "fox", "data", "model"]
+    with open(work / "docs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n" for _ in range(60))
+    (work / "recipe.toml").write_text(TRAIN_RECIPE.format(tokenizer=work / "tokenizer"))
+    return work
+
+
+def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_trainer_under_torchrun_matches_single_process(train_folder: Path, strategy: str) -> None:
+    """`torchrun --nproc-per-node 2 -m smallcoder train` ends with the single-process run's weights."""
+    if strategy == "fsdp2" and (why := _fsdp2_available()):
+        pytest.skip(why)
+    single = train_folder / "single"
+    if not (single / "final").exists():
+        _run([sys.executable, "-m", "smallcoder", "train", "recipe.toml", "--out", "single"], train_folder)
+    out = f"torchrun-{strategy}"
+    _run([*_torchrun(2), "-m", "smallcoder", "train", "recipe.toml", "--out", out,
+          "--set", f"run.strategy={strategy}"], train_folder)
+    ref, got = _final_weights(single), _final_weights(train_folder / out)
+    assert sorted(got) == sorted(ref)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-6, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    init = new_model(ModelConfig.from_file(single / "final" / "config.json"), seed=0).state_dict()
+    assert max((ref[k] - init[k]).abs().max().item() for k in ref) > 1e-4  # 2 steps at lr 1e-3 moved them
+    logs = [json.loads(line) for line in (train_folder / out / "metrics.jsonl").read_text().splitlines()]
+    ref_logs = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == len(ref_logs)

@@ -16,7 +16,7 @@ def _quick_start_commands() -> list[str]:
 def test_quick_start_is_two_commands_run_verbatim_by_ci():
     commands = _quick_start_commands()
     assert len(commands) == 2 and all("\n" not in c for c in commands), commands
-    assert commands[0].endswith("smallcoder demo") and "pytest" in commands[1]
+    assert commands[0].endswith("smallcoder train") and "pytest" in commands[1]
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     for command in commands:
         assert command in ci, f".ci/run does not run the README command verbatim: {command}"

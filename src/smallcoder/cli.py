@@ -8,15 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import SmallCoderError
 
-# The card's own model repo carries the StarCoder tokenizer files (bigcode/starcoder is gated).
-HUB_TOKENIZER = "Beebey/smallcoder-303m"
 # (module, group): each module defines `register(subparsers)` adding its commands to that group.
 SUBCOMMAND_MODULES = [
     ("smallcoder.data.builtin", "data"),
@@ -24,8 +20,8 @@ SUBCOMMAND_MODULES = [
     ("smallcoder.data.decontam", "data"),
     ("smallcoder.tokenizer_train", "tokenizer"),
     ("smallcoder.eval.cli", None),
+    ("smallcoder.train.cli", None),
 ]
-DEMO_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
 def default_data_dir() -> Path | None:
@@ -33,12 +29,6 @@ def default_data_dir() -> Path | None:
     env = os.environ.get("SMALLCODER_DATA")
     candidates = [Path(env)] if env else [Path.cwd().parent / "shared" / "data"]
     return next((p for p in candidates if p.is_dir()), None)
-
-
-def default_tokenizer() -> str:
-    data = default_data_dir()
-    local = data / "tokenizers" / "starcoder" if data else None
-    return str(local) if local and (local / "tokenizer.json").exists() else HUB_TOKENIZER
 
 
 def _sampling(args: argparse.Namespace):
@@ -138,32 +128,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """Initialise a tiny model, save it, load it back and generate: the whole path in a minute."""
-    from .checkpoint import load, new_model, save
-    from .config import preset
-    from .generate import Engine, SamplingParams
-    from .tokenizer import Tokenizer
-
-    tok_source = args.tokenizer or default_tokenizer()
-    tokenizer = Tokenizer.load(tok_source)
-    config = preset("tiny").replace(vocab_size=tokenizer.vocab_size)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smallcoder-demo-")) / "tiny"
-    save(new_model(config, seed=args.seed), tokenizer, out, overwrite=args.force)
-    print(f"initialised a tiny model ({config.num_parameters:,} parameters, tokenizer {tok_source})")
-    print(f"saved it to {out} in Hugging Face layout")
-    model, tokenizer = load(out)
-    engine = Engine(model, tokenizer)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_k=50, seed=args.seed)
-    print("prompt:\n" + DEMO_PROMPT + "completion (untrained weights, so expect noise):")
-    t0, n = time.perf_counter(), 0
-    completion = engine.generate([DEMO_PROMPT], params)[0]
-    n, dt = len(completion.token_ids), time.perf_counter() - t0
-    print(completion.text)
-    print(f"\n{n} tokens in {dt:.2f} s ({n / dt:.1f} tok/s, finish: {completion.finish_reason})")
-    print(f"next: smallcoder generate --model {out} --prompt 'def add(a, b):'")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -194,13 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, max_new_tokens=512, temperature=0.2)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("demo", help="initialise a tiny model and generate with it (no data needed)")
-    p.add_argument("--tokenizer", default=None, help=f"default: ../shared/data's StarCoder, else {HUB_TOKENIZER}")
-    p.add_argument("--out", default=None, help="where to save the tiny checkpoint (default: a temp folder)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=cmd_demo)
 
     # Subsystems register their own subcommands; each module keeps heavy imports inside functions.
     import importlib

@@ -5,7 +5,8 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
     [model]
     preset = "tiny"                  # a smallcoder.config preset; other keys override its fields
     hidden_size = 192                # any ModelConfig field (vocab_size comes from the tokenizer)
-    init = "path/to/checkpoint"      # start from these weights instead of a fresh init
+    init = "path/to/checkpoint"      # start from these weights (its config.json fixes the shape:
+                                     # no preset or config keys then)
     tokenizer = "Beebey/smallcoder-303m"   # a tokenizer folder / tokenizer.json / Hub repo id, or:
     [model.tokenizer]                # ... train one on these sources before training the model
     train_on = ["builtin:prose", "builtin:code"]
@@ -63,10 +64,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from ..errors import SmallCoderError
 
@@ -337,8 +339,8 @@ def _tokenizer(v: Any, where: str, base_dir: Path) -> TokenizerSpec:
     if not isinstance(train_on, list) or not train_on:
         raise SmallCoderError(f"{where}.train_on: must be a non-empty list of sources, got {train_on!r}")
     specs = tuple(_source(s, f"{where}.train_on[{i}]", base_dir)[0] for i, s in enumerate(train_on))
-    from ..tokenizer_train import MIN_VOCAB_SIZE
     from ..data.pack import MAX_VOCAB
+    from ..tokenizer_train import MIN_VOCAB_SIZE
 
     vocab = _int(t.get("vocab_size", 8192), f"{where}.vocab_size", MIN_VOCAB_SIZE)
     if vocab > MAX_VOCAB:
@@ -375,6 +377,9 @@ def _model(d: dict[str, Any], where: str, base_dir: Path) -> ModelSpec:
     if init is not None:
         if not isinstance(init, str) or not init:
             raise SmallCoderError(f"{where}.init: must be a checkpoint folder or Hub repo id, got {init!r}")
+        if name is not None or overrides:
+            raise SmallCoderError(f"{where}.init: the checkpoint's config.json fixes the model's shape; "
+                                  "remove preset and the config fields, or remove init")
         if not Path(init).is_absolute() and (base_dir / init).exists():
             init = str(base_dir / init)
     return ModelSpec(preset=name, overrides=overrides, tokenizer=tok, init=init)
@@ -462,6 +467,8 @@ def _stage(d: dict[str, Any], i: int, where: str, base_dir: Path) -> StageSpec:
             if len(raw_sources) > 1:
                 raise SmallCoderError(f"{w}.weight: missing (a stage with several sources needs a weight on each)")
             weight = 1.0
+        if stage.sft and not spec.is_sft and spec.kind in ("jsonl", "parquet", "hub", "builtin"):
+            spec = dataclasses.replace(spec, messages_field="messages")  # as `smallcoder data pack --sft` reads it
         if stage.sft and not spec.is_sft:
             raise SmallCoderError(f"{w}: stage is sft but {spec.display_label} holds plain documents "
                                   "(set messages_field, or prompt_field and response_field)")

@@ -22,19 +22,19 @@ from ..errors import SmallCoderError
 SCHEDULES = ("wsd", "cosine")
 
 
-def warmup_steps(warmup: int | float, total: int) -> int:
+def warmup_steps(warmup: float, total: int) -> int:
     """Warmup in steps: an int is a step count, a float in [0, 1) a fraction of `total`."""
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0:
         raise SmallCoderError(f"warmup must be a step count >= 0 or a fraction in [0, 1), got {warmup!r}")
     if isinstance(warmup, float):
         if warmup >= 1:
             raise SmallCoderError(f"warmup as a fraction must be below 1, got {warmup!r} (give an int for steps)")
-        return int(round(warmup * total))
+        return round(warmup * total)
     return min(int(warmup), total)
 
 
 def lr_at(step: int, total: int, *, peak: float, min_lr: float, schedule: str = "wsd",
-          warmup: int | float = 0, decay: float = 0.2) -> float:
+          warmup: float = 0, decay: float = 0.2) -> float:
     """The learning rate of 0-based optimizer step `step` out of `total` (see the module docstring)."""
     if schedule not in SCHEDULES:
         raise SmallCoderError(f"unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
@@ -51,7 +51,7 @@ def lr_at(step: int, total: int, *, peak: float, min_lr: float, schedule: str = 
         return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if not 0 <= decay <= 1:
         raise SmallCoderError(f"decay must be a fraction in [0, 1], got {decay!r}")
-    n_decay = min(int(math.ceil(decay * total)), total - w)
+    n_decay = min(math.ceil(decay * total), total - w)
     start = total - n_decay
     if n_decay == 0 or step < start:
         return peak

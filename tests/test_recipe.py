@@ -1,0 +1,185 @@
+"""Recipes: validation errors name the file and field, --set overrides, the packaged recipes, LR schedules."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from smallcoder.errors import SmallCoderError
+from smallcoder.train.recipe import apply_override, load_recipe, packaged_recipe, parse_value
+from smallcoder.train.schedule import lr_at, warmup_steps
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    (tmp_path / "code.jsonl").write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    (tmp_path / "tok").mkdir(exist_ok=True)
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+[model]
+preset = "tiny"
+tokenizer = "tok"
+[run]
+seed = 1
+[[stages]]
+name = "base"
+tokens = 1000
+seq_len = 32
+global_batch_tokens = 128
+micro_batch = 2
+[[stages.sources]]
+source = "docs.jsonl"
+weight = 0.5
+[[stages.sources]]
+source = "code.jsonl"
+weight = 0.5
+"""
+
+
+def test_valid_recipe_parses(tmp_path):
+    r = load_recipe(_write(tmp_path, BASE))
+    st = r.stages[0]
+    assert (st.name, st.tokens, st.global_batch, st.micro_batch) == ("base", 1000, 4, 2)
+    assert [s.name for s in st.sources] == ["docs", "code"]
+    assert st.sources[0].spec.path == str(tmp_path / "docs.jsonl")  # relative to the recipe's folder
+    assert r.model.tokenizer.path == str(tmp_path / "tok")
+    assert r.run.seed == 1
+
+
+@pytest.mark.parametrize("old,new,field,words", [
+    ("micro_batch = 2", "micro_batch = 2\nbogus = 1", "stages[0].bogus", "unknown field"),
+    ("tokens = 1000", "tokens = -5", "stages[0].tokens", "-5"),
+    ("tokens = 1000", "tokens = 0", "stages[0].tokens", "0"),
+    ('source = "docs.jsonl"', 'source = "missing.jsonl"', "stages[0].sources[0]", "missing.jsonl"),
+    ("weight = 0.5\n[[stages.sources]]", "weight = 0.6\n[[stages.sources]]", "stages[0].sources", "sum to 1"),
+    ("weight = 0.5\n[[stages.sources]]", "weight = -1\n[[stages.sources]]", "stages[0].sources[0].weight", "-1"),
+    ("global_batch_tokens = 128", "global_batch_tokens = 100", "stages[0].global_batch_tokens", "multiple"),
+    ("micro_batch = 2", "micro_batch = 3", "stages[0].global_batch_tokens", "divisible"),
+    ("seed = 1", "seed = 1\ncolour = 2", "run.colour", "unknown field"),
+    ('preset = "tiny"', 'preset = "huge"', "model.preset", "huge"),
+    ('preset = "tiny"', 'preset = "tiny"\nhidden_sise = 3', "model.hidden_sise", "unknown field"),
+    ('name = "base"', 'name = "base"\nschedule = "linear"', "stages[0].schedule", "linear"),
+])
+def test_errors_name_file_and_field(tmp_path, old, new, field, words):
+    assert old in BASE
+    path = _write(tmp_path, BASE.replace(old, new, 1))
+    with pytest.raises(SmallCoderError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {field}"), msg
+    assert words in msg
+
+
+def test_sft_stage_sources(tmp_path):
+    path = _write(tmp_path, BASE.replace('name = "base"', 'name = "base"\nsft = true'))
+    r = load_recipe(path)  # jsonl sources of an SFT stage are read as conversations in `messages`
+    assert all(s.spec.messages_field == "messages" for s in r.stages[0].sources)
+    (tmp_path / "notes.txt").write_text("plain text")
+    with pytest.raises(SmallCoderError, match=r"r\.toml: stages\[0\]\.sources\[0\]: .*plain documents"):
+        load_recipe(path, ['stages.0.sources=[{source = "notes.txt"}]'])
+    with pytest.raises(SmallCoderError, match=r"stages\[0\]\.sources\[0\]: .*holds conversations"):
+        load_recipe(_write(tmp_path, BASE), ['stages.0.sources=[{source = "builtin:sft"}]'])
+
+
+def test_missing_recipe_and_bad_toml(tmp_path):
+    with pytest.raises(SmallCoderError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(SmallCoderError, match=r"bad\.toml: not valid TOML"):
+        load_recipe(bad)
+
+
+def test_overrides(tmp_path):
+    path = _write(tmp_path, BASE)
+    r = load_recipe(path, ["stages.0.tokens=200000", "run.seed=3", "model.preset=smallcoder-303m",
+                           "stages.0.sources.1.weight=0.5", "stages.0.lr=1e-3", "run.compile=true"])
+    assert r.stages[0].tokens == 200000 and r.run.seed == 3 and r.run.compile is True
+    assert r.model.preset == "smallcoder-303m" and r.stages[0].lr == 1e-3
+    # overrides are validated like the file
+    with pytest.raises(SmallCoderError, match=r"r\.toml: stages\[0\]\.tokens: .*-1"):
+        load_recipe(path, ["stages.0.tokens=-1"])
+    with pytest.raises(SmallCoderError, match=r"r\.toml: stages\[0\]\.sources: weights must sum to 1"):
+        load_recipe(path, ["stages.0.sources.0.weight=0.9"])
+    with pytest.raises(SmallCoderError, match="index 5 is out of range"):
+        load_recipe(path, ["stages.5.tokens=1"])
+    with pytest.raises(SmallCoderError, match="expected KEY=VALUE"):
+        load_recipe(path, ["stages.0.tokens"])
+    with pytest.raises(SmallCoderError, match="is a list; index it with a number"):
+        load_recipe(path, ["stages.first.tokens=1"])
+
+
+def test_parse_value_and_apply():
+    assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
+    assert parse_value('"x y"') == "x y" and parse_value("tiny") == "tiny" and parse_value("[1, 2]") == [1, 2]
+    raw = {"a": [{"b": 1}]}
+    apply_override(raw, "a.0.b=2", "f")
+    apply_override(raw, "c.d=x", "f")
+    assert raw == {"a": [{"b": 2}], "c": {"d": "x"}}
+    with pytest.raises(SmallCoderError, match="not a table"):
+        apply_override(raw, "a.0.b.c=1", "f")
+
+
+def test_defaults_table(tmp_path):
+    text = BASE.replace("[[stages]]", "[defaults]\nlr = 0.01\nmin_lr = 0.001\n\n[[stages]]", 1)
+    r = load_recipe(_write(tmp_path, text))
+    assert r.stages[0].lr == 0.01
+    r = load_recipe(tmp_path / "r.toml", ["stages.0.lr=0.02"])
+    assert r.stages[0].lr == 0.02
+
+
+def test_packaged_recipes():
+    assert packaged_recipe("tiny").resolve() == (RECIPES / "tiny.toml").resolve()
+    tiny = load_recipe(packaged_recipe("tiny"))
+    assert [s.name for s in tiny.stages] == ["language", "code", "math", "sft"]
+    assert all(src.spec.kind == "builtin" for s in tiny.stages for src in s.sources)
+    assert tiny.stages[-1].sft and tiny.model.tokenizer.train_on
+    big = load_recipe(RECIPES / "smallcoder-303m.toml")
+    assert [s.tokens for s in big.stages] == [6_300_000_000, 7_500_000_000, 10_000_000_000, 6_000_000_000]
+    assert {s.name: s.weight for s in big.stages[1].sources} == {"nemotron-synthetic-code": 0.6,
+                                                                 "starcoderdata": 0.4}
+    assert all(s.seq_len == 1024 for s in big.stages) and big.run.dtype == "bfloat16"
+    assert big.model.preset == "smallcoder-303m" and big.stages[3].sft
+    assert sum(s.tokens for s in big.stages) == 29_800_000_000
+    with pytest.raises(SmallCoderError, match="no packaged recipe"):
+        packaged_recipe("nope")
+
+
+# ---- schedules -----------------------------------------------------------------------------------
+
+
+def test_wsd_schedule():
+    total, peak, low = 100, 1e-3, 1e-4
+    lrs = [lr_at(s, total, peak=peak, min_lr=low, schedule="wsd", warmup=10, decay=0.2) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / 10) and lrs[9] == pytest.approx(peak)
+    assert all(a < b for a, b in pairwise(lrs[:10]))          # linear warmup
+    assert all(x == peak for x in lrs[10:80])                         # stable
+    assert all(a > b for a, b in pairwise(lrs[80:]))             # decay
+    assert lrs[-1] == pytest.approx(low) and lrs[80] < peak
+    assert lrs[90] == pytest.approx(peak + (low - peak) * 11 / 20)
+
+
+def test_cosine_schedule_and_warmup_fraction():
+    total, peak, low = 50, 2e-3, 2e-4
+    lrs = [lr_at(s, total, peak=peak, min_lr=low, schedule="cosine", warmup=0.1) for s in range(total)]
+    assert warmup_steps(0.1, total) == 5
+    assert lrs[4] == pytest.approx(peak) and lrs[-1] == pytest.approx(low)
+    mid = 5 + (total - 5 - 1) / 2  # halfway through the cosine: the mean of peak and min
+    assert lr_at(int(mid), total, peak=peak, min_lr=low, schedule="cosine", warmup=5) == pytest.approx(
+        (peak + low) / 2, rel=0.05)
+    assert all(a >= b for a, b in pairwise(lrs[5:]))
+    with pytest.raises(SmallCoderError):
+        lr_at(50, total, peak=peak, min_lr=low)
+    with pytest.raises(SmallCoderError):
+        warmup_steps(1.5, 10)
+    assert lr_at(0, 1, peak=peak, min_lr=low, warmup=0, decay=0.0) == peak

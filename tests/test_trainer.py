@@ -1,0 +1,342 @@
+"""The curriculum trainer on a micro model: end to end, exact kill-and-resume, corrupt-checkpoint
+fallback, loss normalisation across micro-batches, and the output-folder rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smallcoder.errors import SmallCoderError
+from smallcoder.train.recipe import load_recipe
+from smallcoder.train.trainer import COMPLETE, Trainer, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "small", "model", "learns", "to", "add", "numbers", "and", "print", "lists", "in", "python", "code", "with", "functions", "loops", "and", "return", "values"]
+
+
+def _data(folder: Path) -> None:
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "prose.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) + "\n" for _ in range(120))
+    with open(folder / "code.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": f"def add_{i}(a, b):\n    return a + b + {i}\n\nfor i in range({i}):\n"
+                                        f"    print(add_{i}(i, {i}))\n"}) + "\n" for i in range(120))
+    with open(folder / "chat.jsonl", "w") as f:
+        for i in range(120):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                                             {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]}) + "\n")
+
+
+RECIPE = """
+[model]
+tokenizer = "tok"
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 2
+intermediate_size = 64
+max_position_embeddings = 320
+
+[run]
+seed = 7
+checkpoint_every = {ckpt}
+keep_last = {keep}
+eval_every = 3
+eval_batches = 1
+log_every = 2
+val_docs = 8
+
+[defaults]
+seq_len = 32
+global_batch_tokens = 128
+micro_batch = 2
+lr = 3e-3
+min_lr = 3e-4
+warmup = 2
+
+[[stages]]
+name = "prose"
+tokens = {tokens}
+[[stages.sources]]
+source = "data/prose.jsonl"
+
+[[stages]]
+name = "code"
+tokens = {tokens}
+carry_optimizer = false
+schedule = "cosine"
+[[stages.sources]]
+source = "data/code.jsonl"
+weight = 0.75
+[[stages.sources]]
+source = "data/prose.jsonl"
+weight = 0.25
+
+[[stages]]
+name = "math"
+tokens = {tokens}
+[[stages.sources]]
+source = "data/prose.jsonl"
+
+[[stages]]
+name = "sft"
+sft = true
+tokens = {tokens}
+[[stages.sources]]
+source = "data/chat.jsonl"
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models run fastest on one thread, and a shared CPU makes two threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def workdir(tmp_path, small_tokenizer) -> Path:
+    _data(tmp_path / "data")
+    (tmp_path / "tok").mkdir()
+    small_tokenizer.save(tmp_path / "tok")
+    return tmp_path
+
+
+def _recipe(workdir: Path, ckpt: int = 3, keep: int = 2, tokens: int = 768, name: str = "micro.toml") -> Path:
+    p = workdir / name
+    p.write_text(RECIPE.format(ckpt=ckpt, keep=keep, tokens=tokens))
+    return p
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from smallcoder.checkpoint import read_weights
+
+    return read_weights(folder)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "smallcoder", "train", *args, "--threads", "1"], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    return out
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+
+def test_four_stages_end_to_end(workdir):
+    recipe = load_recipe(_recipe(workdir))
+    out = workdir / "run"
+    result = Trainer(recipe, out, progress=False).run()
+    assert [s.name for s in result.stages] == ["prose", "code", "math", "sft"]
+    # 768 tokens / 128 per step; SFT: 768 / (4 records x their mean length)
+    assert [s.steps for s in result.stages[:3]] == [6, 6, 6] and result.stages[3].steps > 6
+    assert all(s.val_loss is not None and s.train_loss is not None for s in result.stages)
+    # final/ loads with our loader and with transformers, and they agree
+    from smallcoder import load
+
+    model, tok = load(out / "final")
+    assert tok.vocab_size == model.config.vocab_size
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    ids = torch.tensor([tok.encode("def add(a, b):")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)
+    gen = json.loads((out / "final" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_id
+    for name in ("prose", "code", "math", "sft"):
+        assert (out / f"stage-{name}" / "model.safetensors").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert {"step", "stage", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(train_lines[-1])
+    assert any("val_loss" in x for x in train_lines)
+    assert train_lines[-1]["step"] == result.steps and train_lines[-1]["stage"] == "sft"
+    eos = [x for x in lines if x.get("event") == "eos_check"]
+    assert eos and 0 <= eos[0]["eos_share"] <= 1 and eos[0]["prompts"] == 20
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # keep_last=2: only the two newest resume points remain, each complete and valid
+    ckpts = list_checkpoints(out)
+    assert [s for s, _ in ckpts] == [result.steps - result.steps % 3, result.steps]
+    assert all(verify_checkpoint(p) is None for _, p in ckpts)
+    # a second fresh run into the same folder is refused
+    with pytest.raises(SmallCoderError, match="--resume.*--force"):
+        Trainer(recipe, out, progress=False).run()
+
+
+def test_loss_normalised_over_the_whole_step(workdir, small_tokenizer, micro_config):
+    """One SFT step as 1 micro-batch of 4 or 4 micro-batches of 1 gives the same gradient and loss."""
+    from smallcoder import new_model
+    from smallcoder.data.mixture import Component, MixtureLoader
+    from smallcoder.data.pack import TokenDataset, pack_examples
+    from smallcoder.data.sft import encode_conversations
+    from smallcoder.data.sources import iter_conversations, parse_source
+    from smallcoder.train.distributed import init_distributed
+    from smallcoder.train.trainer import accumulate_gradients
+
+    convs = list(iter_conversations(parse_source(str(workdir / "data" / "chat.jsonl"), messages_field="messages")))
+    pack_examples(encode_conversations(convs, small_tokenizer), small_tokenizer, workdir / "pack", 64,
+                  progress=False)
+    ds = TokenDataset(workdir / "pack")
+    info = init_distributed("cpu")
+    results = []
+    for mb in (4, 1):
+        loader = MixtureLoader([Component("chat", ds, 1.0)], seq_len=64, global_batch=4, micro_batch=mb, seed=3,
+                               pad_id=small_tokenizer.eos_id)
+        step = loader.next_step()
+        assert len(step.micro_batches) == 4 // mb
+        model = new_model(micro_config, seed=0)
+        loss = accumulate_gradients(model, model, step, info) / step.num_loss_tokens
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss4, g4), (loss1, g1) = results
+    assert loss4 == pytest.approx(loss1, rel=1e-6)
+    for name in g4:
+        torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-7)
+    # and it is the mean loss per trained token of the whole step: check against one plain batch
+    from smallcoder.data.sft import collate, loss_sum
+
+    model = new_model(micro_config, seed=0)
+    batch = collate([ds[i] for _, i in step.records], 64, small_tokenizer.eos_id)
+    ref = loss_sum(model(batch["input_ids"]), batch["labels"]) / batch["num_loss_tokens"]
+    assert float(ref.detach()) == pytest.approx(loss1, rel=1e-6)
+    # records differ in length, so a mean of per-micro-batch means would not be this number
+    per_mb = [loss_sum(model(m["input_ids"]), m["labels"]).item() / m["num_loss_tokens"] for m in step.micro_batches]
+    assert sum(per_mb) / len(per_mb) != pytest.approx(loss1, rel=1e-6)
+
+
+# ---- resume --------------------------------------------------------------------------------------
+
+
+def test_kill_and_resume_is_bit_identical(workdir):
+    recipe = _recipe(workdir, ckpt=1, keep=3, tokens=1536)  # 12 steps a stage, a checkpoint each step
+    ref = _cli([str(recipe), "--out", str(workdir / "ref")], workdir)
+    _finish(ref)
+    reference = _weights(workdir / "ref" / "final")
+    seed = int(time.time() * 1000) % 10_000
+    rng = random.Random(seed)
+    for attempt in range(3):
+        out = workdir / f"killed{attempt}"
+        proc = _cli([str(recipe), "--out", str(out)], workdir)
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        if not (out / "final").exists():
+            break  # killed mid-run
+    else:
+        pytest.fail(f"the run always finished before the kill (seed {seed})")
+    assert proc.returncode == -signal.SIGKILL
+    before = {p.name for _, p in list_checkpoints(out)}
+    out_text = _finish(_cli([str(recipe), "--out", str(out), "--resume"], workdir))
+    assert "resuming from" in out_text, out_text
+    assert _same(_weights(out / "final"), reference), f"kill seed {seed}: resumed weights differ"
+    assert before  # the kill came after the first checkpoint
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_marker"])
+def test_corrupt_newest_checkpoint_falls_back(workdir, damage, capsys):
+    recipe = load_recipe(_recipe(workdir, ckpt=2, keep=100))
+    out = workdir / "run"
+    Trainer(recipe, out, progress=False).run()
+    reference = _weights(out / "final")
+    ckpts = list_checkpoints(out)
+    newest = ckpts[-1][1]
+    if damage == "truncate":
+        f = newest / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        (newest / COMPLETE).unlink()
+    kept = {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for _, p in ckpts[:-1]}
+    damaged = {f.name: f.read_bytes() for f in newest.iterdir()}
+    assert find_resume_checkpoint(out)[0] == ckpts[-2][1]
+    # the newest checkpoint is the end of the run; drop the outputs written after it so the resume redoes them
+    import shutil
+
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "stage-sft")
+    capsys.readouterr()
+    Trainer(recipe, out, resume=True, progress=False).run()
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is not usable" in err and "falling back" in err
+    assert _same(_weights(out / "final"), reference)
+    # nothing was deleted: older checkpoints unchanged, the damaged one moved aside intact
+    for name, files in kept.items():
+        assert {f.name: f.read_bytes() for f in (out / "checkpoints" / name).iterdir()} == files
+    aside = out / "checkpoints" / "corrupt" / newest.name
+    assert {f.name: f.read_bytes() for f in aside.iterdir()} == damaged
+    assert verify_checkpoint(newest) is None  # rewritten by the resumed run
+
+
+def test_resume_refuses_a_changed_recipe(workdir):
+    path = _recipe(workdir)
+    out = workdir / "run"
+    Trainer(load_recipe(path), out, max_steps=1, progress=False).run()
+    with pytest.raises(SmallCoderError, match="different recipe.*stages"):
+        Trainer(load_recipe(path, ["stages.0.lr=0.1"]), out, resume=True, max_steps=1, progress=False).run()
+    # --force starts over (and keeps the packed data)
+    Trainer(load_recipe(path), out, force=True, max_steps=1, progress=False).run()
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_cli_train_help_and_errors(workdir):
+    from smallcoder.cli import main
+
+    assert main(["train", str(workdir / "missing.toml"), "--out", str(workdir / "x")]) == 2
+    bad = workdir / "bad.toml"
+    bad.write_text(RECIPE.format(ckpt=1, keep=1, tokens=-3))
+    assert main(["train", str(bad), "--out", str(workdir / "x")]) == 2
+
+
+def test_sft_only_recipe_from_an_init_checkpoint(workdir, micro_checkpoint):
+    """A recipe may start from a checkpoint (its config.json fixes the shape) and run SFT alone."""
+    text = f"""
+[model]
+tokenizer = "tok"
+init = "{micro_checkpoint}"
+[run]
+checkpoint_every = 0
+[[stages]]
+name = "chat"
+sft = true
+tokens = 256
+seq_len = 64
+global_batch_tokens = 256
+micro_batch = 2
+[[stages.sources]]
+source = "data/chat.jsonl"
+"""
+    path = workdir / "sft_only.toml"
+    path.write_text(text)
+    out = workdir / "sft_run"
+    result = Trainer(load_recipe(path), out, max_steps=2, progress=False).run()
+    assert result.steps == 2 and result.eos_share is not None
+    start, end = _weights(micro_checkpoint), _weights(out / "final")
+    assert start.keys() == end.keys() and not _same(start, end)
+    bad = workdir / "bad_init.toml"
+    bad.write_text(text.replace("[model]", "[model]\npreset = \"tiny\""))
+    with pytest.raises(SmallCoderError, match=r"bad_init\.toml: model\.init: .*remove preset"):
+        load_recipe(bad)
