@@ -74,7 +74,7 @@ def _checked_texts(texts: Iterable[str]) -> Iterator[str]:
 # ---- CLI ---------------------------------------------------------------------------------------
 
 
-def _iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Iterator[str]:
+def iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Iterator[str]:
     """Texts of every source in order, stopping after `limit` documents; counts docs per label.
 
     A conversation source contributes its conversations rendered in the card's chat format,
@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
               "`smallcoder data pack` will refuse this tokenizer", file=sys.stderr)
     specs = specs_from_args(args)
     counts: dict[str, int] = {}
-    texts = tqdm(_iter_inputs(specs, args.limit_docs, counts), desc="reading", unit=" docs",
+    texts = tqdm(iter_inputs(specs, args.limit_docs, counts), desc="reading", unit=" docs",
                  total=args.limit_docs, file=sys.stderr, disable=None)
     tok = train_tokenizer(texts, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
     docs = sum(counts.values())

@@ -247,7 +247,7 @@ def source_from_dict(d: dict[str, Any], where: str, *, base_dir: str | Path | No
         if "kind" in d:
             raise SmallCoderError(f"{where}: give either source = \"...\" or kind = \"...\", not both")
         try:
-            return parse_source(_rebase(d["source"], base_dir), **fields)
+            return parse_source(rebase_source(d["source"], base_dir), **fields)
         except SmallCoderError as e:
             raise SmallCoderError(f"{where}: {e}") from None
     if "kind" not in d:
@@ -255,7 +255,7 @@ def source_from_dict(d: dict[str, Any], where: str, *, base_dir: str | Path | No
     return _make({}, fields, where)
 
 
-def _rebase(text: str, base_dir: str | Path | None) -> str:
+def rebase_source(text: str, base_dir: str | Path | None) -> str:
     """Resolve the local path in a parse_source string against base_dir (hub/card/builtin untouched)."""
     if base_dir is None:
         return text

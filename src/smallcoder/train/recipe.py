@@ -289,10 +289,10 @@ def _local_source_missing(spec: Any) -> bool:
 
 
 def _source(d: Any, where: str, base_dir: Path) -> tuple[Any, float | None, str | None]:
-    from ..data.sources import parse_source, source_from_dict
+    from ..data.sources import parse_source, rebase_source, source_from_dict
 
     if isinstance(d, str):
-        spec, weight, name = parse_source(_rebase_path(d, base_dir)), None, None
+        spec, weight, name = parse_source(rebase_source(d, base_dir)), None, None
     else:
         d = dict(_table(d, where))
         weight, name = d.pop("weight", None), d.pop("name", None)
@@ -308,12 +308,6 @@ def _source(d: Any, where: str, base_dir: Path) -> tuple[Any, float | None, str 
     if weight is not None:
         weight = _num(weight, f"{where}.weight", 0.0, strict=True)
     return spec, weight, name
-
-
-def _rebase_path(text: str, base_dir: Path) -> str:
-    from ..data.sources import _rebase
-
-    return _rebase(text, base_dir)
 
 
 # ---- parsing -------------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ def prepare_tokenizer(recipe: Recipe, out: Path, progress: bool) -> Any:
     spec = recipe.model.tokenizer
     if spec.path is not None:
         return Tokenizer.load(spec.path)
-    from ..tokenizer_train import _iter_inputs, train_tokenizer
+    from ..tokenizer_train import iter_inputs, train_tokenizer
 
     key = _key({"train_on": [dataclasses.asdict(s) for s in spec.train_on], "vocab_size": spec.vocab_size,
                 "limit": spec.limit})
@@ -397,7 +397,7 @@ def prepare_tokenizer(recipe: Recipe, out: Path, progress: bool) -> Any:
 
         def texts() -> Iterator[str]:
             for s in spec.train_on:
-                yield from _iter_inputs([s], spec.limit, {})
+                yield from iter_inputs([s], spec.limit, {})
 
         tok = train_tokenizer(texts(), spec.vocab_size, show_progress=progress and sys.stderr.isatty())
         with atomic_folder(folder, overwrite=True) as tmp:
