@@ -12,6 +12,7 @@ import copy
 import importlib
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -252,28 +253,32 @@ def test_kv_cache_prefill_then_chunks_matches_full_forward(model, model64, micro
 
 
 @torch.inference_mode()
-def test_kv_cache_left_padding_matches_unpadded_forward(model64, micro_config, tok):
-    """A left-padded row (key_mask + per-row positions) decodes like the same row alone."""
+def test_kv_cache_rows_of_different_lengths_match_unbatched_forward(model64, micro_config):
+    """Rows prefilled separately (slots of one cache) then decoded together, each at its own
+    position, give the logits of each sequence run alone: no padding, no leakage between rows."""
     g = torch.Generator().manual_seed(2)
-    long = torch.randint(1, micro_config.vocab_size, (12,), generator=g).tolist()
-    short = long[:5]
-    cont = torch.randint(1, micro_config.vocab_size, (2, 6), generator=g)
-    L, steps = 12, 6
-    tokens = torch.tensor([long, [tok.eos_id] * (L - 5) + short])
-    key_mask = torch.tensor([[1] * (L + steps), [0] * (L - 5) + [1] * (5 + steps)])
-    pos = (key_mask[:, :L].cumsum(-1) - 1).clamp(min=0)
-    model = model64
-    cache = KVCache(micro_config, 2, L + steps, torch.float64)
-    got = [model(tokens, cache=cache, position_ids=pos, key_mask=key_mask, last_only=True)[:, -1]]
-    for t in range(steps):
-        pos = pos[:, -1:] + 1
-        got.append(model(cont[:, t:t + 1], cache=cache, position_ids=pos, key_mask=key_mask)[:, -1])
-    for row, prompt in enumerate([long, short]):
-        seq = torch.tensor([prompt + cont[row].tolist()])
-        full = model(seq)[0]
+    prompts = [torch.randint(1, micro_config.vocab_size, (n,), generator=g).tolist() for n in (12, 5, 9)]
+    cont = torch.randint(1, micro_config.vocab_size, (3, 6), generator=g)
+    cache = KVCache(micro_config, 3, 24, torch.float64)
+    got = [[] for _ in prompts]
+    for row, prompt in enumerate(prompts):
+        got[row].append(model64(torch.tensor([prompt]), cache=cache.rows(row, row + 1), last_only=True)[0, -1])
+    assert cache.lengths.tolist() == [12, 5, 9]
+    for t in range(6):
+        out = model64(cont[:, t:t + 1], cache=cache)[:, -1]
+        for row in range(3):
+            got[row].append(out[row])
+    assert cache.lengths.tolist() == [18, 11, 15]
+    for row, prompt in enumerate(prompts):
+        full = model64(torch.tensor([prompt + cont[row].tolist()]))[0]
         want = full[len(prompt) - 1:]
-        have = torch.stack([x[row] for x in got])
-        assert (have - want).abs().max().item() < 1e-5
+        assert (torch.stack(got[row]) - want).abs().max().item() < 1e-5
+    # two tokens at once with different starts (the masked, per-row write path)
+    extra = torch.randint(1, micro_config.vocab_size, (3, 2), generator=g)
+    out = model64(extra, cache=cache)
+    for row, prompt in enumerate(prompts):
+        seq = prompt + cont[row].tolist() + extra[row].tolist()
+        assert (out[row] - model64(torch.tensor([seq]))[0, -2:]).abs().max().item() < 1e-5
 
 
 # ---- batching ---------------------------------------------------------------------------------
@@ -795,3 +800,83 @@ def test_transformers_apply_chat_template_matches(micro_checkpoint):
     for messages in CONVERSATIONS:
         out = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert out == format_chat(messages)
+
+
+# ---- continuous batching --------------------------------------------------------------------
+
+
+def test_continuous_batching_refills_slots_and_matches_unbatched(model, tok):
+    """More prompts than slots, finishing at different times: each equals its run alone, and
+    the cache never grows past max_batch rows."""
+    prompts = ["def add(a, b):", "for", "The lazy dog", "x = 1", "print(", "User: hi"]
+    budgets = [3, 9, 5, 12, 1, 7]
+    small = Engine(model, tok, max_batch=2)
+    requests = [small.submit(p, greedy(n)) for p, n in zip(prompts, budgets)]
+    assert small.num_queued == 6 and small.num_active == 0
+    small.run(requests)
+    assert small._cache.batch_size == 2 and small.num_active == 0 and small.num_queued == 0
+    alone = Engine(model, tok, max_batch=1)
+    for p, n, r in zip(prompts, budgets, requests):
+        want = alone.generate([p], greedy(n))[0]
+        assert r.result().token_ids == want.token_ids and len(want.token_ids) == n
+
+
+def test_seeded_sampling_does_not_depend_on_batch_companions(model, tok):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, stop_at_eos=False)
+    alone = Engine(model, tok).generate(["def"], params)[0]
+    together = Engine(model, tok, max_batch=3).generate(["The lazy dog", "def", "for i in"], params)
+    assert together[1].token_ids == alone.token_ids
+
+
+def test_background_loop_submit_cancel_and_close(model, tok):
+    engine = Engine(model, tok, max_batch=2)
+    engine.start()
+    try:
+        pieces = []
+        long = engine.submit("def", greedy(100), on_piece=pieces.append)
+        short = engine.submit("for", greedy(4))
+        assert short.result().finish_reason == "length" and len(short.result().token_ids) == 4
+        while len(long.row.ids) < 3:
+            time.sleep(0.01)
+        long.cancel()
+        assert long.done.wait(10)
+        assert long.completion.finish_reason == "cancelled" and pieces[-1] is None
+        assert "".join(p for p in pieces if p) == long.completion.text
+        assert engine.num_active == 0
+        # the loop keeps serving; generate from another thread goes through it
+        assert engine.generate(["x = 1"], greedy(3))[0].token_ids == \
+            Engine(model, tok).generate(["x = 1"], greedy(3))[0].token_ids
+        queued = [engine.submit("y", greedy(50)) for _ in range(3)]
+    finally:
+        engine.close()
+    assert all(r.done.is_set() for r in queued)
+    assert {r.completion.finish_reason for r in queued} <= {"cancelled", "length"}
+    with pytest.raises(SmallCoderError, match="closed"):
+        engine.submit("z", greedy(2))
+
+
+def test_stream_closed_early_cancels_and_frees_the_slot(model, tok):
+    engine = Engine(model, tok)
+    it = engine.stream("def", greedy(200))
+    next(it)
+    it.close()
+    assert engine.num_active == 0 and engine.num_queued == 0
+    assert engine.generate(["for"], greedy(3))[0].finish_reason == "length"
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_recovers(monkeypatch, fresh, tok):
+    engine, model = fresh, fresh.model
+    orig = model.forward
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.generate(["def"], greedy(10))
+    assert engine.num_active == 0
+    assert len(engine.generate(["def"], greedy(5))[0].token_ids) == 5

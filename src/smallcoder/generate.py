@@ -10,7 +10,10 @@ piece never contains the start of a stop string that may still complete.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,18 +92,77 @@ class _Row:
     finish_reason: str | None = None
 
 
-class Engine:
-    """Runs a model and its tokenizer; the single decode loop of SmallCoder."""
+class Request:
+    """A prompt submitted to the engine: its state while queued or decoding, then its result.
 
-    def __init__(self, model: SmallCoder, tokenizer: Tokenizer) -> None:
+    `on_piece` receives each streamable text piece (from the thread that runs the engine) and
+    None once at the end; `done` is set after `completion` (or `error`) is.
+    """
+
+    def __init__(self, ids: list[int], params: SamplingParams, budget: int,
+                 on_piece: Callable[[str | None], None] | None) -> None:
+        self.ids = ids
+        self.params = params
+        self.row = _Row(len(ids), budget)
+        self.on_piece = on_piece
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.done = threading.Event()
+        self.completion: Completion | None = None
+        self.error: BaseException | None = None
+        self._cancelled = False
+        self._queued = False
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the engine's next step."""
+        self._cancelled = True
+
+    def result(self) -> Completion:
+        """Wait for the completion (re-raising the engine's error for this request, if any)."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.completion
+
+
+class Engine:
+    """Runs a model and its tokenizer; the single decode loop of SmallCoder.
+
+    Continuous batching: up to `max_batch` sequences decode together, one row (slot) of a
+    preallocated KV cache each; a sequence that finishes frees its slot at once and the next
+    queued prompt is prefilled into it. `generate`/`stream` run the loop in the calling thread;
+    `start` runs it in a background thread that `submit` feeds (the server).
+    """
+
+    def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise SmallCoderError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.max_batch = max_batch
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = getattr(model, "compute_dtype", next(model.parameters()).dtype)
+        self._queue: deque[Request] = deque()
+        self._slots: list[Request | None] = []
+        self._cache: KVCache | None = None
+        self._lock = threading.Lock()  # guards the queue
+        self._work = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()  # one thread runs steps at a time
+        self._stepped = threading.Condition()  # notified after each background step
+        self._thread: threading.Thread | None = None
+        self._closing = False
 
     @property
     def context_length(self) -> int:
         return self.model.config.max_position_embeddings
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
 
     def prepare(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
         """Token ids of a prompt, refused (or with `truncate`, cut from the left) if over the context."""
@@ -117,63 +179,235 @@ class Engine:
             ids = ids[-max(1, ctx - max(params.max_new_tokens, 1)):]
         return ids
 
+    def _request(self, prompt: str | Sequence[int], params: SamplingParams,
+                 on_piece: Callable[[str | None], None] | None = None) -> Request:
+        ids = self.prepare(prompt, params)
+        return Request(ids, params, min(params.max_new_tokens, self.context_length - len(ids)), on_piece)
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               on_piece: Callable[[str | None], None] | None = None) -> Request:
+        """Queue a prompt (thread-safe); the background loop (`start`) or a caller's loop runs it."""
+        request = self._request(prompt, params or SamplingParams(), on_piece)
+        with self._work:
+            if self._closing:
+                raise SmallCoderError("the engine is closed")
+            self._queue.append(request)
+            request._queued = True
+            self._work.notify()
+        return request
+
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
                  ) -> list[Completion]:
-        """Complete every prompt (batched); returns one Completion per prompt, in order."""
+        """Complete every prompt (continuously batched); one Completion per prompt, in order."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings or token lists")
         params = params or SamplingParams()
-        rows: list[_Row] = []
-        for _ in self._run(prompts, params, rows):
-            pass
-        return [Completion(r.text, r.ids, r.finish_reason or "length", r.prompt_tokens) for r in rows]
+        requests = [self._request(p, params) for p in prompts]  # all validated before any runs
+        self.run(requests)
+        return [r.result() for r in requests]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion of one prompt as text pieces, as soon as each is certain."""
-        for pieces in self._run([prompt], params or SamplingParams(), []):
-            if pieces[0]:
-                yield pieces[0]
+        """Yield the completion of one prompt as text pieces, as soon as each is certain.
+
+        Closing the iterator early (a client that goes away) cancels the generation."""
+        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        request = self._request(prompt, params or SamplingParams(), pieces.put)
+        steps = self._steps([request])
+        try:
+            while True:
+                while pieces.empty() and next(steps, StopIteration) is not StopIteration:
+                    pass
+                if pieces.empty():
+                    break
+                piece = pieces.get()
+                if piece is None:
+                    break
+                if piece:
+                    yield piece
+        finally:
+            steps.close()
+        request.result()
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def _run(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
-             rows: list[_Row]) -> Iterator[list[str]]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings or token lists")
-        encoded = [self.prepare(p, params) for p in prompts]
-        if not encoded:
-            return
-        B, L = len(encoded), max(len(e) for e in encoded)
-        ctx = self.context_length
-        rows.extend(_Row(len(e), min(params.max_new_tokens, ctx - len(e))) for e in encoded)
-        steps = max(r.budget for r in rows)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+    def run(self, requests: list[Request]) -> None:
+        """Run submitted requests to the end in this thread (without the background loop)."""
+        for _ in self._steps(requests):
+            pass
 
-        pad = self.tokenizer.eos_id
-        tokens = torch.tensor([[pad] * (L - len(e)) + e for e in encoded], device=self.device)
-        key_mask = position_ids = None
-        if any(len(e) != L for e in encoded):  # left padding: mask it and count positions per row
-            key_mask = torch.tensor([[0] * (L - len(e)) + [1] * (len(e) + steps) for e in encoded],
-                                    device=self.device)
-            position_ids = (key_mask[:, :L].cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(self.model.config, B, L + steps, self.dtype, self.device)
-        for r in rows:
-            if r.budget <= 0:
-                r.finish_reason = "length"
+    def _steps(self, requests: list[Request]) -> Iterator[None]:
+        """Queue `requests`, then run engine steps in this thread (or, while the background loop
+        runs, wait for its steps) until they are all done, yielding after each step. Closing
+        the generator early cancels the requests that are not done."""
+        with self._work:
+            self._queue.extend(r for r in requests if not r._queued)
+            for r in requests:
+                r._queued = True
+            self._work.notify()
+        try:
+            while not all(r.done.is_set() for r in requests):
+                if self._thread is not None:
+                    with self._stepped:
+                        self._stepped.wait(timeout=0.5)
+                else:
+                    with self._step_lock:
+                        try:
+                            self._step()
+                        except BaseException as e:
+                            self._fail_all(e)
+                            raise
+                yield
+        finally:
+            for r in requests:
+                if not r.done.is_set():
+                    r.cancel()
+            if self._thread is None:
+                with self._step_lock:
+                    while not all(r.done.is_set() for r in requests):
+                        self._step()
 
-        logits = self.model(tokens, cache=cache, position_ids=position_ids, key_mask=key_mask,
-                            last_only=True)[:, -1]
-        for step in range(steps):
-            next_ids = sample(logits, params, generator)
-            pieces = [self._advance(r, int(t), params) for r, t in zip(rows, next_ids.tolist())]
-            yield pieces
-            if all(r.finish_reason for r in rows):
+    def start(self) -> None:
+        """Run the engine loop in a background thread (idempotent); `submit` feeds it."""
+        with self._work:
+            self._closing = False
+            if self._thread is not None:
                 return
-            if position_ids is not None:
-                position_ids = position_ids[:, -1:] + 1
-            logits = self.model(next_ids[:, None], cache=cache, position_ids=position_ids,
-                                key_mask=key_mask, last_only=True)[:, -1]
+            self._thread = threading.Thread(target=self._serve, name="smallcoder-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the background loop; requests not finished end as "cancelled"."""
+        with self._work:
+            self._closing = True
+            self._work.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._thread = None
+        with self._step_lock:
+            for r in list(self._queue) + [r for r in self._slots if r is not None]:
+                r.cancel()
+            while self._queue or self.num_active:
+                self._step()
+
+    def _serve(self) -> None:
+        while True:
+            with self._work:
+                while not self._closing and not self._queue and not self.num_active:
+                    self._work.wait()
+                if self._closing:
+                    return
+            with self._step_lock:
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                    self._fail_all(e)
+            with self._stepped:
+                self._stepped.notify_all()
+
+    @torch.inference_mode()
+    def _fail_all(self, error: BaseException) -> None:
+        for i, r in enumerate(self._slots):
+            if r is not None:
+                r.error = error
+                self._finish(i, r, "error")
+        if self._cache is not None:
+            self._cache.reset()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """Admit queued requests into free slots (prefill), then decode one token for all."""
+        for i, r in enumerate(self._slots):
+            if r is not None and r._cancelled:
+                self._finish(i, r, "cancelled")
+        while True:
+            with self._lock:
+                if not self._queue:
+                    break
+                free = [i for i, r in enumerate(self._slots) if r is None]
+                if not free and len(self._slots) >= self.max_batch:
+                    break
+                request = self._queue.popleft()
+            if request._cancelled or request.row.budget <= 0:
+                self._complete(request, "cancelled" if request._cancelled else "length")
+                continue
+            self._prefill(request, free[0] if free else None)
+        active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
+        if not active:
+            return
+        n = active[-1][0] + 1
+        cache = self._cache.rows(0, n)
+        tokens = []
+        for i in range(n):
+            r = self._slots[i]
+            if r is None:
+                cache.lengths[i] = 0  # an idle row decodes a dummy token at position 0
+            tokens.append(r.next_token if r is not None else self.tokenizer.eos_id)
+        logits = self.model(torch.tensor(tokens, device=self.device)[:, None], cache=cache, last_only=True)[:, -1]
+        self._sample_and_advance([(i, r, logits[i]) for i, r in active])
+
+    def _prefill(self, request: Request, slot: int | None) -> None:
+        need = len(request.ids) + request.row.budget
+        self._ensure_cache(slot if slot is not None else len(self._slots), need)
+        if slot is None:
+            slot = len(self._slots)
+            self._slots.append(None)
+        self._slots[slot] = request
+        cache = self._cache.rows(slot, slot + 1)
+        cache.lengths.zero_()
+        ids = torch.tensor([request.ids], device=self.device)
+        logits = self.model(ids, cache=cache, last_only=True)[:, -1]
+        self._sample_and_advance([(slot, request, logits[0])])
+
+    def _ensure_cache(self, row: int, length: int) -> None:
+        """Grow the preallocated cache to hold `row` and `length` positions (contents kept)."""
+        old = self._cache
+        rows = max(min(self.max_batch, row + 1 + len(self._queue)), row + 1)
+        if old is not None and old.batch_size > row and old.max_length >= length:
+            return
+        if old is not None:
+            rows, length = max(rows, old.batch_size), max(length, old.max_length)
+        length = min(self.context_length, -(-length // 128) * 128)
+        new = KVCache(self.model.config, rows, length, self.dtype, self.device)
+        if old is not None:
+            for dst, src in zip(new.k + new.v, old.k + old.v):
+                dst[:old.batch_size, :, :old.max_length] = src
+            new.lengths[:old.batch_size] = old.lengths
+        self._cache = new
+
+    def _sample_and_advance(self, rows: list[tuple[int, Request, torch.Tensor]]) -> None:
+        greedy = [j for j, (_, r, _) in enumerate(rows) if r.params.temperature == 0]
+        chosen = {}
+        if greedy:  # one argmax for all greedy rows
+            picks = sample(torch.stack([rows[j][2] for j in greedy]), rows[greedy[0]][1].params, None)
+            chosen = dict(zip(greedy, picks.tolist()))
+        for j, (slot, r, logits) in enumerate(rows):
+            token = chosen[j] if j in chosen else int(sample(logits[None], r.params, r.generator)[0])
+            piece = self._advance(r.row, token, r.params)
+            if piece and r.on_piece is not None:
+                r.on_piece(piece)
+            if r.row.finish_reason:
+                self._finish(slot, r, r.row.finish_reason)
+            else:
+                r.next_token = token
+
+    def _finish(self, slot: int, request: Request, reason: str) -> None:
+        self._slots[slot] = None
+        while self._slots and self._slots[-1] is None:
+            self._slots.pop()
+        self._complete(request, reason)
+
+    def _complete(self, request: Request, reason: str) -> None:
+        row = request.row
+        if row.finish_reason is None:
+            row.finish_reason = reason
+            piece = self._flush(row)
+            if piece and request.on_piece is not None:
+                request.on_piece(piece)
+        request.completion = Completion(row.text, row.ids, row.finish_reason, row.prompt_tokens)
+        if request.on_piece is not None:
+            request.on_piece(None)
+        request.done.set()
 
     # ---- scoring -------------------------------------------------------------------------------
     # The conventions are lm-evaluation-harness's (lm_eval/api/model.py `TemplateLM._encode_pair`,

@@ -33,15 +33,69 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer; `length` positions are filled."""
+    """Preallocated keys and values for every layer, one row per sequence (slot).
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.max_length = max_length
-        self.length = 0
+    Each row has its own filled length, so sequences of different lengths share one batch
+    without padding and a finished row can be refilled with a new sequence (continuous batching).
+    `rows(a, b)` is a view of rows a..b-1 that shares storage with this cache.
+    """
+
+    def __init__(self, config: ModelConfig | None, batch_size: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                 _views: tuple | None = None) -> None:
+        if _views is not None:
+            self.k, self.v, self.lengths = _views
+        else:
+            shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+            self.lengths = torch.zeros(batch_size, dtype=torch.long)  # on the CPU: read by Python
+        self.max_length = self.k[0].shape[2]
+        self.batch_size = self.k[0].shape[0]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        return KVCache(None, 0, 0, _views=([k[start:stop] for k in self.k], [v[start:stop] for v in self.v],
+                                            self.lengths[start:stop]))
+
+    @property
+    def length(self) -> int:
+        """Filled positions of the longest row."""
+        return int(self.lengths.max()) if self.batch_size else 0
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+    def begin(self, T: int) -> torch.Tensor:
+        """Start a forward of T new tokens per row: returns each row's first position (B,)."""
+        starts = self.lengths.clone()
+        self._starts = starts.tolist()
+        if max(self._starts) + T > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions, asked for {max(self._starts) + T}")
+        self._uniform = len(set(self._starts)) == 1
+        self._index = starts.to(self.k[0].device)
+        return starts
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values (B, heads, T, head_dim) at each row's positions; return the
+        keys/values of positions 0..longest row (rows shorter than that are masked by the caller)."""
+        T = k.shape[2]
+        if self._uniform:
+            s0 = self._starts[0]
+            self.k[layer][:, :, s0:s0 + T] = k
+            self.v[layer][:, :, s0:s0 + T] = v
+        elif T == 1:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer][rows, :, self._index] = k[:, :, 0]
+            self.v[layer][rows, :, self._index] = v[:, :, 0]
+        else:
+            for b, s0 in enumerate(self._starts):
+                self.k[layer][b, :, s0:s0 + T] = k[b]
+                self.v[layer][b, :, s0:s0 + T] = v[b]
+        S = max(self._starts) + T
+        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+
+    def end(self, T: int) -> None:
+        self.lengths += T
 
 
 class Attention(nn.Module):
@@ -66,13 +120,9 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k = cache.k[layer][:, :, :start + T]
-            v = cache.v[layer][:, :, :start + T]
+            k, v = cache.write(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and k.shape[2] == T,
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None and T > 1 and k.shape[2] == T,
             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -151,40 +201,35 @@ class SmallCoder(nn.Module):
         return self._inv_freq[device]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits for `input_ids` (B, T), appending to `cache` when given.
 
-        `key_mask` (B, cache positions + T) marks real tokens with 1 and left padding with 0;
-        `position_ids` (B, T) defaults to consecutive positions after the cache.
-        `last_only` computes logits for the final position only (generation).
+        Row b's tokens take positions cache.lengths[b] onwards, so rows of different lengths
+        share a batch without padding. `last_only` computes logits for the final position only.
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
         device = input_ids.device
-        if cache is not None and start + T > cache.max_length:
-            raise ValueError(f"KV cache holds {cache.max_length} positions, asked for {start + T}")
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, T)
         x = self.model.embed_tokens(input_ids)
+        mask = None
+        if cache is None:
+            position_ids = torch.arange(T, device=device).unsqueeze(0)
+        else:
+            if cache.batch_size != B:
+                raise ValueError(f"KV cache has {cache.batch_size} rows, input has {B}")
+            starts = cache.begin(T).to(device)
+            position_ids = starts[:, None] + torch.arange(T, device=device)
+            if not (cache._uniform and (T == 1 or cache._starts[0] == 0)):
+                # row b's query at position p sees keys 0..p of its own row
+                k_pos = torch.arange(max(cache._starts) + T, device=device)
+                mask = (k_pos[None, None, :] <= position_ids[:, :, None])[:, None]
         freqs = position_ids[..., None].float() * self.inv_freq(device)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
-        mask = None
-        if key_mask is not None or (start > 0 and T > 1):
-            S = start + T
-            q_pos = torch.arange(start, S, device=device)[:, None]
-            k_pos = torch.arange(S, device=device)[None, :]
-            mask = (k_pos <= q_pos)[None, None]
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, None, :S].bool()
-                mask = mask | (k_pos == q_pos)  # a padding query sees itself: no all-masked rows (NaN)
-
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length = start + T
+            cache.end(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -1,0 +1,577 @@
+"""`smallcoder serve`: the OpenAI-compatible server, driven by the real `openai` client and raw HTTP.
+
+Each server runs in-process (uvicorn in a background thread) on a free loopback port, over the
+micro model of conftest (random weights, so completions are byte garbage: tests compare them
+with `Engine.generate` on the same prompt rather than with fixed text). A second micro model
+whose tokenizer has the FIM tokens covers `suffix` and `/infill`; a third server slows each
+forward pass down a little so a disconnect can land mid-generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+openai = pytest.importorskip("openai", reason="the test extra (openai) is not installed")
+httpx = pytest.importorskip("httpx", reason="the test extra (httpx) is not installed")
+
+import uvicorn  # noqa: E402
+
+import smallcoder  # noqa: E402
+from smallcoder import Engine, SamplingParams, SmallCoderError, format_chat  # noqa: E402
+from smallcoder.serve import CHAT_STOP, ServeLimits, bind_socket, create_app, register  # noqa: E402
+
+KEY = "test-key"
+PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print(", "User: hello", "return a"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The micro model gains nothing from intra-op threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class Running:
+    """A server running in a background thread, with the engine it drives."""
+
+    engine: Engine
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def client(self, api_key: str = KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30, **kw)
+
+    def post(self, path: str, body, headers: dict | None = None, **kw) -> httpx.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
+        return httpx.post(f"{self.url}{path}", content=data, headers=headers, timeout=30, **kw)
+
+    def idle(self, within: float = 2.0) -> bool:
+        """True once no sequence holds a slot and none waits (polled up to `within` seconds)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.engine.num_active == 0 and self.engine.num_queued == 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+
+def _start(engine: Engine, limits: ServeLimits | None = None, api_key: str | None = KEY) -> Running:
+    app = create_app(engine, model_name="micro", api_key=api_key, limits=limits)
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    return Running(engine, server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}")
+
+
+def _stop(running: Running) -> None:
+    running.server.should_exit = True
+    running.thread.join(timeout=20)
+    assert not running.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def loaded(micro_checkpoint):
+    return smallcoder.load(micro_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ref(loaded) -> Engine:
+    """An engine of its own (run in the calling thread) for reference completions."""
+    return Engine(*loaded)
+
+
+@pytest.fixture(scope="module")
+def srv(loaded) -> Iterator[Running]:
+    limits = ServeLimits(max_tokens=64, max_body_bytes=64 * 1024, max_choices=8, max_stop=8)
+    running = _start(Engine(*loaded, max_batch=4), limits)
+    yield running
+    _stop(running)
+
+
+@pytest.fixture(scope="module")
+def slow(loaded) -> Iterator[Running]:
+    """A server whose every forward pass takes >= 15 ms, so generations last long enough to interrupt."""
+    model, tok = smallcoder.load(loaded[0].config and None or _ckpt_path(loaded)) if False else loaded
+    engine = Engine(model, tok, max_batch=2)
+    running = _start(engine)
+    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(0.015))
+    yield running
+    handle.remove()
+    _stop(running)
+
+
+def _ckpt_path(loaded):  # pragma: no cover - placeholder never called (see `slow`)
+    raise AssertionError
+
+
+@pytest.fixture(scope="module")
+def fim_checkpoint(tmp_path_factory, micro_config) -> Path:
+    """A micro model whose byte-level BPE has the StarCoder FIM tokens as special tokens."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 20,
+                                trainer)
+    folder = tmp_path_factory.mktemp("fim")
+    backend.save(str(folder / "tokenizer.json"))
+    tok = smallcoder.Tokenizer.load(folder)
+    config = micro_config.replace(vocab_size=tok.vocab_size)
+    smallcoder.save(smallcoder.new_model(config, seed=2), tok, folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def fim(fim_checkpoint) -> Iterator[tuple[Running, Engine]]:
+    model, tok = smallcoder.load(fim_checkpoint)
+    running = _start(Engine(model, tok, max_batch=2))
+    yield running, Engine(model, tok)
+    _stop(running)
+
+
+def _events(response: httpx.Response) -> list:
+    """The `data:` payloads of a server-sent-event stream, JSON-decoded ([DONE] kept as a string)."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[6:]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return out
+
+
+def _greedy(ref: Engine, prompt, **kw) -> smallcoder.Completion:
+    return ref.generate([prompt], SamplingParams(**{"max_new_tokens": 24, **kw}))[0]
+
+
+# ---- completions -------------------------------------------------------------------------------
+
+
+def test_completion_greedy_equals_engine_generate(srv, ref):
+    client = srv.client()
+    for prompt in PROMPTS[:3]:
+        expected = _greedy(ref, prompt)
+        r = client.completions.create(model="micro", prompt=prompt, max_tokens=24, temperature=0)
+        assert r.object == "text_completion" and r.model == "micro"
+        assert r.choices[0].text == expected.text
+        assert r.choices[0].finish_reason == expected.finish_reason
+        assert r.usage.prompt_tokens == len(ref.tokenizer.encode(prompt))
+        assert r.usage.completion_tokens == len(expected.token_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_stream_with_openai_client(srv, ref):
+    expected = _greedy(ref, PROMPTS[0])
+    chunks = list(srv.client().completions.create(model="micro", prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == expected.text
+    assert [c.choices[0].finish_reason for c in text_chunks[:-1]] == [None] * (len(text_chunks) - 1)
+    assert text_chunks[-1].choices[0].finish_reason == expected.finish_reason
+    assert len(text_chunks) > 2, "the text must come in pieces, not at the end"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_stream_wire_format_finish_usage_done(srv, ref):
+    """finish_reason null until the last choice chunk, then the usage chunk, then [DONE]."""
+    body = {"model": "micro", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    assert events[-1] == "[DONE]"
+    usage, choices = events[-2], events[:-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+    assert all(e["usage"] is None for e in choices)
+    assert [e["choices"][0]["finish_reason"] for e in choices] == [None] * (len(choices) - 1) + ["length"]
+    # without include_usage: no usage chunk at all
+    body["stream_options"] = None
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=30) as r:
+        events = _events(r)
+    assert events[-1] == "[DONE]" and all(e["choices"] and "usage" not in e for e in events[:-1])
+
+
+def test_prompt_as_token_ids_and_batch_of_prompts(srv, ref):
+    ids = ref.tokenizer.encode(PROMPTS[2])
+    r = srv.client().completions.create(model="micro", prompt=[ids, PROMPTS[0]], max_tokens=8, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == _greedy(ref, PROMPTS[2], max_new_tokens=8).text
+    assert r.choices[1].text == _greedy(ref, PROMPTS[0], max_new_tokens=8).text
+
+
+def test_stop_string_or_list_and_max_completion_tokens(srv, ref):
+    full = _greedy(ref, PROMPTS[0]).text
+    stop = full[5:7]  # text the model really produces, so the stop really fires
+    expected = _greedy(ref, PROMPTS[0], stop=(stop,))
+    assert expected.finish_reason == "stop" and len(expected.text) < len(full)
+    client = srv.client()
+    for value in (stop, [stop, "never-produced"]):
+        r = client.completions.create(model="micro", prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=value)
+        assert r.choices[0].text == expected.text and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="micro", prompt=PROMPTS[0], temperature=0,
+                                  extra_body={"max_completion_tokens": 3})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_seed_n_and_sampling(srv):
+    client = srv.client()
+    kw = {"model": "micro", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 1.0}
+    a = client.completions.create(seed=7, n=3, **kw)
+    b = client.completions.create(seed=7, n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same samples
+    assert len({c.text for c in a.choices}) > 1  # each of the n samples gets its own seed
+    assert a.usage.completion_tokens == 36
+
+
+def test_echo_logprobs_scoring_matches_engine_loglikelihood(srv, ref):
+    """lm-eval's scoring calls: echo + logprobs with max_tokens 0 (and 1, sliced [ctxlen:-1])."""
+    context, continuation = ref.tokenizer.encode("def add(a, b):"), ref.tokenizer.encode("\n    return a")
+    expected, greedy = ref.loglikelihood_tokens([(context, continuation)])[0]
+    client = srv.client()
+    r = client.completions.create(model="micro", prompt=context + continuation, max_tokens=0, echo=True,
+                                  logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == ref.tokenizer.decode(context + continuation)
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(context) + len(continuation)
+    assert math.isclose(sum(lp.token_logprobs[len(context):]), expected, rel_tol=1e-4, abs_tol=1e-4)
+    is_greedy = all(t == max(top.values()) for t, top in
+                    zip(lp.token_logprobs[len(context):], lp.top_logprobs[len(context):]))
+    assert is_greedy == greedy
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    r = client.completions.create(model="micro", prompt=context + continuation, max_tokens=1, echo=True,
+                                  logprobs=1, temperature=0, seed=1234)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(context) + len(continuation) + 1
+    assert math.isclose(sum(lp.token_logprobs[len(context):-1]), expected, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_logprobs_of_generated_tokens(srv, ref):
+    expected = _greedy(ref, PROMPTS[1], max_new_tokens=6)
+    r = srv.client().completions.create(model="micro", prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == expected.text and len(lp.token_logprobs) == 6
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 2 and math.isclose(value, max(top.values()), abs_tol=1e-5)  # greedy picks the best
+
+
+# ---- FIM: suffix, /infill ------------------------------------------------------------------------
+
+
+def test_fim_tokens_are_single_tokens_and_suffix_builds_the_fim_prompt(fim):
+    running, ref = fim
+    tok = ref.tokenizer
+    fim_prompt = "<fim_prefix>def add(a, b):<fim_suffix>    return c<fim_middle>"
+    assert len(tok.encode(fim_prompt)) == len(tok.encode("def add(a, b):")) + len(tok.encode("    return c")) + 3
+    expected = _greedy(ref, fim_prompt, max_new_tokens=10)
+    client = running.client(api_key="unused")
+    r = client.completions.create(model="micro", prompt="def add(a, b):", suffix="    return c", max_tokens=10,
+                                  temperature=0)
+    assert r.choices[0].text == expected.text and r.usage.prompt_tokens == len(tok.encode(fim_prompt))
+    # an editor that fills the FIM tokens in itself gets the same
+    r = client.completions.create(model="micro", prompt=fim_prompt, max_tokens=10, temperature=0)
+    assert r.choices[0].text == expected.text and r.usage.prompt_tokens == len(tok.encode(fim_prompt))
+
+
+def test_infill_llama_cpp_style(fim):
+    running, ref = fim
+    extra = "# util.py\n"
+    fim_prompt = f"{extra}<fim_prefix>def add(a, b):<fim_suffix>    return c<fim_middle>"
+    expected = _greedy(ref, fim_prompt, max_new_tokens=8)
+    body = {"input_prefix": "def add(a, b):", "input_suffix": "    return c", "n_predict": 8, "temperature": 0,
+            "input_extra": [{"filename": "util.py", "text": extra}], "cache_prompt": True,
+            "samplers": ["top_k", "top_p", "infill"], "t_max_predict_ms": 500}
+    r = running.post("/infill", body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["content"] == expected.text and data["stop"] is True
+    assert data["tokens_predicted"] == len(expected.token_ids) and data["tokens_evaluated"] == len(
+        ref.tokenizer.encode(fim_prompt))
+    assert data["stop_type"] == ("limit" if expected.finish_reason == "length" else "eos")
+    with httpx.stream("POST", f"{running.url}/infill", json={**body, "stream": True}, timeout=30) as r:
+        events = _events(r)
+    assert "".join(e["content"] for e in events) == expected.text
+    assert [e["stop"] for e in events] == [False] * (len(events) - 1) + [True]
+
+
+def test_suffix_and_infill_without_fim_tokens_get_400(srv):
+    """The conftest tokenizer has <fim_prefix> only."""
+    with pytest.raises(openai.BadRequestError, match="fim_suffix"):
+        srv.client().completions.create(model="micro", prompt="def f(", suffix="pass", max_tokens=4)
+    r = srv.post("/infill", {"input_prefix": "def f(", "input_suffix": "pass"})
+    assert r.status_code == 400 and "fim_middle" in r.json()["error"]["message"]
+
+
+# ---- chat --------------------------------------------------------------------------------------
+
+
+def test_chat_renders_the_card_format(srv, ref):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": "hi"}, {"role": "user", "content": "add two numbers"}]
+    expected = _greedy(ref, format_chat(messages), max_new_tokens=16, stop=(CHAT_STOP,))
+    client = srv.client()
+    r = client.chat.completions.create(model="micro", messages=messages, max_tokens=16, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected.text.lstrip()
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert r.usage.prompt_tokens == len(ref.tokenizer.encode(format_chat(messages)))
+    chunks = list(client.chat.completions.create(model="micro", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == expected.text.lstrip()
+    assert [c.choices[0].finish_reason for c in with_choices] == [None] * (len(with_choices) - 1) + [
+        expected.finish_reason]
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+    # content as a list of text parts, and the "developer" role, as newer clients send them
+    r2 = client.chat.completions.create(
+        model="micro", max_tokens=16, temperature=0,
+        messages=[{"role": "developer", "content": "You write Python."},
+                  *[{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages[1:]]])
+    assert r2.choices[0].message.content == r.choices[0].message.content
+
+
+def test_chat_bad_messages_get_400(srv):
+    client = srv.client()
+    with pytest.raises(openai.BadRequestError, match="unknown role 'wizard'"):
+        client.chat.completions.create(model="micro", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="only text parts"):
+        client.chat.completions.create(model="micro", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+# ---- models, health, auth --------------------------------------------------------------------------
+
+
+def test_models_and_health(srv):
+    models = srv.client().models.list()
+    assert [m.id for m in models.data] == ["micro"]
+    health = httpx.get(f"{srv.url}/health", timeout=10)  # no key needed
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["max_batch"] == 4
+
+
+def test_api_key_required(srv):
+    with pytest.raises(openai.AuthenticationError):
+        srv.client(api_key="wrong").completions.create(model="micro", prompt="x", max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        srv.client(api_key="wrong").models.list()
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"x-api-key": KEY},
+                   timeout=10)
+    assert r.status_code == 200
+
+
+def test_unknown_route_gets_json_404(srv):
+    r = httpx.get(f"{srv.url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# ---- limits and bad input ------------------------------------------------------------------------
+
+
+def test_limits_get_400_naming_the_limit(srv, ref):
+    client = srv.client()
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens is 65; this server allows at most 64"):
+        client.completions.create(model="micro", prompt="x", max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match=r"max_completion_tokens is 1000; .* at most 64"):
+        client.chat.completions.create(model="micro", messages=[{"role": "user", "content": "x"}],
+                                       max_completion_tokens=1000)
+    long_prompt = "def add(a, b): " * 100
+    n = len(ref.tokenizer.encode(long_prompt))
+    with pytest.raises(openai.BadRequestError, match=rf"prompt is {n} tokens; this server accepts at most 127"):
+        client.completions.create(model="micro", prompt=long_prompt, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match=r"messages is \d+ tokens; this server accepts at most 127"):
+        client.chat.completions.create(model="micro", messages=[{"role": "user", "content": long_prompt}])
+    with pytest.raises(openai.BadRequestError, match=r"at most 8 per request"):
+        client.completions.create(model="micro", prompt="x", max_tokens=1, n=9)
+    with pytest.raises(openai.BadRequestError, match=r"stop has 9 strings; this server accepts at most 8"):
+        client.completions.create(model="micro", prompt="x", max_tokens=1, stop=[f"s{i}" for i in range(9)])
+    r = srv.post("/v1/completions", {"prompt": "x" * 70_000})
+    assert r.status_code == 413 and "65536 bytes" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"\xff\xfe garbage", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    (b"", 400, "not valid JSON"),
+    ({"prompt": "x", "max_tokens": "many"}, 400, "'max_tokens'"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens must be >= 0"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "seed": 2**70}, 400, "seed"),
+    ({"prompt": [5, 10**6]}, 400, "token id 1000000 is outside the vocabulary"),
+    ({"prompt": []}, 400, "empty list"),
+    ({"max_tokens": 3}, 400, "'prompt' is required"),
+    ({"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs"),
+    ({"prompt": "x", "stop": [1, 2]}, 400, "'stop"),
+    ({"prompt": "x", "logprobs": 1000}, 400, "logprobs must be in [0, 20]"),
+])
+def test_malformed_requests_get_400(srv, body, status, needle):
+    r = srv.post("/v1/completions", body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_nan_temperature_and_lone_surrogate_get_400(srv):
+    r = srv.post("/v1/completions", b'{"prompt": "x", "temperature": NaN}')
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = srv.post("/v1/completions", b'{"prompt": "abc \\ud800", "max_tokens": 2}')
+    assert r.status_code in (200, 400), r.text  # tokenizable or refused, never a crash
+    r = srv.post("/v1/chat/completions", {"messages": "hello"})
+    assert r.status_code == 400 and "'messages'" in r.json()["error"]["message"]
+
+
+def test_unknown_fields_are_accepted_and_logged_once(srv, ref, caplog):
+    body = {"model": "someone-else", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0,
+            "frobnicate": {"a": 1}, "presence_penalty": 0, "user": "u-1", "logit_bias": {}}
+    with caplog.at_level(logging.INFO, logger="smallcoder.serve"):
+        for _ in range(2):
+            r = srv.post("/v1/completions", body)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == _greedy(ref, PROMPTS[0],
+                                                                                      max_new_tokens=5).text
+    lines = [rec.getMessage() for rec in caplog.records if "frobnicate" in rec.getMessage()]
+    assert len(lines) == 1 and "presence_penalty" not in lines[0]
+
+
+# ---- disconnects, concurrency, abuse ------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_frees_the_slot_at_once(slow):
+    body = {"prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{slow.url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+        assert slow.engine.num_active == 1
+        t0 = time.monotonic()
+    # the client closed the connection; 100 tokens would take >= 1.5 s more
+    assert slow.idle(within=1.0), "the disconnected stream still holds its slot"
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_disconnect_while_waiting_non_streamed_cancels(slow):
+    body = {"prompt": PROMPTS[1], "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{slow.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    assert slow.idle(within=1.0), "the abandoned request still holds its slot"
+
+
+def test_queued_requests_wait_for_a_slot_and_all_finish(slow, ref):
+    """max_batch 2 and 5 concurrent requests: the rest queue, then fill freed slots."""
+    client = slow.client()
+    results: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        results[i] = client.completions.create(model="micro", prompt=PROMPTS[i], max_tokens=8, temperature=0
+                                               ).choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    assert slow.engine.num_queued >= 1  # more requests than slots
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {i: _greedy(ref, PROMPTS[i], max_new_tokens=8).text for i in range(5)}
+    assert slow.idle()
+
+
+def test_many_concurrent_requests_all_succeed(srv, ref):
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+        async def one(i: int) -> str:
+            prompt = PROMPTS[i % len(PROMPTS)]
+            if i % 2:
+                stream = await client.completions.create(model="micro", prompt=prompt, max_tokens=12,
+                                                         temperature=0, stream=True)
+                return "".join([c.choices[0].text async for c in stream])
+            r = await client.completions.create(model="micro", prompt=prompt, max_tokens=12, temperature=0)
+            return r.choices[0].text
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(24)))
+        finally:
+            await client.close()
+
+    texts = asyncio.run(main())
+    expected = {p: _greedy(ref, p, max_new_tokens=12).text for p in PROMPTS}
+    assert texts == [expected[PROMPTS[i % len(PROMPTS)]] for i in range(24)]
+    assert srv.idle()
+
+
+def test_server_still_serves_after_abusive_requests(srv, ref):
+    bad = [b"{", b'{"prompt": "x", "max_tokens": 1e999}', b'{"prompt": {"a": 1}}', b"null",
+           json.dumps({"prompt": "x", "n": -3}).encode(), json.dumps({"prompt": [[1, 2], "mix"]}).encode(),
+           b'{"prompt": "' + b"a" * 70_000 + b'"}']
+    for body in bad:
+        r = srv.post("/v1/completions", body)
+        assert 400 <= r.status_code < 500, (body[:40], r.status_code, r.text)
+    # a client that sends half a body and disappears
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"{srv.url}/v1/completions", content=iter([b'{"prompt": "x"', _raise()]),
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+    r = srv.client().completions.create(model="micro", prompt=PROMPTS[3], max_tokens=8, temperature=0)
+    assert r.choices[0].text == _greedy(ref, PROMPTS[3], max_new_tokens=8).text
+    assert srv.idle()
+
+
+def _raise():
+    raise httpx.WriteError("client gave up")
+    yield  # pragma: no cover
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+
+def test_serve_command_defaults_to_loopback():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", "m"])
+    assert (args.host, args.port, args.api_key, args.max_batch, args.dtype) == ("127.0.0.1", 8000, None, 16, "float32")
+    args = parser.parse_args(["serve", "--model", "m", "--port", "0", "--api-key", "k", "--max-batch", "4",
+                              "--dtype", "int8", "--max-tokens", "32"])
+    assert (args.port, args.api_key, args.max_batch, args.dtype, args.max_tokens) == (0, "k", 4, "int8", 32)
+
+
+def test_port_in_use_is_a_clear_error():
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(SmallCoderError, match=rf"cannot listen on 127.0.0.1:{sock.getsockname()[1]}"):
+            bind_socket("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()
