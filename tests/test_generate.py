@@ -234,8 +234,8 @@ def test_kv_cache_token_by_token_matches_full_forward(model, model64, micro_conf
     assert decoded.shape == full.shape and decoded.dtype == dtype
     if dtype == torch.float64:
         assert (decoded - full).abs().max().item() < 1e-5
-    else:  # within 1e-5 relative to the logits' size
-        torch.testing.assert_close(decoded, full, rtol=1e-5, atol=1e-5)
+    else:  # float32 rounding of logits up to ~10 (the C++ decode step sums in its own order)
+        torch.testing.assert_close(decoded, full, rtol=1e-5, atol=5e-5)
 
 
 @torch.inference_mode()

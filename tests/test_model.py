@@ -170,7 +170,9 @@ def test_card_usage_example_runs_on_our_folder(tmp_path, shared_data, starcoder_
     model, tok = load(folder, dtype="bfloat16")
     prompt = "User: Write a Python function to compute Fibonacci numbers.\nAssistant:"
     assert tok.encode(prompt) == prompt_ids
-    got = Engine(model, tok).generate([prompt], SamplingParams(max_new_tokens=512))[0]
+    # the PyTorch path computes in bf16 like transformers; the C++ decode step keeps bf16 weights
+    # but computes in fp32 (more exact, so not bit-equal to bf16 arithmetic): test_kernels.py
+    got = Engine(model, tok, use_kernel=False).generate([prompt], SamplingParams(max_new_tokens=512))[0]
     ours = prompt_ids + got.token_ids + ([tok.eos_id] if len(got.token_ids) < 512 else [])
     n = min(len(ours), len(hf_ids))
     first_diff = next((i for i in range(n) if ours[i] != hf_ids[i]), None)

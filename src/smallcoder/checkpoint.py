@@ -21,6 +21,7 @@ from .errors import SmallCoderError
 from .fsutil import atomic_folder
 from .hub import resolve
 from .model import SmallCoder
+from .quant import QUANT_CONFIG, QUANT_METHOD, int8_skeleton, is_quantized, quantize_model
 from .tokenizer import Tokenizer
 
 DTYPES = {
@@ -49,10 +50,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def _state_dict_to_save(model: SmallCoder, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     sd = {}
+    quantized = is_quantized(model)
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        if name == "lm_head.weight" and model.config.tie_word_embeddings and not quantized:
             continue  # tied: transformers re-ties it from the embedding
-        sd[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
+        keep = quantized and (t.dtype == torch.int8 or name.endswith(".weight_scale"))
+        sd[name] = t.detach().to(device="cpu", dtype=t.dtype if keep else dtype).contiguous()
     return sd
 
 
@@ -65,6 +68,8 @@ def save(model: SmallCoder, tokenizer: Tokenizer | None, folder: str | Path, *,
     folder = Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         cfg = model.config.to_hf_dict(dtype=DTYPE_NAMES[dt])
+        if is_quantized(model):
+            cfg["quantization_config"] = dict(QUANT_CONFIG)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         eos = model.config.eos_token_id if tokenizer is None else tokenizer.eos_id
         gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
@@ -149,8 +154,24 @@ def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: to
         if sd[k].shape != shape:
             raise SmallCoderError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)} but config.json "
                                   f"implies {tuple(shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not tied, assign=True)
+    if is_quantized(model):  # int8 weights and their scales keep their dtypes
+        sd = {k: v if v.dtype == torch.int8 or k.endswith(".weight_scale") else v.to(dtype) for k, v in sd.items()}
+    else:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=not tied, assign=True)
     model.tie_weights()
+
+
+def _quant_method(config_path: Path) -> bool:
+    """Whether config.json declares our int8 quantization (and refuse any other kind)."""
+    qc = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config")
+    if qc is None:
+        return False
+    method = qc.get("quant_method") if isinstance(qc, dict) else qc
+    if method != QUANT_METHOD:
+        raise SmallCoderError(f"{config_path}: quantization_config.quant_method {method!r} is not supported "
+                              f"(SmallCoder reads {QUANT_METHOD!r})")
+    return True
 
 
 def new_model(config: ModelConfig, seed: int = 0, dtype: str | torch.dtype | None = None) -> SmallCoder:
@@ -163,16 +184,28 @@ def new_model(config: ModelConfig, seed: int = 0, dtype: str | torch.dtype | Non
 def load(path_or_id: str | Path, dtype: str | torch.dtype | None = "float32",
          device: str | torch.device = "cpu", revision: str | None = None,
          with_tokenizer: bool = True) -> tuple[SmallCoder, Tokenizer | None]:
-    """Load a model and its tokenizer from a checkpoint folder or a Hub repo id."""
-    dt = parse_dtype(dtype)
+    """Load a model and its tokenizer from a checkpoint folder or a Hub repo id.
+
+    dtype "int8" quantizes a float checkpoint as it loads (quant.py), or loads one saved int8.
+    """
+    int8 = isinstance(dtype, str) and dtype.lower() == "int8"
+    dt = torch.float32 if int8 else parse_dtype(dtype)
     folder = resolve(path_or_id, revision=revision)
     if not folder.is_dir():
         raise SmallCoderError(f"{folder}: is a file; give the checkpoint folder that holds config.json")
     config = ModelConfig.from_file(folder / "config.json")
+    saved_int8 = _quant_method(folder / "config.json")
+    if saved_int8 and not int8:
+        raise SmallCoderError(f"{folder}: holds int8-quantized weights (config.json quantization_config); "
+                              "load it with dtype int8 (--dtype int8)")
     sd = read_weights(folder)
     with torch.device("meta"):
         model = SmallCoder(config)
+        if saved_int8:
+            int8_skeleton(model)
     load_model_weights(model, sd, dt, source=str(folder))
+    if int8 and not saved_int8:
+        quantize_model(model)
     model = model.to(device).eval()
     tokenizer = Tokenizer.load(folder) if with_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:

@@ -36,7 +36,8 @@ def _sampling(args: argparse.Namespace):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stop=tuple(args.stop or ()), truncate=getattr(args, "truncate", False))
+                          stop=tuple(args.stop or ()), truncate=getattr(args, "truncate", False),
+                          stop_at_eos=not getattr(args, "ignore_eos", False))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
@@ -48,9 +49,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+DTYPE_HELP = ("float32 | bfloat16 | float16 | int8 (weights; int8 quantizes a float checkpoint as it "
+              "loads, or loads one saved by `smallcoder quantize`)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --dtype, the same for every command that runs a model."""
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub repo id")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -92,6 +98,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
             piece, first = piece.lstrip(), not piece.strip()
         print(piece, end="", flush=True)
     print()
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .checkpoint import load, save
+
+    model, tokenizer = load(args.model, dtype="int8")
+    save(model, tokenizer, args.out, overwrite=args.force)
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(f"wrote {args.out}: int8 weights (one fp32 scale per output row), {size / 1e6:.1f} MB; "
+          f"run it with --dtype int8")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -145,15 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("generate", help="complete a prompt and print the completion")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the card's User:/Assistant: format")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past EOS (time a fixed number of tokens)")
     _add_sampling_args(p, max_new_tokens=256, temperature=0.0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("quantize", help="write an int8 (weight-only) copy of a checkpoint folder")
+    p.add_argument("--model", required=True, help="float checkpoint folder or Hub repo id")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("chat", help="interactive chat that streams the answer")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--system", default=None, help="text placed before the conversation")
     _add_sampling_args(p, max_new_tokens=512, temperature=0.2)
     p.set_defaults(func=cmd_chat)

@@ -215,7 +215,6 @@ def export_gguf(model: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTY
         import gguf
     except ImportError:
         raise SmallCoderError("GGUF export needs the 'gguf' package: pip install 'smallcoder[export]'") from None
-    import numpy as np
     from tqdm import tqdm
 
     from .checkpoint import load
@@ -303,7 +302,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a checkpoint for other runtimes (GGUF for llama.cpp)")
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub repo id")
-    p.add_argument("--format", default="gguf", help="gguf (the only format so far)")
+    p.add_argument("--format", required=True, help=f"{' | '.join(FORMATS)} (llama.cpp, Ollama, LM Studio)")
     p.add_argument("--outtype", default=DEFAULT_OUTTYPE, type=str.lower,
                    help=f"type of the 2-D weights: {' | '.join(OUTTYPES)} (default {DEFAULT_OUTTYPE}; norms stay f32)")
     p.add_argument("--out", required=True, help="the .gguf file to write")

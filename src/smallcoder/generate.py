@@ -134,14 +134,21 @@ class Engine:
     `start` runs it in a background thread that `submit` feeds (the server).
     """
 
-    def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16) -> None:
+    def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16,
+                 use_kernel: bool = True) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise SmallCoderError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
-        self.dtype = getattr(model, "compute_dtype", next(model.parameters()).dtype)
+        self.dtype = next(model.parameters()).dtype
+        if use_kernel and self.device.type == "cpu" and model.decode_kernel is None:
+            from .kernels import attach
+
+            attach(model)
+        if model.decode_kernel is not None:
+            self.dtype = torch.float32  # the kernel's KV cache (prefill writes it in any dtype)
         self._queue: deque[Request] = deque()
         self._slots: list[Request | None] = []
         self._cache: KVCache | None = None
@@ -196,13 +203,19 @@ class Engine:
             self._work.notify()
         return request
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
-                 ) -> list[Completion]:
-        """Complete every prompt (continuously batched); one Completion per prompt, in order."""
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
+                 on_complete: Callable[[int], None] | None = None) -> list[Completion]:
+        """Complete every prompt (continuously batched); one Completion per prompt, in order.
+
+        `on_complete(i)` is called as prompt i finishes (progress bars)."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings or token lists")
         params = params or SamplingParams()
-        requests = [self._request(p, params) for p in prompts]  # all validated before any runs
+
+        def notify(i: int) -> Callable[[str | None], None] | None:
+            return None if on_complete is None else (lambda piece: piece is None and on_complete(i))
+
+        requests = [self._request(p, params, notify(i)) for i, p in enumerate(prompts)]  # all validated first
         self.run(requests)
         return [r.result() for r in requests]
 

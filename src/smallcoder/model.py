@@ -79,6 +79,7 @@ class KVCache:
         """Store new keys/values (B, heads, T, head_dim) at each row's positions; return the
         keys/values of positions 0..longest row (rows shorter than that are masked by the caller)."""
         T = k.shape[2]
+        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
         if self._uniform:
             s0 = self._starts[0]
             self.k[layer][:, :, s0:s0 + T] = k
@@ -171,9 +172,10 @@ class SmallCoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.decode_kernel = None  # set by kernels.attach (the Engine does it on a CPU)
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # int8 keeps its own
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, seed: int = 0) -> None:
@@ -210,6 +212,10 @@ class SmallCoder(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         x = self.model.embed_tokens(input_ids)
+        kernel = self.decode_kernel
+        if kernel is not None and cache is not None and T == 1 and kernel.supports(cache, B) \
+                and not torch.is_grad_enabled() and kernel.valid(self):
+            return kernel(x[:, 0], cache)[:, None]  # the C++ decode step (kernels.py)
         mask = None
         if cache is None:
             position_ids = torch.arange(T, device=device).unsqueeze(0)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli import DTYPE_HELP
 from ..errors import SmallCoderError
 from .data import TASK_NAMES as TASKS
 
@@ -42,8 +43,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="folder for results.json, results.md and samples_<task>.jsonl")
     p.add_argument("--format", dest="fmt", choices=("instruct", "base"), default="instruct",
                    help="HumanEval prompt: the card's User:/Assistant: format, or the raw prompt")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences decoded together (continuous batching) / scored per forward")
     p.add_argument("--workers", type=int, default=None, help="parallel sandbox processes (default: all cores)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per program (default: the sandbox's)")
     p.add_argument("--compare-card", action="store_true", help="add the card's published numbers to the table")
@@ -177,7 +179,7 @@ def _engine(args: argparse.Namespace) -> Any:
     from ..generate import Engine
 
     model, tokenizer = load(args.model, dtype=args.dtype)
-    return Engine(model, tokenizer)
+    return Engine(model, tokenizer, max_batch=args.batch_size)
 
 
 def _run_task(task: str, engine: Any, data: Any, args: argparse.Namespace, ks: list[int], progress: bool) -> Any:

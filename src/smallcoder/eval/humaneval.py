@@ -40,12 +40,13 @@ def generate_samples(engine: Engine, prompts: Sequence[str], *, n_samples: int, 
                      max_new_tokens: int, seed: int, stop: Sequence[str], batch_size: int = 8,
                      top_p: float = 1.0, progress: bool = True, desc: str = "generate"
                      ) -> tuple[list[list[Completion]], dict[str, Any]]:
-    """n completions per prompt through batched generation; returns them and generation stats.
+    """n completions per prompt through the engine's continuous batching; returns them and stats.
 
-    Used by every generative task. Round j (sample j of each prompt) uses seed `seed + j`.
-    Prompts are sorted longest first so a batch holds similar lengths (less padding) and the
-    largest KV cache is allocated at the start. A prompt longer than the context keeps its end
-    (counted in the stats as `truncated_prompts`).
+    Used by every generative task. Round j (sample j of each prompt) uses seed `seed + j`; each
+    request has its own generator, so a sample does not depend on what it was batched with.
+    `batch_size` is the number of sequences decoded together. Prompts are queued longest first
+    so the largest KV cache is allocated at the start. A prompt longer than the context keeps
+    its end (counted in the stats as `truncated_prompts`).
     """
     from tqdm.auto import tqdm
 
@@ -57,24 +58,22 @@ def generate_samples(engine: Engine, prompts: Sequence[str], *, n_samples: int, 
         raise SmallCoderError(f"--batch-size must be >= 1, got {batch_size}")
     lengths = [len(ids) for ids in engine.tokenizer.encode_batch(list(prompts))]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     ctx = engine.context_length
     out: list[list[Any]] = [[None] * n_samples for _ in prompts]
     times: list[list[float]] = [[0.0] * n_samples for _ in prompts]
     seeds = [seed + j for j in range(n_samples)]
     start, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=len(batches) * n_samples, desc=desc, unit="batch", disable=None if progress else True)
+    bar = tqdm(total=len(prompts) * n_samples, desc=desc, unit="sample", disable=None if progress else True)
+    engine.max_batch = batch_size
     for j, s in enumerate(seeds):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=s, stop=tuple(stop), truncate=True)
-        for batch in batches:
-            t0 = time.perf_counter()
-            completions = engine.generate([prompts[i] for i in batch], params)
-            dt = (time.perf_counter() - t0) / len(batch)
-            for i, c in zip(batch, completions):
-                out[i][j], times[i][j] = c, dt
-                new_tokens += len(c.token_ids)
-            bar.update(1)
+        t0 = time.perf_counter()
+        completions = engine.generate([prompts[i] for i in order], params, on_complete=lambda _: bar.update(1))
+        dt = (time.perf_counter() - t0) / max(1, len(order))
+        for i, c in zip(order, completions):
+            out[i][j], times[i][j] = c, dt
+            new_tokens += len(c.token_ids)
     bar.close()
     wall = time.perf_counter() - start
     stats = {"generation_seconds": round(wall, 3), "generated_tokens": new_tokens,

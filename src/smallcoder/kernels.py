@@ -1,0 +1,192 @@
+"""The CPU decode kernel: builds `csrc/decode.cpp` once per machine and runs decode steps with it.
+
+A decode step at batch 1 reads every weight once, so its speed is the memory bandwidth; PyTorch
+reaches ~40% of it here (a one-thread GEMV plus per-op dispatch). The C++ step keeps both cores
+streaming weights in one OpenMP region. It is an implementation of `SmallCoder.forward` for one
+new token per row with a KV cache and nothing else: prefill, scoring and training stay in PyTorch,
+and tests hold the two to the same logits.
+
+The library is compiled with the system C++ compiler (`$CXX`, else `g++`/`c++`) with
+`-O3 -march=native -fopenmp` into `$SMALLCODER_CACHE` (default `~/.cache/smallcoder`), keyed by the
+source, the flags and the CPU, and loaded with ctypes. Without a compiler (or with
+`SMALLCODER_KERNELS=0`), decoding falls back to PyTorch with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+MAX_ROWS = 8  # above this many rows MKL's matmul (compute-bound) beats the streaming kernel
+WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
+        model = next((line for line in info.splitlines() if line.startswith("model name")), "")
+        return model + flags
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def library_path() -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SMALLCODER_CACHE", Path.home() / ".cache" / "smallcoder"))
+    return cache / f"decode-{key}.so"
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first use; None (with a warning) where it cannot be."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("SMALLCODER_KERNELS", "1") == "0":
+        return None
+    path = library_path()
+    try:
+        if not path.exists():
+            compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+            if compiler is None:
+                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"smallcoder: the C++ decode kernel is unavailable ({e}); decoding runs in "
+                      "PyTorch (slower)", RuntimeWarning, stacklevel=2)
+        return None
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.sc_decode.argtypes = [i, i, p, p, p, p, p, i, i, i, i, i, i, i, i64, i64, i, f, p, p]
+    lib.sc_decode.restype = i
+    _lib = lib
+    return lib
+
+
+class DecodeKernel:
+    """Pointers to one model's weights, laid out for `sc_decode`; call it with a KV cache.
+
+    Holds references to every tensor whose address it passes, so none can be freed under it.
+    """
+
+    def __init__(self, model: torch.nn.Module, lib: ctypes.CDLL) -> None:
+        from .quant import Int8Linear
+
+        cfg = model.config
+        self.lib, self.config = lib, cfg
+        layers = model.model.layers
+
+        def weight(lin: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if isinstance(lin, Int8Linear):
+                return lin.weight, lin.weight_scale
+            return lin.weight.detach(), None
+
+        # (module, attribute, address) of everything passed by address: checked before each step,
+        # so a model whose tensors were replaced (.to(), load_state_dict) is never read stale
+        self._sources = [(m, name, getattr(m, name).data_ptr()) for m in model.modules()
+                         for name in ("weight", "weight_scale") if isinstance(getattr(m, name, None), torch.Tensor)]
+        first, _ = weight(layers[0].self_attn.q_proj)
+        self.wtype = WTYPES.get(first.dtype)
+        if self.wtype is None:
+            raise ValueError(f"no decode kernel for {first.dtype} weights")
+        keep, layer_ptrs, scale_ptrs = [], [], []
+        for layer in layers:
+            a, mlp = layer.self_attn, layer.mlp
+            norms = [layer.input_layernorm.weight.detach().float().contiguous(),
+                     layer.post_attention_layernorm.weight.detach().float().contiguous()]
+            lins = [weight(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                        mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            for w, _ in lins:
+                if w.dtype != first.dtype or not w.is_contiguous():
+                    raise ValueError("decode kernel needs contiguous weights of one dtype")
+            keep += norms + [t for pair in lins for t in pair if t is not None]
+            w = [t.data_ptr() for t, _ in lins]
+            layer_ptrs += [norms[0].data_ptr(), w[0], w[1], w[2], w[3], norms[1].data_ptr(), w[4], w[5], w[6], 0, 0]
+            scale_ptrs += [s.data_ptr() if s is not None else 0 for _, s in lins]
+        head_w, head_s = weight(model.lm_head)
+        final = model.model.norm.weight.detach().float().contiguous()
+        keep += [final, head_w] + ([head_s] if head_s is not None else [])
+        self._keep = keep
+        self.layer_ptrs = torch.tensor(layer_ptrs, dtype=torch.int64)
+        self.scale_ptrs = torch.tensor(scale_ptrs, dtype=torch.int64) if self.wtype == 2 else None
+        self.head_ptrs = torch.tensor([final.data_ptr(), head_w.data_ptr(),
+                                       head_s.data_ptr() if head_s is not None else 0], dtype=torch.int64)
+        self.inv_freq = model.inv_freq(torch.device("cpu")).float().contiguous()
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copied model has its own tensors: it attaches its own kernel
+
+    def __reduce__(self):
+        return type(None), ()
+
+    def valid(self, model: torch.nn.Module) -> bool:
+        ok = all(getattr(m, name).data_ptr() == ptr for m, name, ptr in self._sources)
+        if not ok:
+            model.decode_kernel = None
+        return ok
+
+    def supports(self, cache, rows: int) -> bool:
+        k = cache.k[0]
+        return (rows <= MAX_ROWS and k.dtype == torch.float32 and k.device.type == "cpu"
+                and k.stride(3) == 1 and k.stride(2) == k.shape[3] and k.stride(1) == k.shape[2] * k.shape[3])
+
+    def __call__(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (M, V) for embeddings x (M, hidden) of one new token per cache row."""
+        cfg = self.config
+        M = x.shape[0]
+        starts = cache.begin(1)
+        x = x.float().contiguous()
+        pos = starts.contiguous()
+        ptrs = self.layer_ptrs.view(cfg.num_hidden_layers, 11)
+        for i in range(cfg.num_hidden_layers):
+            ptrs[i, 9], ptrs[i, 10] = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+        logits = torch.empty(M, cfg.vocab_size, dtype=torch.float32)
+        k = cache.k[0]
+        rc = self.lib.sc_decode(
+            M, torch.get_num_threads(), x.data_ptr(), pos.data_ptr(), self.layer_ptrs.data_ptr(),
+            self.scale_ptrs.data_ptr() if self.scale_ptrs is not None else None, self.head_ptrs.data_ptr(),
+            cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, k.stride(0), k.shape[2],
+            self.wtype, cfg.rms_norm_eps, self.inv_freq.data_ptr(), logits.data_ptr())
+        if rc != 0:
+            raise ValueError(f"KV cache holds {k.shape[2]} positions, asked for {int(pos.max()) + 1}")
+        cache.end(1)
+        return logits
+
+
+def attach(model: torch.nn.Module) -> bool:
+    """Give `model` the C++ decode step when the kernel builds here; returns whether it did."""
+    if model.lm_head.weight.device.type != "cpu":
+        return False
+    lib = load_library()
+    if lib is None:
+        return False
+    try:
+        model.decode_kernel = DecodeKernel(model, lib)
+    except ValueError as e:
+        print(f"smallcoder: decode kernel not used: {e}", file=sys.stderr)
+        return False
+    return True
