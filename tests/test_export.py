@@ -397,15 +397,18 @@ def test_missing_and_non_checkpoint_folders(tmp_path):
         export.export_gguf(tmp_path / "empty", tmp_path / "out.gguf")
 
 
-def test_quantized_folder_is_refused(micro_checkpoint, tmp_path):
-    folder = tmp_path / "int8"
-    shutil.copytree(micro_checkpoint, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "smallcoder-int8", "bits": 8}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    message = r"config\.json: field quantization_config .*export from the float checkpoint"
-    with pytest.raises(SmallCoderError, match=message):
-        run_cli(["export", "--model", str(folder), "--format", "gguf", "--out", str(tmp_path / "x.gguf")])
+def test_quantized_folders_are_refused(micro_checkpoint, tmp_path):
+    int8 = tmp_path / "int8"  # a real int8 checkpoint (int8 *.weight + *.weight_scale)
+    save(*load(micro_checkpoint, dtype="int8"), int8)
+    other = tmp_path / "gptq"  # any other quantization_config too
+    shutil.copytree(micro_checkpoint, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (other / "config.json").write_text(json.dumps(cfg))
+    for folder, method in ((int8, "smallcoder-int8"), (other, "gptq")):
+        message = rf"{folder}/config\.json: field quantization_config \('{method}'\).*export from the float checkpoint"
+        with pytest.raises(SmallCoderError, match=message):
+            run_cli(["export", "--model", str(folder), "--format", "gguf", "--out", str(tmp_path / "x.gguf")])
     assert not (tmp_path / "x.gguf").exists()
 
 

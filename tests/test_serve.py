@@ -14,7 +14,12 @@ import asyncio
 import json
 import logging
 import math
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -596,6 +601,41 @@ def test_serve_command_defaults_to_loopback():
     args = parser.parse_args(["serve", "--model", "m", "--port", "0", "--api-key", "k", "--max-batch", "4",
                               "--dtype", "int8", "--max-tokens", "32"])
     assert (args.port, args.api_key, args.max_batch, args.dtype, args.max_tokens) == (0, "k", 4, "int8", 32)
+
+
+def test_serve_command_end_to_end(micro_checkpoint, tmp_path):
+    """The command as a user runs it: a free port, the key from $SMALLCODER_API_KEY, SIGTERM to stop."""
+    code = ("import argparse, sys\nfrom smallcoder.serve import register\np = argparse.ArgumentParser()\n"
+            "register(p.add_subparsers())\na = p.parse_args(sys.argv[1:])\na.func(a)\n")
+    log = tmp_path / "server.log"
+    env = {**os.environ, "SMALLCODER_API_KEY": "env-key"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(micro_checkpoint), "--port", "0",
+                                 "--max-batch", "2", "--threads", "1", "--log-level", "warning"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1 \(API key required\)", log.read_text())
+            url = m and m.group(1)
+            time.sleep(0.1)
+        assert url, log.read_text()
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="env-key", max_retries=0, timeout=30)
+        r = client.completions.create(model=str(micro_checkpoint), prompt="def add(a, b):", max_tokens=3)
+        assert r.usage.completion_tokens <= 3 and r.model == str(micro_checkpoint)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=5).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught (its design)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()
+        assert "Traceback" not in log.read_text()
 
 
 def test_port_in_use_is_a_clear_error():

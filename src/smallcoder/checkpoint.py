@@ -137,7 +137,7 @@ def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: to
                        source: str) -> None:
     """Check names and shapes against the config (naming any culprit), then assign."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = model.config.tie_word_embeddings
+    tied = model.config.tie_word_embeddings and not is_quantized(model)  # int8 saves its own head
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_KEYS)}
     if tied:
         sd.pop("lm_head.weight", None)

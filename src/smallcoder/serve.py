@@ -997,7 +997,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                          max_queue=args.max_queue)
     sock = bind_socket(args.host, args.port)  # fail fast, before the model loads
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    try:
+        model, tokenizer = load(args.model, dtype=args.dtype)
+    except BaseException:
+        sock.close()
+        raise
     engine = Engine(model, tokenizer, max_batch=args.max_batch)
     app = create_app(engine, model_name=args.model_name or args.model, api_key=api_key, limits=limits)
     host, port = sock.getsockname()[:2]

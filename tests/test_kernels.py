@@ -1,0 +1,143 @@
+"""The C++ decode step against the PyTorch forward it replaces, and int8 checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import smallcoder
+from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, new_model, save
+from smallcoder import kernels
+from smallcoder.quant import Int8Linear, quantize_model, quantize_rows
+
+pytestmark = pytest.mark.skipif(kernels.load_library() is None,
+                                reason="the C++ decode kernel does not build here (no compiler?)")
+
+# GQA, a head_dim of 12 and an FFN of 132 (not multiples of 8: the kernel's tail loops run)
+CFG = ModelConfig(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=132, max_position_embeddings=64,
+                  initializer_range=0.2)
+
+
+def _model(kind: str) -> smallcoder.SmallCoder:
+    m = new_model(CFG, seed=3)
+    if kind == "bf16":
+        m = m.to(torch.bfloat16)
+    elif kind == "int8":
+        quantize_model(m)
+    return m.eval()
+
+
+def _reference(m: smallcoder.SmallCoder) -> smallcoder.SmallCoder:
+    """The same weights in the PyTorch path, in fp32 (bf16 weights upcast exactly)."""
+    import copy
+
+    ref = copy.deepcopy(m)
+    return (ref.float() if not any(isinstance(x, Int8Linear) for x in ref.modules()) else ref).eval()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_kernel_decode_equals_pytorch_forward(kind, rows):
+    """Rows at different positions (prefilled separately), several steps: same logits as the
+    PyTorch forward on the same weights, and the same cache contents."""
+    m = _model(kind)
+    ref = _reference(m)
+    assert kernels.attach(m) and ref.decode_kernel is None
+    g = torch.Generator().manual_seed(rows)
+    ids = torch.randint(0, CFG.vocab_size, (rows, 30), generator=g)
+    ca, cb = KVCache(CFG, rows, 40, torch.float32), KVCache(CFG, rows, 40, torch.float32)
+    for r in range(rows):
+        n = 3 + 5 * r
+        ref(ids[r:r + 1, :n], cache=ca.rows(r, r + 1))
+        ref(ids[r:r + 1, :n], cache=cb.rows(r, r + 1))
+    for t in range(4):
+        tok = ids[:, 20 + t:21 + t]
+        got = m(tok, cache=ca)
+        want = ref(tok, cache=cb)
+        assert got.shape == want.shape == (rows, 1, CFG.vocab_size)
+        assert (got.float() - want.float()).abs().max().item() < 2e-4 * want.abs().max().item()
+    assert ca.lengths.tolist() == cb.lengths.tolist()
+    for layer in range(CFG.num_hidden_layers):
+        assert (ca.k[layer] - cb.k[layer]).abs().max().item() < 1e-4
+        assert (ca.v[layer] - cb.v[layer]).abs().max().item() < 1e-4
+
+
+@torch.inference_mode()
+def test_kernel_is_dropped_when_the_weights_are_replaced():
+    m = _model("fp32")
+    assert kernels.attach(m)
+    m.to(torch.float64)  # new tensors: the kernel must not read the old addresses
+    cache = KVCache(CFG, 1, 8, torch.float32)
+    m(torch.tensor([[1, 2]]), cache=cache)
+    out = m(torch.tensor([[3]]), cache=cache)
+    assert m.decode_kernel is None and out.dtype == torch.float64
+
+
+def test_engine_greedy_tokens_equal_with_and_without_kernel(small_tokenizer):
+    m = _model("fp32")
+    params = SamplingParams(max_new_tokens=20, stop_at_eos=False)
+    prompts = [[5, 6, 7], [8] * 11, [9, 10]]
+    fast = Engine(m, small_tokenizer, max_batch=2)
+    assert m.decode_kernel is not None
+    slow = Engine(_reference(m), small_tokenizer, use_kernel=False)
+    assert slow.model.decode_kernel is None
+    a, b = fast.generate(prompts, params), slow.generate(prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_quantize_rows_error_is_within_half_a_step():
+    w = torch.randn(64, 96) * torch.linspace(0.01, 3, 64)[:, None]
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    assert (q.abs().amax(dim=1) == 127).all()  # each row uses the full range
+
+
+def test_int8_checkpoint_round_trip_and_errors(tmp_path, small_tokenizer):
+    cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
+                      tie_word_embeddings=True)
+    src = save(new_model(cfg, seed=0), small_tokenizer, tmp_path / "float")
+    on_load, _ = smallcoder.load(src, dtype="int8")
+    dst = save(on_load, small_tokenizer, tmp_path / "int8")
+    meta = json.loads((dst / "config.json").read_text())
+    assert meta["quantization_config"]["quant_method"] == "smallcoder-int8"
+    saved, _ = smallcoder.load(dst, dtype="int8")
+    assert saved.lm_head.weight.dtype == torch.int8  # tied models keep their own int8 head
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.equal(on_load(ids), saved(ids))
+    with pytest.raises(SmallCoderError, match="int8-quantized.*--dtype int8"):
+        smallcoder.load(dst)
+    meta["quantization_config"]["quant_method"] = "gptq"
+    (dst / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(SmallCoderError, match="quant_method 'gptq' is not supported"):
+        smallcoder.load(dst, dtype="int8")
+
+
+def test_quantize_command(tmp_path, micro_checkpoint, capsys):
+    from smallcoder.cli import main
+
+    assert main(["quantize", "--model", str(micro_checkpoint), "--out", str(tmp_path / "q")]) == 0
+    assert "int8 weights" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(micro_checkpoint), "--out", str(tmp_path / "q")]) == 2
+    assert "--force" in capsys.readouterr().err or (tmp_path / "q").exists()
+    assert main(["generate", "--model", str(tmp_path / "q"), "--dtype", "int8", "--prompt", "def",
+                 "--max-new-tokens", "5", "--ignore-eos"]) == 0
+
+
+def test_no_compiler_falls_back_to_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("SMALLCODER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="decode kernel is unavailable"):
+        assert kernels.load_library() is None
+    m = _model("fp32")
+    assert not kernels.attach(m)
