@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = [
     ("smallcoder.tokenizer_train", "tokenizer"),
     ("smallcoder.eval.cli", None),
     ("smallcoder.train.cli", None),
+    ("smallcoder.export", None),
 ]
 
 

@@ -63,54 +63,56 @@ static inline size_t wsize(int wt) { return wt == F32 ? 4 : (wt == BF16 ? 2 : 1)
 // y[m*ldy + n] (=, or +=) sum_k x[m*K + k] * W[n*K + k] * scale[n], rows n split across threads.
 // One weight row at a time (one sequential stream, which the prefetcher follows: four rows at a
 // time measured 2-3x slower), with U independent accumulators per x row so the FMA latency is
-// hidden; the MB rows of x share each weight load. Call inside a parallel region (`omp for`).
+// hidden. The x rows are taken MB at a time, all against the same weight row, so each weight
+// comes from memory once and later blocks read it from L1.
 template <int wt, int MB>
-static void gemv_block(int M0, const float* x, int64_t K, const void* W, const float* scale,
-                       int64_t N, float* y, int64_t ldy, bool accumulate) {
+static inline void dot_rows(int M0, const float* x, int64_t K, const char* wr, float sc,
+                            float* y, int64_t ldy, int64_t n, bool accumulate) {
     constexpr int U = MB >= 4 ? 1 : 4 / MB;
-    const size_t es = wsize(wt);
     const int64_t KU = K - K % (8 * U), K8 = K & ~int64_t(7);
-    #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const char* wr = (const char*)W + (size_t)n * K * es;
-        v8f acc[MB][U];
-        for (int m = 0; m < MB; m++) for (int u = 0; u < U; u++) acc[m][u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t k = 0;
-        for (; k < KU; k += 8 * U) {
-            for (int u = 0; u < U; u++) {
-                const v8f w = load8<wt>(wr, k + 8 * u);
-                for (int m = 0; m < MB; m++) {
-                    v8f xv; std::memcpy(&xv, x + (size_t)(M0 + m) * K + k + 8 * u, 32);
-                    acc[m][u] += w * xv;
-                }
-            }
-        }
-        for (; k < K8; k += 8) {
-            const v8f w = load8<wt>(wr, k);
+    v8f acc[MB][U];
+    for (int m = 0; m < MB; m++) for (int u = 0; u < U; u++) acc[m][u] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k < KU; k += 8 * U) {
+        for (int u = 0; u < U; u++) {
+            const v8f w = load8<wt>(wr, k + 8 * u);
             for (int m = 0; m < MB; m++) {
-                v8f xv; std::memcpy(&xv, x + (size_t)(M0 + m) * K + k, 32);
-                acc[m][0] += w * xv;
+                v8f xv; std::memcpy(&xv, x + (size_t)(M0 + m) * K + k + 8 * u, 32);
+                acc[m][u] += w * xv;
             }
         }
-        const float sc = scale ? scale[n] : 1.0f;
+    }
+    for (; k < K8; k += 8) {
+        const v8f w = load8<wt>(wr, k);
         for (int m = 0; m < MB; m++) {
-            v8f a = acc[m][0];
-            for (int u = 1; u < U; u++) a += acc[m][u];
-            float t = hsum(a);
-            for (int64_t kk = K8; kk < K; kk++) t += loadw(wr, kk, wt) * x[(size_t)(M0 + m) * K + kk];
-            float* out = y + (size_t)(M0 + m) * ldy + n;
-            *out = accumulate ? *out + t * sc : t * sc;
+            v8f xv; std::memcpy(&xv, x + (size_t)(M0 + m) * K + k, 32);
+            acc[m][0] += w * xv;
         }
+    }
+    for (int m = 0; m < MB; m++) {
+        v8f a = acc[m][0];
+        for (int u = 1; u < U; u++) a += acc[m][u];
+        float t = hsum(a);
+        for (int64_t kk = K8; kk < K; kk++) t += loadw(wr, kk, wt) * x[(size_t)(M0 + m) * K + kk];
+        float* out = y + (size_t)(M0 + m) * ldy + n;
+        *out = accumulate ? *out + t * sc : t * sc;
     }
 }
 
+// Must be called inside a parallel region (it uses `omp for`).
 template <int wt>
 static void gemv_t(int M, const float* x, int64_t K, const void* W, const float* scale,
                    int64_t N, float* y, int64_t ldy, bool accumulate) {
-    int m = 0;
-    for (; m + 4 <= M; m += 4) gemv_block<wt, 4>(m, x, K, W, scale, N, y, ldy, accumulate);
-    for (; m + 2 <= M; m += 2) gemv_block<wt, 2>(m, x, K, W, scale, N, y, ldy, accumulate);
-    for (; m < M; m++) gemv_block<wt, 1>(m, x, K, W, scale, N, y, ldy, accumulate);
+    const size_t es = wsize(wt);
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const char* wr = (const char*)W + (size_t)n * K * es;
+        const float sc = scale ? scale[n] : 1.0f;
+        int m = 0;
+        for (; m + 4 <= M; m += 4) dot_rows<wt, 4>(m, x, K, wr, sc, y, ldy, n, accumulate);
+        for (; m + 2 <= M; m += 2) dot_rows<wt, 2>(m, x, K, wr, sc, y, ldy, n, accumulate);
+        for (; m < M; m++) dot_rows<wt, 1>(m, x, K, wr, sc, y, ldy, n, accumulate);
+    }
 }
 
 static void gemv(int M, const float* x, int64_t K, const void* W, const float* scale, int wt,
