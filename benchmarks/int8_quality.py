@@ -273,6 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.new_tokens < 1:
         raise SmallCoderError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    if not 0 <= args.num_prompts <= len(prompt_set()):
+        raise SmallCoderError(f"--num-prompts must be 0 (all) to {len(prompt_set())}, got {args.num_prompts}")
     if args.wikitext_limit < 0:
         raise SmallCoderError(f"--wikitext-limit must be >= 0 (0 = every article), got {args.wikitext_limit}")
     folder = model_folder(args.model)

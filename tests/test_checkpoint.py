@@ -416,7 +416,7 @@ def test_failed_final_rename_restores_previous_checkpoint(model, micro_checkpoin
     target = tmp_path / "existing"
     shutil.copytree(micro_checkpoint, target)
     before = _tree(target)
-    import smallcoder.fsutil as fsutil
+    from smallcoder import fsutil
 
     real_rename = fsutil.os.rename
 

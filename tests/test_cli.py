@@ -57,7 +57,7 @@ def test_help_lists_commands(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for cmd in ("init", "generate", "chat", "train", "eval", "data", "tokenizer"):
-        assert re.search(rf"^    {cmd}\b", out, re.M), cmd
+        assert re.search(rf"^    {cmd}\b", out, re.MULTILINE), cmd
 
 
 def test_no_command_prints_help(capsys):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import smallcoder
-from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, new_model, save
-from smallcoder import kernels
+from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, kernels, new_model, save
 from smallcoder.quant import Int8Linear, quantize_model, quantize_rows
 
 pytestmark = pytest.mark.skipif(kernels.load_library() is None,

@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = [
     ("smallcoder.eval.cli", None),
     ("smallcoder.train.cli", None),
     ("smallcoder.export", None),
+    ("smallcoder.serve", None),
 ]
 
 

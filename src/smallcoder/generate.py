@@ -486,6 +486,31 @@ class Engine:
         return totals
 
     @torch.inference_mode()
+    def token_logprobs(self, ids: Sequence[int], top: int = 0, start: int = 1
+                       ) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each position i in [start, len(ids)): log p(ids[i] | ids[:i]) and the `top`
+        likeliest (id, logprob) there (the server's echo + logprobs, lm-eval's scoring call).
+
+        One forward over ids[:-1] (so len(ids) <= context + 1) with the same conventions as
+        `loglikelihood_tokens`; it waits for the decode step in progress, never runs beside it.
+        """
+        ids = list(ids)
+        if not 1 <= start <= len(ids):
+            return []
+        if len(ids) - 1 > self.context_length:
+            raise SmallCoderError(f"cannot score {len(ids)} tokens: the model's context is {self.context_length}")
+        with self._step_lock:
+            logits = self.model(torch.tensor([ids[:-1]], dtype=torch.long, device=self.device))[0, start - 1:]
+        logprobs = logits.float().log_softmax(dim=-1)
+        target = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
+        picked = logprobs.gather(-1, target[:, None]).squeeze(-1).tolist()
+        alternatives: list[list[tuple[int, float]]] = [[] for _ in picked]
+        if top:
+            values, indices = logprobs.topk(top, dim=-1)
+            alternatives = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        return list(zip(picked, alternatives))
+
+    @torch.inference_mode()
     def loglikelihood_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                              batch_size: int = 16, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
         """`loglikelihood` on token ids: (sum of log p(continuation | context), is greedy) each.

@@ -703,7 +703,7 @@ class Server:
     def _build_logprobs(self, prompt: list[int], generated: list[int], top: int, echo: bool) -> dict[str, Any]:
         ids = prompt + generated
         first = 0 if echo else len(prompt)
-        scored = score_tokens(self.engine, ids, top, start=max(first, 1))
+        scored = self.engine.token_logprobs(ids, top, start=max(first, 1))
         decode_batch = self.tokenizer.backend.decode_batch
         tokens = decode_batch([[t] for t in ids[first:]], skip_special_tokens=False)
         offset = 0 if echo else len(self.tokenizer.decode(prompt))
@@ -721,35 +721,6 @@ class Server:
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def score_tokens(engine: Engine, ids: Sequence[int], top: int = 0, start: int = 1
-                 ) -> list[tuple[float, list[tuple[int, float]]]]:
-    """For each position i in [start, len(ids)): log p(ids[i] | ids[:i]) and the `top` likeliest ids.
-
-    One forward pass over ids[:-1] (len(ids) <= context length), log-softmax in float32 over the
-    scored positions only. This is a local stand-in for a per-token variant of
-    `Engine.loglikelihood_tokens` (same forward, same conventions) until the engine has one.
-    """
-    import torch
-
-    ids = list(ids)
-    if not 1 <= start <= len(ids):
-        return []
-    if len(ids) - 1 > engine.context_length:
-        raise SmallCoderError(f"cannot score {len(ids)} tokens: the model's context is {engine.context_length}")
-    with torch.inference_mode():
-        tokens = torch.tensor([ids[:-1]], dtype=torch.long, device=engine.device)
-        logits = engine.model(tokens)[0, start - 1:]
-        logprobs = logits.float().log_softmax(dim=-1)
-        target = torch.tensor(ids[start:], dtype=torch.long, device=engine.device)
-        picked = logprobs.gather(-1, target[:, None]).squeeze(-1).tolist()
-        if top:
-            values, indices = logprobs.topk(top, dim=-1)
-            alternatives = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-        else:
-            alternatives = [[] for _ in picked]
-    return list(zip(picked, alternatives))
 
 
 _UNION_FIELDS = {
