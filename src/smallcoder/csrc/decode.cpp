@@ -12,7 +12,7 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -152,8 +152,16 @@ extern "C" int sc_decode(
     const int half = HD / 2;
     const int group = NH / NKV;
 
+#ifdef __SSE__
+    const unsigned int csr = _mm_getcsr();
+#endif
     #pragma omp parallel num_threads(n_threads)
     {
+#ifdef __SSE__
+        // flush denormals to zero on every thread of the step: a denormal operand costs a
+        // microcode assist per FMA (measured: a 768x768 GEMV 300x slower); restored below
+        _mm_setcsr(_mm_getcsr() | 0x8040);
+#endif
         for (int l = 0; l < L; l++) {
             const int64_t* p = layer_ptrs + (size_t)l * 11;
             const int64_t* s = scale_ptrs ? scale_ptrs + (size_t)l * 7 : nullptr;
@@ -223,5 +231,8 @@ extern "C" int sc_decode(
         rmsnorm_rows(M, x.data(), (const float*)head_ptrs[0], H, eps, xn.data());
         gemv(M, xn.data(), H, (const void*)head_ptrs[1], (const float*)head_ptrs[2], wt, V, logits, V, false);
     }
+#ifdef __SSE__
+    _mm_setcsr(csr);
+#endif
     return 0;
 }
