@@ -91,8 +91,8 @@ def test_guard_end_to_end_and_exit_status(guard, micro_checkpoint, data_dir, tmp
     # an unreachable target fails the run with status 1 and names it
     rc, out = _run(guard, capsys, *base, "--skip-wikitext", "--min-agreement", "1.01")
     assert rc == 1 and "FAIL: teacher-forced agreement" in out
-    rc, out = _run(guard, capsys, *base, "--skip-wikitext", "--max-kl", "0")
-    assert rc == 1 and "FAIL: mean KL" in out
+    rc, out = _run(guard, capsys, *base, "--skip-wikitext", "--min-agreement", "0", "--max-kl", "0")
+    assert rc == 1 and out.splitlines()[-1] == "verdict: FAIL: mean KL"
     rc, out = _run(guard, capsys, *base, "--num-prompts", "1", "--max-ppl-rise", "-1")
     assert rc == 1 and "wikitext-2 perplexity rise" in out.splitlines()[-1]
 

@@ -99,17 +99,66 @@ static inline void dot_rows(int M0, const float* x, int64_t K, const char* wr, f
     }
 }
 
+// A 2 (weight rows) x 4 (x rows) register block: each weight vector feeds four FMAs and each x
+// vector two, so for batches of 4+ rows the loop is bound by FMAs, not by loads and conversions.
+template <int wt>
+static inline void block_2x4(int M0, const float* x, int64_t K, const char* w0, const char* w1,
+                             float s0, float s1, float* y, int64_t ldy, int64_t n, bool accumulate) {
+    v8f a[2][4];
+    for (int j = 0; j < 2; j++) for (int m = 0; m < 4; m++) a[j][m] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t K8 = K & ~int64_t(7);
+    const float* xr[4];
+    for (int m = 0; m < 4; m++) xr[m] = x + (size_t)(M0 + m) * K;
+    for (int64_t k = 0; k < K8; k += 8) {
+        const v8f u = load8<wt>(w0, k), v = load8<wt>(w1, k);
+        for (int m = 0; m < 4; m++) {
+            v8f xv; std::memcpy(&xv, xr[m] + k, 32);
+            a[0][m] += u * xv;
+            a[1][m] += v * xv;
+        }
+    }
+    for (int j = 0; j < 2; j++) {
+        const char* wr = j ? w1 : w0;
+        const float sc = j ? s1 : s0;
+        for (int m = 0; m < 4; m++) {
+            float t = hsum(a[j][m]);
+            for (int64_t kk = K8; kk < K; kk++) t += loadw(wr, kk, wt) * xr[m][kk];
+            float* out = y + (size_t)(M0 + m) * ldy + n + j;
+            *out = accumulate ? *out + t * sc : t * sc;
+        }
+    }
+}
+
 // Must be called inside a parallel region (it uses `omp for`).
 template <int wt>
 static void gemv_t(int M, const float* x, int64_t K, const void* W, const float* scale,
                    int64_t N, float* y, int64_t ldy, bool accumulate) {
     const size_t es = wsize(wt);
+    if (M >= 4) {
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n += 2) {
+            const char* w0 = (const char*)W + (size_t)n * K * es;
+            const float s0 = scale ? scale[n] : 1.0f;
+            if (n + 1 < N) {
+                const char* w1 = w0 + (size_t)K * es;
+                const float s1 = scale ? scale[n + 1] : 1.0f;
+                int m = 0;
+                for (; m + 4 <= M; m += 4) block_2x4<wt>(m, x, K, w0, w1, s0, s1, y, ldy, n, accumulate);
+                for (; m < M; m++) {
+                    dot_rows<wt, 1>(m, x, K, w0, s0, y, ldy, n, accumulate);
+                    dot_rows<wt, 1>(m, x, K, w1, s1, y, ldy, n + 1, accumulate);
+                }
+            } else {
+                for (int m = 0; m < M; m++) dot_rows<wt, 1>(m, x, K, w0, s0, y, ldy, n, accumulate);
+            }
+        }
+        return;
+    }
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const char* wr = (const char*)W + (size_t)n * K * es;
         const float sc = scale ? scale[n] : 1.0f;
         int m = 0;
-        for (; m + 4 <= M; m += 4) dot_rows<wt, 4>(m, x, K, wr, sc, y, ldy, n, accumulate);
         for (; m + 2 <= M; m += 2) dot_rows<wt, 2>(m, x, K, wr, sc, y, ldy, n, accumulate);
         for (; m < M; m++) dot_rows<wt, 1>(m, x, K, wr, sc, y, ldy, n, accumulate);
     }
