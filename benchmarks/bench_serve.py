@@ -2,8 +2,7 @@
 
     python benchmarks/bench_serve.py [--model CKPT | --preset tiny] [--clients 32] [--duration 60]
 
-Starts the server in a child process (the `serve` command's own code: `serve.register` +
-`cmd_serve`) on a free 127.0.0.1 port, unless --url names one already running on this machine.
+Starts the server in a child process (`python -m smallcoder serve`) on a free 127.0.0.1 port, unless --url names one already running on this machine.
 Without --model it serves a freshly initialised --preset model with the StarCoder tokenizer of
 ../shared/data. Phase 1: one client streams completions back to back for --single-duration
 seconds. Phase 2: --clients clients do the same at once for --duration seconds. Every client
@@ -41,8 +40,6 @@ PROMPTS = [
     "SELECT name, COUNT(*) FROM users\n",
     "<fim_prefix>def add(a, b):\n    <fim_suffix>\n    return result\n<fim_middle>",
 ]
-SERVE_CODE = ("import argparse, sys\nfrom smallcoder.serve import register\np = argparse.ArgumentParser()\n"
-              "register(p.add_subparsers())\na = p.parse_args(sys.argv[1:])\na.func(a)\n")
 
 
 @dataclass
@@ -153,7 +150,7 @@ def start_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen
                                              eos_token_id=tok.eos_id)
         model = str(work / args.preset)
         save(new_model(config, seed=0), tok, model)
-    cmd = [sys.executable, "-c", SERVE_CODE, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
+    cmd = [sys.executable, "-m", "smallcoder", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
            "--max-batch", str(args.max_batch), "--dtype", args.dtype, "--model-name", "bench",
            "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else [])
     with open(work / "server.log", "w") as log:  # the child keeps its own handle
@@ -188,7 +185,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--eos", action="store_true", help="let completions stop at EOS (default: fixed length)")
-    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: its own)")
     ap.add_argument("--request-timeout", type=float, default=120.0)

@@ -106,8 +106,9 @@ class DecodeKernel:
 
         # (module, attribute, address) of everything passed by address: checked before each step,
         # so a model whose tensors were replaced (.to(), load_state_dict) is never read stale
-        self._sources = [(m, name, getattr(m, name).data_ptr()) for m in model.modules()
-                         for name in ("weight", "weight_scale") if isinstance(getattr(m, name, None), torch.Tensor)]
+        self._sources = [(d, name, d[name].data_ptr()) for m in model.modules()
+                         for d in (m._parameters, m._buffers) for name in ("weight", "weight_scale")
+                         if isinstance(d.get(name), torch.Tensor)]
         first, _ = weight(layers[0].self_attn.q_proj)
         self.wtype = WTYPES.get(first.dtype)
         if self.wtype is None:
@@ -143,7 +144,7 @@ class DecodeKernel:
         return type(None), ()
 
     def valid(self, model: torch.nn.Module) -> bool:
-        ok = all(getattr(m, name).data_ptr() == ptr for m, name, ptr in self._sources)
+        ok = all(d.get(name) is not None and d[name].data_ptr() == ptr for d, name, ptr in self._sources)
         if not ok:
             model.decode_kernel = None
         return ok
