@@ -130,7 +130,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="autocast dtype (weights stay fp32)")
-    ap.add_argument("--optimizer", default="foreach", choices=["foreach", "fused"])
+    ap.add_argument("--optimizer", default="fused", choices=["foreach", "fused"],
+                    help="AdamW kernel for both models (fused: the trainer's and transformers' default)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--warmup", type=int, help="untimed steps per model first (default 1; 2 with --compile, "
                     "whose second call recompiles once)")
