@@ -12,16 +12,13 @@ Q8_0 is the default since 4-bit types visibly hurt models under 1B parameters.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import SmallCoderError
-from .fsutil import fsync_dir
+from .fsutil import atomic_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -156,22 +153,6 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source: str) ->
     return fim
 
 
-@contextlib.contextmanager
-def _atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary name beside `target`; on success fsync it and rename it into place."""
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise SmallCoderError(f"{out}: is a folder; give the .gguf file to write")
@@ -281,7 +262,7 @@ def export_gguf(model: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTY
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(out) as tmp:
+    with atomic_path(out) as tmp:
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()

@@ -76,23 +76,32 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
-    """Write a text file through `write(f)` into a temp file beside `path`, fsync, then rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp file name beside `path` for any writer (a library that writes files by name); on
+    success it is fsynced and renamed onto `path`, on any error removed, so `path` is never half
+    written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
+    """Write a text file through `write(f)` into a temp file beside `path`, fsync, then rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        write(f)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

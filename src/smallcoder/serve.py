@@ -988,16 +988,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def register(subparsers: Any) -> None:
     """Add the `serve` command."""
+    from .cli import add_model_args
+
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (completions, chat, FIM infill, streaming)",
         description="Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
                     "/infill (llama.cpp), /v1/models, /health. Concurrent requests share one batch.")
-    p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub repo id")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
     p.add_argument("--api-key", default=None,
                    help="require this key (Authorization: Bearer KEY); default: $SMALLCODER_API_KEY, else none")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | int8")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core); fewer when the cores are shared")
