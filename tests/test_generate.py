@@ -830,7 +830,9 @@ def test_seeded_sampling_does_not_depend_on_batch_companions(model, tok):
 
 def test_background_loop_submit_cancel_and_close(model, tok):
     engine = Engine(model, tok, max_batch=2)
+    assert not engine.alive
     engine.start()
+    assert engine.alive
     try:
         pieces = []
         long = engine.submit("def", greedy(100), on_piece=pieces.append)
@@ -849,7 +851,7 @@ def test_background_loop_submit_cancel_and_close(model, tok):
         queued = [engine.submit("y", greedy(50)) for _ in range(3)]
     finally:
         engine.close()
-    assert all(r.done.is_set() for r in queued)
+    assert all(r.done.is_set() for r in queued) and not engine.alive
     assert {r.completion.finish_reason for r in queued} <= {"cancelled", "length"}
     with pytest.raises(SmallCoderError, match="closed"):
         engine.submit("z", greedy(2))

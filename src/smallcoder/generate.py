@@ -168,6 +168,11 @@ class Engine:
         return sum(r is not None for r in self._slots)
 
     @property
+    def alive(self) -> bool:
+        """Whether the background loop (`start`) is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def num_queued(self) -> int:
         return len(self._queue)
 

@@ -896,6 +896,8 @@ def create_app(engine: Engine, model_name: str = "smallcoder", api_key: str | No
                                             "owned_by": "smallcoder", "max_model_len": engine.context_length}]}
 
     async def health(request: Request) -> dict[str, Any]:
+        if not engine.alive:
+            raise APIError(503, "the engine loop is not running", type_="server_error", code="engine_stopped")
         return {"status": "ok", "model": model_name, "active": engine.num_active, "queued": engine.num_queued,
                 "max_batch": engine.max_batch, "context_length": engine.context_length}
 
