@@ -389,6 +389,17 @@ def test_models_and_health(srv):
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["max_batch"] == 4
 
 
+def test_health_reports_a_stopped_engine(loaded):
+    running = _start(Engine(*loaded, max_batch=2))
+    try:
+        assert httpx.get(f"{running.url}/health", timeout=10).status_code == 200
+        running.engine.close()  # as if the engine loop had died
+        r = httpx.get(f"{running.url}/health", timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+    finally:
+        _stop(running)
+
+
 def test_api_key_required(srv):
     with pytest.raises(openai.AuthenticationError):
         srv.client(api_key="wrong").completions.create(model="micro", prompt="x", max_tokens=1)
