@@ -340,3 +340,33 @@ source = "data/chat.jsonl"
     bad.write_text(text.replace("[model]", "[model]\npreset = \"tiny\""))
     with pytest.raises(SmallCoderError, match=r"bad_init\.toml: model\.init: .*remove preset"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_on_cpu_only_where_it_is_native(workdir, monkeypatch, capsys, native):
+    """run.dtype = bfloat16 autocasts on a CPU with AVX512-BF16/AMX and falls back to fp32 (with a
+    note) elsewhere; the saved weights stay fp32 either way."""
+    import smallcoder.train.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: native)
+    calls = []
+    real = torch.autocast
+
+    def spy(*a, **kw):
+        calls.append(kw.get("dtype"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    recipe = load_recipe(_recipe(workdir), ["run.dtype=\"bfloat16\""])
+    out = workdir / "run"
+    trainer = Trainer(recipe, out, max_steps=2, progress=False)
+    trainer.run()
+    assert trainer.autocast_bf16 is native
+    assert (torch.bfloat16 in calls) is native
+    assert ("note: training in float32" in capsys.readouterr().err) is not native
+    from smallcoder import load
+
+    model, _ = load(out / "final")
+    assert next(model.parameters()).dtype == torch.float32
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert lines and all(x["loss"] == x["loss"] for x in lines)  # finite, not NaN

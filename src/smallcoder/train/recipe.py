@@ -15,7 +15,7 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
 
     [run]
     seed = 0                         # init, data order and every RNG
-    dtype = "float32"                # "bfloat16": autocast where the device runs it fast (CUDA)
+    dtype = "float32"                # "bfloat16": autocast where the device runs it fast (CUDA, CPUs with AVX512-BF16 or AMX)
     device = "auto"                  # auto | cpu | cuda
     compile = false                  # torch.compile the model
     strategy = "ddp"                 # under torchrun: ddp | fsdp2 | none
