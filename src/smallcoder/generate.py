@@ -264,7 +264,10 @@ class Engine:
             self._work.notify()
         try:
             while not all(r.done.is_set() for r in requests):
-                if self._thread is not None:
+                thread = self._thread
+                if thread is not None:
+                    if not thread.is_alive():
+                        raise SmallCoderError("the engine's background loop has stopped; start() it again")
                     with self._stepped:
                         self._stepped.wait(timeout=0.5)
                 else:
