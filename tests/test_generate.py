@@ -882,3 +882,32 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(monkeypatch, 
         engine.generate(["def"], greedy(10))
     assert engine.num_active == 0
     assert len(engine.generate(["def"], greedy(5))[0].token_ids) == 5
+
+
+def test_prefix_reuse_recomputes_only_the_new_suffix_and_changes_nothing(model, tok):
+    """A prompt that extends a finished one reuses that row's keys/values: same tokens as an
+    engine without reuse, and only the new part is prefilled."""
+    fresh = Engine(model, tok, prefix_cache=False)
+    engine = Engine(model, tok, max_batch=2)
+    seen = []
+    orig = model.forward
+
+    def spy(input_ids, cache=None, **kw):
+        seen.append(input_ids.shape[1])
+        return orig(input_ids, cache=cache, **kw)
+
+    shared = "def add(a, b):\n    return a + b\n\nThe lazy dog" * 2
+    first = engine.generate([shared], greedy(6))[0]
+    follow = [shared + " jumps over", shared + first.text, "for i in range(3):"]
+    model.forward = spy
+    try:
+        got = [engine.generate([p], greedy(6))[0] for p in follow]
+    finally:
+        del model.forward
+    want = fresh.generate(follow, greedy(6))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    n_shared = len(tok.encode(shared))
+    assert engine.reused_tokens >= 2 * (n_shared - 1)
+    prefills = [n for n in seen if n > 1]
+    assert prefills[0] <= len(tok.encode(follow[0])) - (n_shared - 1)
+    assert fresh.reused_tokens == 0

@@ -130,12 +130,14 @@ class Engine:
 
     Continuous batching: up to `max_batch` sequences decode together, one row (slot) of a
     preallocated KV cache each; a sequence that finishes frees its slot at once and the next
-    queued prompt is prefilled into it. `generate`/`stream` run the loop in the calling thread;
+    queued prompt is prefilled into it. A free row keeps its last sequence's keys and values, and
+    a new prompt goes to the row that shares its longest prefix and recomputes only the rest
+    (few-shot prompts, chat turns, an editor's repeated context). `generate`/`stream` run the loop in the calling thread;
     `start` runs it in a background thread that `submit` feeds (the server).
     """
 
     def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16,
-                 use_kernel: bool = True) -> None:
+                 use_kernel: bool = True, prefix_cache: bool = True) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise SmallCoderError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.model = model.eval()
@@ -158,6 +160,10 @@ class Engine:
         self._stepped = threading.Condition()  # notified after each background step
         self._thread: threading.Thread | None = None
         self._closing = False
+        # prefix reuse: the tokens whose keys/values each cache row still holds (positions 0..n-1)
+        self.prefix_cache = prefix_cache
+        self._kept: dict[int, list[int]] = {}
+        self.reused_tokens = 0  # prompt tokens not recomputed thanks to it (a statistic)
 
     @property
     def context_length(self) -> int:
@@ -334,6 +340,7 @@ class Engine:
                 self._finish(i, r, "error")
         if self._cache is not None:
             self._cache.reset()
+        self._kept.clear()
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -343,16 +350,13 @@ class Engine:
                 self._finish(i, r, "cancelled")
         while True:
             with self._lock:
-                if not self._queue:
-                    break
-                free = [i for i, r in enumerate(self._slots) if r is None]
-                if not free and len(self._slots) >= self.max_batch:
+                if not self._queue or self.num_active >= self.max_batch:
                     break
                 request = self._queue.popleft()
             if request._cancelled or request.row.budget <= 0:
                 self._complete(request, "cancelled" if request._cancelled else "length")
                 continue
-            self._prefill(request, free[0] if free else None)
+            self._prefill(request)
         active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
         if not active:
             return
@@ -361,22 +365,50 @@ class Engine:
         tokens = []
         for i in range(n):
             r = self._slots[i]
-            if r is None:
-                cache.lengths[i] = 0  # an idle row decodes a dummy token at position 0
+            if r is None:  # an idle row decodes a dummy token just past what it keeps for reuse
+                kept = self._kept.get(i, [])
+                if len(kept) >= cache.max_length - 1:
+                    kept = self._kept[i] = []
+                cache.lengths[i] = len(kept)
             tokens.append(r.next_token if r is not None else self.tokenizer.eos_id)
         logits = self.model(torch.tensor(tokens, device=self.device)[:, None], cache=cache, last_only=True)[:, -1]
+        for i in range(n):
+            r = self._slots[i]
+            if r is None:
+                cache.lengths[i] = len(self._kept.get(i, []))
+            else:
+                self._kept.setdefault(i, []).append(r.next_token)
         self._sample_and_advance([(i, r, logits[i]) for i, r in active])
 
-    def _prefill(self, request: Request, slot: int | None) -> None:
-        need = len(request.ids) + request.row.budget
-        self._ensure_cache(slot if slot is not None else len(self._slots), need)
-        if slot is None:
-            slot = len(self._slots)
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
+        """(slot, reusable prefix length): the free cache row whose kept tokens share the longest
+        prefix with `ids` (a new row when none shares any). At least the last prompt token is
+        always recomputed, since its logits start the generation."""
+        rows = self._cache.batch_size if self._cache is not None else 0
+        free = [i for i in range(max(rows, len(self._slots)))
+                if i >= len(self._slots) or self._slots[i] is None]
+        best, best_len = None, 0
+        if self.prefix_cache:
+            for i in free:
+                n = _common_prefix(self._kept.get(i, []), ids, len(ids) - 1)
+                if n > best_len:
+                    best, best_len = i, n
+        if best is None:
+            unused = [i for i in free if not self._kept.get(i)]
+            best = (unused or free or [len(self._slots)])[0]
+        return best, best_len
+
+    def _prefill(self, request: Request) -> None:
+        slot, reuse = self._pick_slot(request.ids)
+        self._ensure_cache(slot, len(request.ids) + request.row.budget)
+        while len(self._slots) <= slot:
             self._slots.append(None)
         self._slots[slot] = request
         cache = self._cache.rows(slot, slot + 1)
-        cache.lengths.zero_()
-        ids = torch.tensor([request.ids], device=self.device)
+        cache.lengths.fill_(reuse)
+        self._kept[slot] = list(request.ids)
+        self.reused_tokens += reuse
+        ids = torch.tensor([request.ids[reuse:]], device=self.device)
         logits = self.model(ids, cache=cache, last_only=True)[:, -1]
         self._sample_and_advance([(slot, request, logits[0])])
 
@@ -605,6 +637,14 @@ class Engine:
             row.text += tail[len(self.tokenizer.decode(row.ids[row.prefix_offset:row.read_offset])):]
         piece, row.emitted = row.text[row.emitted:], len(row.text)
         return piece
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
