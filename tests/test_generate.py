@@ -911,3 +911,15 @@ def test_prefix_reuse_recomputes_only_the_new_suffix_and_changes_nothing(model, 
     prefills = [n for n in seen if n > 1]
     assert prefills[0] <= len(tok.encode(follow[0])) - (n_shared - 1)
     assert fresh.reused_tokens == 0
+
+
+def test_prefix_copied_from_a_busy_row_changes_nothing(model, tok):
+    """Prompts sharing a few-shot prefix, all decoding at once: later ones copy the prefix's
+    keys/values from the first one's row instead of recomputing them."""
+    shared = "User: hi\nAssistant: hello there\n" * 3
+    prompts = [shared + tail for tail in ("def", "for i in", "The lazy dog", "x = 1")]
+    engine = Engine(model, tok, max_batch=4)
+    got = engine.generate(prompts, greedy(8))
+    want = Engine(model, tok, prefix_cache=False).generate(prompts, greedy(8))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert engine.reused_tokens >= 3 * (len(tok.encode(shared)) - 2)

@@ -380,30 +380,39 @@ class Engine:
                 self._kept.setdefault(i, []).append(r.next_token)
         self._sample_and_advance([(i, r, logits[i]) for i, r in active])
 
-    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
-        """(slot, reusable prefix length): the free cache row whose kept tokens share the longest
-        prefix with `ids` (a new row when none shares any). At least the last prompt token is
-        always recomputed, since its logits start the generation."""
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int, int | None]:
+        """(slot, reusable prefix length, row to copy that prefix from or None).
+
+        The free cache row whose kept tokens share the longest prefix with `ids` is used as is;
+        when a busy row shares a longer one, its keys/values are copied into a free row (a copy
+        is far cheaper than recomputing them). At least the last prompt token is always
+        recomputed, since its logits start the generation."""
         rows = self._cache.batch_size if self._cache is not None else 0
         free = [i for i in range(max(rows, len(self._slots)))
                 if i >= len(self._slots) or self._slots[i] is None]
-        best, best_len = None, 0
+        shared = {}
         if self.prefix_cache:
-            for i in free:
-                n = _common_prefix(self._kept.get(i, []), ids, len(ids) - 1)
-                if n > best_len:
-                    best, best_len = i, n
-        if best is None:
-            unused = [i for i in free if not self._kept.get(i)]
-            best = (unused or free or [len(self._slots)])[0]
-        return best, best_len
+            shared = {i: _common_prefix(kept, ids, len(ids) - 1) for i, kept in self._kept.items() if i < rows}
+        best_free = max(free, key=lambda i: (shared.get(i, 0), -i), default=None)
+        best_any = max(shared, key=lambda i: (shared[i], -i), default=None)
+        if best_free is not None and shared.get(best_free, 0) > 0 and \
+                shared[best_free] >= shared.get(best_any, 0):
+            return best_free, shared[best_free], None
+        unused = [i for i in free if not self._kept.get(i)]
+        slot = (unused or free or [len(self._slots)])[0]
+        if best_any is not None and shared[best_any] > 0 and best_any != slot:
+            return slot, shared[best_any], best_any
+        return slot, shared.get(slot, 0), None
 
     def _prefill(self, request: Request) -> None:
-        slot, reuse = self._pick_slot(request.ids)
+        slot, reuse, source = self._pick_slot(request.ids)
         self._ensure_cache(slot, len(request.ids) + request.row.budget)
         while len(self._slots) <= slot:
             self._slots.append(None)
         self._slots[slot] = request
+        if source is not None:
+            for t in self._cache.k + self._cache.v:
+                t[slot, :, :reuse] = t[source, :, :reuse]
         cache = self._cache.rows(slot, slot + 1)
         cache.lengths.fill_(reuse)
         self._kept[slot] = list(request.ids)
