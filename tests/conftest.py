@@ -11,6 +11,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SMALLCODER_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Micro models gain nothing from intra-op threads on a shared 2-core machine (threads only
+    spin-wait there); restored after the module. Use with `pytestmark = usefixtures(...)`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -27,13 +27,7 @@ from smallcoder.eval.lm_tasks import (
 from smallcoder.generate import rolling_windows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The micro model gains nothing from threads on a busy 2-core machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ EMOJI = "\U0001F600"  # 4 UTF-8 bytes
 # ---- fixtures and helpers -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The micro model is too small to gain from threads, and on a busy 2-core machine
-    spinning intra-op threads slow these tests down many times; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

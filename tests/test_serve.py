@@ -44,13 +44,7 @@ KEY = "test-key"
 PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print(", "User: hello", "return a"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The micro model gains nothing from intra-op threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

@@ -99,13 +99,7 @@ source = "data/chat.jsonl"
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models run fastest on one thread, and a shared CPU makes two threads spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
