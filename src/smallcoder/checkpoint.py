@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, read_config_json
 from .errors import SmallCoderError
 from .fsutil import atomic_folder
 from .hub import resolve
@@ -162,9 +162,9 @@ def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: to
     model.tie_weights()
 
 
-def _quant_method(config_path: Path) -> bool:
+def _quant_method(cfg: dict, config_path: Path) -> bool:
     """Whether config.json declares our int8 quantization (and refuse any other kind)."""
-    qc = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config")
+    qc = cfg.get("quantization_config")
     if qc is None:
         return False
     method = qc.get("quant_method") if isinstance(qc, dict) else qc
@@ -193,8 +193,10 @@ def load(path_or_id: str | Path, dtype: str | torch.dtype | None = "float32",
     folder = resolve(path_or_id, revision=revision)
     if not folder.is_dir():
         raise SmallCoderError(f"{folder}: is a file; give the checkpoint folder that holds config.json")
-    config = ModelConfig.from_file(folder / "config.json")
-    saved_int8 = _quant_method(folder / "config.json")
+    cfg_path = folder / "config.json"
+    cfg = read_config_json(cfg_path)
+    config = ModelConfig.from_hf_dict(cfg, source=str(cfg_path))
+    saved_int8 = _quant_method(cfg, cfg_path)
     if saved_int8 and not int8:
         raise SmallCoderError(f"{folder}: holds int8-quantized weights (config.json quantization_config); "
                               "load it with dtype int8 (--dtype int8)")

@@ -146,16 +146,22 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SmallCoderError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SmallCoderError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise SmallCoderError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """config.json as a dict, with errors that name the file (also read for fields beyond the
+    model's shape, such as `quantization_config`)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SmallCoderError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmallCoderError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise SmallCoderError(f"{path}: expected a JSON object")
+    return d
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -162,8 +162,7 @@ class DecodeKernel:
         x = x.float().contiguous()
         pos = starts.contiguous()
         ptrs = self.layer_ptrs.view(cfg.num_hidden_layers, 11)
-        for i in range(cfg.num_hidden_layers):
-            ptrs[i, 9], ptrs[i, 10] = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+        ptrs[:, 9:] = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in zip(cache.k, cache.v)])
         logits = torch.empty(M, cfg.vocab_size, dtype=torch.float32)
         k = cache.k[0]
         rc = self.lib.sc_decode(

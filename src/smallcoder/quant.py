@@ -11,6 +11,8 @@ A quantized checkpoint is a normal HF folder whose linear weights are int8 `*.we
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,21 +58,20 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_model(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) with an Int8Linear; returns the model."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear.from_float(child.weight))
-        else:
-            quantize_model(child)
-    return model
+    return _replace_linears(model, lambda lin: Int8Linear.from_float(lin.weight))
 
 
 def int8_skeleton(model: nn.Module) -> nn.Module:
     """Swap nn.Linear for empty Int8Linear modules, to load a quantized state dict into."""
+    return _replace_linears(model, lambda lin: Int8Linear(lin.in_features, lin.out_features))
+
+
+def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear(child.in_features, child.out_features))
+            setattr(model, name, make(child))
         else:
-            int8_skeleton(child)
+            _replace_linears(child, make)
     return model
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import textwrap
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SmallCoderError
@@ -81,6 +81,23 @@ def generate_samples(engine: Engine, prompts: Sequence[str], *, n_samples: int, 
              "truncated_prompts": sum(1 for n in lengths if n >= ctx), "seeds": seeds,
              "sample_seconds": times}
     return out, stats
+
+
+def sample_records(items: Sequence[dict[str, Any]], prompts: Sequence[str], completions: list[list[Completion]],
+                   stats: dict[str, Any], to_code: Callable[[dict[str, Any], str], str],
+                   to_program: Callable[[dict[str, Any], str], str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One samples-file record and one sandbox program per generated sample (code tasks).
+
+    Takes `sample_seconds` out of `stats` (it goes into the records, not the settings)."""
+    records, programs = [], []
+    for item, prompt, comps, secs in zip(items, prompts, completions, stats.pop("sample_seconds")):
+        for j, c in enumerate(comps):
+            code = to_code(item, c.text)
+            records.append({"task_id": item["task_id"], "sample": j, "seed": stats["seeds"][j], "prompt": prompt,
+                            "completion": c.text, "code": code, "finish_reason": c.finish_reason,
+                            "completion_tokens": len(c.token_ids), "gen_time": round(secs[j], 4)})
+            programs.append(to_program(item, code))
+    return records, programs
 
 
 def humaneval_prompt(problem: dict[str, Any], fmt: str = "instruct") -> str:
@@ -151,14 +168,8 @@ def run_humaneval(engine: Engine, problems: Sequence[dict[str, Any]], *, n_sampl
                                           max_new_tokens=max_new_tokens, seed=seed, stop=stop,
                                           batch_size=batch_size, top_p=top_p, progress=progress,
                                           desc="humaneval: generate")
-    records, programs = [], []
-    for p, prompt, comps, secs in zip(problems, prompts, completions, stats.pop("sample_seconds")):
-        for j, c in enumerate(comps):
-            code = humaneval_code(p, c.text, fmt)
-            records.append({"task_id": p["task_id"], "sample": j, "seed": stats["seeds"][j], "prompt": prompt,
-                            "completion": c.text, "code": code, "finish_reason": c.finish_reason,
-                            "completion_tokens": len(c.token_ids), "gen_time": round(secs[j], 4)})
-            programs.append(humaneval_program(p, code))
+    records, programs = sample_records(problems, prompts, completions, stats,
+                                       lambda p, text: humaneval_code(p, text, fmt), humaneval_program)
     settings = {"format": fmt, "shots": 0, "n": n_samples, "k": list(ks), "temperature": temperature,
                 "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
                 "stop": list(stop), **stats}

@@ -75,7 +75,7 @@ def run_mbpp(engine: Engine, records: Sequence[dict[str, Any]], *, n_samples: in
              batch_size: int = 8, top_p: float = 1.0, limit: int | None = None, limits: Any = None,
              workers: int | None = None, progress: bool = True) -> TaskResult:
     """Generate n samples per test task (3-shot), run them in the sandbox and score pass@k."""
-    from .humaneval import _notes, generate_samples
+    from .humaneval import _notes, generate_samples, sample_records
     from .passk import check_ks, score_code_samples
 
     check_ks(ks, n_samples)
@@ -85,14 +85,8 @@ def run_mbpp(engine: Engine, records: Sequence[dict[str, Any]], *, n_samples: in
                                           max_new_tokens=max_new_tokens, seed=seed, stop=STOP,
                                           batch_size=batch_size, top_p=top_p, progress=progress,
                                           desc="mbpp: generate")
-    records_out, programs = [], []
-    for r, prompt, comps, secs in zip(tasks, prompts, completions, stats.pop("sample_seconds")):
-        for j, c in enumerate(comps):
-            code = mbpp_code(c.text)
-            records_out.append({"task_id": r["task_id"], "sample": j, "seed": stats["seeds"][j], "prompt": prompt,
-                                "completion": c.text, "code": code, "finish_reason": c.finish_reason,
-                                "completion_tokens": len(c.token_ids), "gen_time": round(secs[j], 4)})
-            programs.append(mbpp_program(r, code))
+    records_out, programs = sample_records(tasks, prompts, completions, stats,
+                                           lambda r, text: mbpp_code(text), mbpp_program)
     settings = {"shots": list(SHOT_IDS), "test_ids": f"{tasks[0]['task_id']}-{tasks[-1]['task_id']}" if tasks else "",
                 "n": n_samples, "k": list(ks), "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size, "stop": list(STOP),
