@@ -1,7 +1,7 @@
 """Data-parallel training equals single-process training: 2 CPU processes under torchrun (gloo).
 
 The workers run a small script written to a temp folder: a micro SmallCoder trained for 3 AdamW
-steps on the real loss path (MixtureLoader slices of the global batch, `sft.collate` / `loss_sum`
+steps on the real loss path (MixtureLoader slices of the global batch, `sft.collate` / `model(ids, labels=...)`
 normalised by the global count of trained tokens, gradient accumulation under `no_sync`, grad
 clipping that is active), once in a plain process and once per strategy under torchrun.
 """
@@ -38,7 +38,6 @@ SCRIPT = textwrap.dedent('''
     torch.set_num_threads(1)
     from smallcoder import ModelConfig, new_model
     from smallcoder.data.mixture import Component, MixtureLoader
-    from smallcoder.data.sft import loss_sum
     from smallcoder.train.distributed import (all_reduce_sum, barrier, broadcast_object, full_state_dict,
                                               init_distributed, no_sync, shutdown, wrap_model)
 
@@ -82,8 +81,8 @@ SCRIPT = textwrap.dedent('''
             total = 0.0
             for i, mb in enumerate(step.micro_batches):
                 with no_sync(model, enabled=i < len(step.micro_batches) - 1):
-                    logits = model(mb["input_ids"].to(info.device))
-                    loss = loss_sum(logits, mb["labels"].to(info.device)) / step.num_loss_tokens * info.world_size
+                    loss_sum = model(mb["input_ids"].to(info.device), labels=mb["labels"].to(info.device))
+                    loss = loss_sum / step.num_loss_tokens * info.world_size
                     loss.backward()
                 total += loss.item() / info.world_size
             local_counts.append(sum(mb["num_loss_tokens"] for mb in step.micro_batches))

@@ -14,7 +14,6 @@ from smallcoder.data.sft import (
     encode_conversation,
     encode_conversations,
     loss_normalizer,
-    loss_sum,
 )
 
 # Contents chosen to break naive piecewise encoding: trailing newlines and spaces (a whitespace
@@ -184,7 +183,7 @@ def test_gradient_accumulation_equals_whole_batch(micro_config, small_tokenizer)
 
     whole = collate(records, seq_len, pad_id=0)
     model.zero_grad()
-    full_loss = loss_sum(model(whole["input_ids"]), whole["labels"]) / whole["num_loss_tokens"]
+    full_loss = model(whole["input_ids"], labels=whole["labels"]) / whole["num_loss_tokens"]
     full_loss.backward()
     full_grads = [p.grad.clone() for p in model.parameters()]
     ref = torch.nn.functional.cross_entropy(model(whole["input_ids"])[:, :-1].reshape(-1, micro_config.vocab_size),
@@ -197,12 +196,12 @@ def test_gradient_accumulation_equals_whole_batch(micro_config, small_tokenizer)
     model.zero_grad()
     acc = 0.0
     for mb in micro:
-        loss = loss_sum(model(mb["input_ids"]), mb["labels"]) / total
+        loss = model(mb["input_ids"], labels=mb["labels"]) / total
         loss.backward()
         acc += loss.item()
     assert acc == pytest.approx(full_loss.item(), rel=1e-5)
     for p, g in zip(model.parameters(), full_grads):
         assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
     # Normalising each micro-batch by its own count instead gives a different (wrong) loss.
-    wrong = sum(loss_sum(model(mb["input_ids"]), mb["labels"]).item() / mb["num_loss_tokens"] for mb in micro)
+    wrong = sum(model(mb["input_ids"], labels=mb["labels"]).item() / mb["num_loss_tokens"] for mb in micro)
     assert wrong / len(micro) != pytest.approx(full_loss.item(), rel=1e-3)

@@ -209,14 +209,14 @@ def test_loss_normalised_over_the_whole_step(workdir, small_tokenizer, micro_con
     for name in g4:
         torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-7)
     # and it is the mean loss per trained token of the whole step: check against one plain batch
-    from smallcoder.data.sft import collate, loss_sum
+    from smallcoder.data.sft import collate
 
     model = new_model(micro_config, seed=0)
     batch = collate([ds[i] for _, i in step.records], 64, small_tokenizer.eos_id)
-    ref = loss_sum(model(batch["input_ids"]), batch["labels"]) / batch["num_loss_tokens"]
+    ref = model(batch["input_ids"], labels=batch["labels"]) / batch["num_loss_tokens"]
     assert float(ref.detach()) == pytest.approx(loss1, rel=1e-6)
     # records differ in length, so a mean of per-micro-batch means would not be this number
-    per_mb = [loss_sum(model(m["input_ids"]), m["labels"]).item() / m["num_loss_tokens"] for m in step.micro_batches]
+    per_mb = [model(m["input_ids"], labels=m["labels"]).item() / m["num_loss_tokens"] for m in step.micro_batches]
     assert sum(per_mb) / len(per_mb) != pytest.approx(loss1, rel=1e-6)
 
 
@@ -364,3 +364,32 @@ def test_bf16_autocast_on_cpu_only_where_it_is_native(workdir, monkeypatch, caps
     assert next(model.parameters()).dtype == torch.float32
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert lines and all(x["loss"] == x["loss"] for x in lines)  # finite, not NaN
+
+
+def test_keep_freed_memory_stops_page_faults(monkeypatch):
+    """With the trainer's malloc setting a freed 64 MB block is reused, not faulted in again."""
+    import ctypes.util
+    import resource
+
+    from smallcoder.train.trainer import keep_freed_memory
+
+    monkeypatch.setenv("SMALLCODER_MALLOC_TUNING", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("SMALLCODER_MALLOC_TUNING")
+    if not ctypes.util.find_library("c") or sys.platform != "linux":
+        pytest.skip("glibc malloc only")
+
+    def faults_of_a_fresh_block() -> int:
+        torch.ones(16 << 20)  # 64 MB, written and freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 << 20)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    try:
+        assert keep_freed_memory(False)
+        assert faults_of_a_fresh_block() > 8000  # glibc's default: a new mmap, 16k pages faulted in
+        assert keep_freed_memory()
+        faults_of_a_fresh_block()
+        assert faults_of_a_fresh_block() < 1000
+    finally:
+        keep_freed_memory()

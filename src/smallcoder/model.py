@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .loss import next_token_loss_sum
 
 
 class RMSNorm(nn.Module):
@@ -203,13 +204,19 @@ class SmallCoder(nn.Module):
         return self._inv_freq[device]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits for `input_ids` (B, T), appending to `cache` when given.
+                last_only: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for `input_ids` (B, T), appending to `cache` when given; with `labels`, the loss.
 
         Row b's tokens take positions cache.lengths[b] onwards, so rows of different lengths
         share a batch without padding. `last_only` computes logits for the final position only.
+        `labels` (B, T) returns the summed next-token cross-entropy instead of logits, without
+        ever holding the full logits (`loss.next_token_loss_sum`): the training path.
         """
         B, T = input_ids.shape
+        if labels is not None and (cache is not None or last_only):
+            raise ValueError("labels= computes the training loss over the whole sequence: no cache, no last_only")
+        if labels is not None and not isinstance(self.lm_head, nn.Linear):
+            raise ValueError(f"labels= needs a float lm_head to train; this model's is {type(self.lm_head).__name__}")
         device = input_ids.device
         x = self.model.embed_tokens(input_ids)
         kernel = self.decode_kernel
@@ -238,4 +245,6 @@ class SmallCoder(nn.Module):
             cache.end(T)
         if last_only:
             x = x[:, -1:]
+        if labels is not None:
+            return next_token_loss_sum(self.model.norm(x), self.lm_head.weight, labels)
         return self.lm_head(self.model.norm(x))

@@ -59,7 +59,7 @@ class Step:
     """One optimizer step's data for this rank.
 
     `num_loss_tokens` and `tokens` count the whole global batch (all ranks): divide each
-    micro-batch's `sft.loss_sum` by `num_loss_tokens` (and, under DDP's gradient averaging,
+    micro-batch's summed loss (`model(ids, labels=labels)`) by `num_loss_tokens` (and, under DDP's gradient averaging,
     multiply by the world size) to get the mean loss per trained token of the whole step.
     """
 

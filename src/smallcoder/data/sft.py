@@ -6,10 +6,11 @@ label. So the loss mask is 1 on ` {answer}<|endoftext|>` of every assistant turn
 padding is marked by a separate attention mask and never found by comparing ids with EOS
 (StarCoder's pad id = EOS id = 0, which is how the classic bug taught models never to stop).
 
-Labels are aligned with `input_ids` (HF style) and the loss shifts them, as the trainer does::
+Labels are aligned with `input_ids` (HF style) and the loss shifts them; the trainer's step loss is
+`model(input_ids, labels=labels)` (`loss.next_token_loss_sum`), that is::
 
-    loss = cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=-100, reduction="sum")
-           / num_loss_tokens_of_the_whole_optimizer_step
+    cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=-100, reduction="sum")
+    / num_loss_tokens_of_the_whole_optimizer_step
 
 so a position-0 label never counts, and `num_loss_tokens` counts labels[:, 1:] != -100.
 """
@@ -160,19 +161,3 @@ def loss_normalizer(micro_batches: Iterable[Mapping[str, Any]]) -> int:
     global batch on every rank.
     """
     return sum(int(mb["num_loss_tokens"]) for mb in micro_batches)
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labels that are not -100 (divide by the step's count).
-
-    Each micro-step adds `loss_sum(...) / step_count` to the gradient, so the step's gradient is
-    that of the whole batch's mean loss per trained token, whatever the micro-batch split. Under
-    DDP (which averages gradients over ranks) multiply by the world size as well.
-    """
-    import torch.nn.functional as F
-
-    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
-    # step (and again in backward); the last position's label becomes -100 and drops out.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")

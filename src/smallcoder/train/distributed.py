@@ -14,8 +14,8 @@ Order of use in the trainer::
     for step in loader:                            # loader built with rank / world_size from info
         for i, mb in enumerate(step.micro_batches):
             with no_sync(model, enabled=i < len(step.micro_batches) - 1):
-                logits = model(mb["input_ids"].to(info.device))
-                loss = loss_sum(logits, mb["labels"].to(info.device)) / step.num_loss_tokens * info.world_size
+                loss_sum = model(mb["input_ids"].to(info.device), labels=mb["labels"].to(info.device))
+                loss = loss_sum / step.num_loss_tokens * info.world_size
                 loss.backward()
         clip_grad_norm_(model.parameters(), 1.0); optimizer.step(); optimizer.zero_grad()
     state = full_state_dict(model, info)           # collective: every rank calls it
