@@ -27,8 +27,6 @@ from ..errors import SmallCoderError
 from ..tokenizer import ASSISTANT_PREFIX, format_chat
 
 if TYPE_CHECKING:
-    import torch
-
     from ..tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
