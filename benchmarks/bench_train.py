@@ -1,26 +1,32 @@
 """Training throughput (tokens/s) and MFU of SmallCoder vs transformers' LlamaForCausalLM, A/B alternated.
 
     python benchmarks/bench_train.py --preset tiny                      # batch 8 x 512
-    python benchmarks/bench_train.py --preset smallcoder-303m --steps 2 --rounds 3   # batch 1 x 1024
+    python benchmarks/bench_train.py --preset smallcoder-303m --steps 1 --rounds 10 --compile smallcoder
     python benchmarks/bench_train.py --preset smallcoder-303m --device cuda --dtype bfloat16 --batch 16
 
 Both models get the same config and weights, the same batch and the same optimizer (AdamW β 0.9/0.95,
 weight decay 0.1, foreach or fused alike) and grad clipping at 1.0. Ours is trained the way the
-trainer does it (`model(ids, labels=labels) / count`: the chunked head loss of `smallcoder.loss`); transformers the usual way
-(`model(input_ids, labels=labels).loss`). Each round times `--steps` full optimizer steps of one
-model then the other, the order flipping every round; medians over rounds are reported, with the
-forward / backward / optimizer split. FLOPs per token = 6 * N_matmul (every Linear incl. lm_head,
-not the embedding lookup) + 12 * layers * hidden * seq (attention scores and values, fwd + bwd);
-MFU is against the matmul peak measured here (2048^3 fp32 on CPU, 8192^3 in --dtype on CUDA).
-bf16 runs under autocast with fp32 master weights, as the trainer does; on this CPU bf16 is ~20x
-slower than fp32 (no native bf16), so train and measure fp32 here.
+trainer does it (`model(ids, labels=labels) / count`: the chunked head loss of `smallcoder.loss`);
+transformers the usual way (`model(input_ids, labels=labels).loss`). Each model lives in its own
+worker process, as each would in a user's run, so each has its own allocator state: ours applies
+the trainer's `keep_freed_memory` on CPU as `smallcoder train` does (`--same-allocator` leaves
+glibc's defaults to both, which isolates the code). This process asks the two workers for steps in
+turn: each round times `--steps` full optimizer steps of one model then the other, the order
+flipping every round; medians over rounds are reported, with the forward / backward / optimizer
+split, and the median of the per-round ratios. FLOPs per token = 6 * N_matmul (every Linear incl.
+lm_head, not the embedding lookup) + 12 * layers * hidden * seq (attention scores and values, fwd
++ bwd); MFU is against the matmul peak measured here (2048^3 fp32 on CPU, 8192^3 in --dtype on
+CUDA). bf16 runs under autocast with fp32 master weights, as the trainer does; on a CPU without
+native bf16 that is ~20x slower than fp32, so train and measure fp32 there.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -64,15 +70,13 @@ def flops_per_token(config: ModelConfig, seq: int) -> float:
 
 
 class Runner:
-    """One model + its optimizer; `step()` runs one timed optimizer step and records its phases."""
+    """One model + its optimizer; `step()` runs one timed optimizer step and returns its phases."""
 
-    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  args: argparse.Namespace, device: torch.device, amp: torch.dtype | None) -> None:
-        self.name, self.model, self.loss_fn, self.device, self.amp = name, model, loss_fn, device, amp
+        self.model, self.loss_fn, self.device, self.amp = model, loss_fn, device, amp
         opt_kw = {"fused": True} if args.optimizer == "fused" else {"foreach": True}
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **opt_kw)
-        self.times: dict[str, list[float]] = {p: [] for p in PHASES}
-        self.rates: list[float] = []
 
     def step(self, ids: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -93,28 +97,81 @@ class Runner:
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
 
 
-def build(args: argparse.Namespace, config: ModelConfig, device: torch.device) -> list[Runner]:
-    import transformers
-
+def build(name: str, args: argparse.Namespace, config: ModelConfig, device: torch.device) -> Runner:
+    """Our model, or transformers' loaded with the same weights (same work, same numbers)."""
     amp = None if args.dtype == "float32" else getattr(torch, args.dtype)
     ours = new_model(config, seed=0).to(device).train()
+    if name == "smallcoder":
+        fwd: torch.nn.Module = torch.compile(ours) if args.compile else ours
+
+        def ours_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return fwd(ids, labels=labels) / (labels.shape[0] * (labels.shape[1] - 1))
+
+        return Runner(ours, ours_loss, args, device, amp)
+    import transformers
+
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf_dict().items()
                                             if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
     hf_config._attn_implementation = "sdpa"
     hf = transformers.LlamaForCausalLM(hf_config).to(device).train()
-    missing = hf.load_state_dict(ours.state_dict(), strict=True)  # same weights: same work, same numbers
+    missing = hf.load_state_dict(ours.state_dict(), strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys, missing
-    ours_fwd: torch.nn.Module = torch.compile(ours) if args.compile else ours
+    del ours
     hf_fwd: torch.nn.Module = torch.compile(hf) if args.compile == "both" else hf
-
-    def ours_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return ours_fwd(ids, labels=labels) / (labels.shape[0] * (labels.shape[1] - 1))
 
     def hf_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return hf_fwd(input_ids=ids, labels=labels, use_cache=False).loss
 
-    return [Runner("smallcoder", ours, ours_loss, args, device, amp),
-            Runner("transformers", hf, hf_loss, args, device, amp)]
+    return Runner(hf, hf_loss, args, device, amp)
+
+
+def run_worker(args: argparse.Namespace, config: ModelConfig, batch: int, seq: int) -> None:
+    """Child process: build one model, warm it up, then time one step per `step` line on stdin."""
+    device = torch.device(args.device)
+    if args.worker == "smallcoder" and device.type == "cpu" and not args.same_allocator:
+        from smallcoder.train.trainer import keep_freed_memory
+
+        keep_freed_memory()  # what `smallcoder train` does on a CPU
+    runner = build(args.worker, args, config, device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, config.vocab_size, (batch, seq), generator=g).to(device)
+    warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
+    for _ in range(warmup):  # allocator, optimizer state, compilation
+        runner.step(ids, ids)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print("RESULT " + json.dumps(runner.step(ids, ids)), flush=True)
+
+
+class Worker:
+    """The parent's handle on one child process."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", name],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.times: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.rates: list[float] = []
+
+    def expect(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        sys.exit(f"the {self.name} worker exited (status {self.proc.wait()}) before sending {prefix.strip()}")
+
+    def step(self) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return json.loads(self.expect("RESULT "))
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main() -> None:
@@ -131,10 +188,13 @@ def main() -> None:
                     help="autocast dtype (weights stay fp32)")
     ap.add_argument("--optimizer", default="fused", choices=["foreach", "fused"],
                     help="AdamW kernel for both models (fused: the trainer's and transformers' default)")
+    ap.add_argument("--same-allocator", action="store_true",
+                    help="glibc's default malloc settings for both (ours otherwise keeps freed memory, as the trainer does)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--warmup", type=int, help="untimed steps per model first (default 1; 2 with --compile, "
                     "whose second call recompiles once)")
     ap.add_argument("--only", choices=["smallcoder", "transformers"], help="time one model (profiling)")
+    ap.add_argument("--worker", choices=["smallcoder", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -143,48 +203,47 @@ def main() -> None:
     batch, seq = args.batch or batch, args.seq or seq
     if seq > config.max_position_embeddings:
         sys.exit(f"--seq {seq} exceeds the preset's context {config.max_position_embeddings}")
+    if args.worker:
+        return run_worker(args, config, batch, seq)
     import transformers
 
     peak_dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
     peak = matmul_peak(device, peak_dtype, 2048 if device.type == "cpu" else 8192)
     fpt = flops_per_token(config, seq)
+    allocator = "glibc defaults for both" if args.same_allocator else "ours keeps freed memory (as the trainer)"
     print(f"{args.preset} ({config.num_parameters / 1e6:.1f}M params), batch {batch} x {seq}, {args.dtype}, "
-          f"{device}, {args.threads} threads, AdamW {args.optimizer}, compile={args.compile}; "
+          f"{device}, {args.threads} threads, AdamW {args.optimizer}, compile={args.compile}, malloc: {allocator}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({peak_dtype}); {fpt / 1e9:.3f} GFLOP per token trained",
           flush=True)
 
-    runners = build(args, config, device)
-    if args.only:
-        runners = [r for r in runners if r.name == args.only]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, config.vocab_size, (batch, seq), generator=g).to(device)
-    labels = ids.clone()
+    workers = []
+    for name in [args.only] if args.only else ["smallcoder", "transformers"]:
+        workers.append(Worker(name))
+        workers[-1].expect("READY")  # one at a time: warm-up and compilation do not overlap
     tokens = batch * seq
-    warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
-    for r in runners:  # warm-up: allocator, optimizer state, compilation
-        for _ in range(warmup):
-            r.step(ids, labels)
-    for rnd in range(args.rounds):
-        order = runners if rnd % 2 == 0 else runners[::-1]
-        for r in order:
-            phases = [r.step(ids, labels) for _ in range(args.steps)]
-            total = sum(sum(p.values()) for p in phases)
-            r.rates.append(tokens * args.steps / total)
-            for p in PHASES:
-                r.times[p].append(statistics.median(ph[p] for ph in phases))
-            print(f"round {rnd} {r.name:12s} {r.rates[-1]:9.1f} tok/s", flush=True)
+    try:
+        for rnd in range(args.rounds):
+            for w in workers if rnd % 2 == 0 else workers[::-1]:
+                phases = [w.step() for _ in range(args.steps)]
+                w.rates.append(tokens * args.steps / sum(sum(p.values()) for p in phases))
+                for p in PHASES:
+                    w.times[p].append(statistics.median(ph[p] for ph in phases))
+                print(f"round {rnd} {w.name:12s} {w.rates[-1]:9.1f} tok/s", flush=True)
+    finally:
+        for w in workers:
+            w.close()
 
     print()
     med = {}
-    for r in runners:
-        med[r.name] = m = statistics.median(r.rates)
-        split = "  ".join(f"{p} {statistics.median(r.times[p]) * 1e3:7.0f} ms" for p in PHASES)
-        print(f"{r.name:12s} median {m:9.1f} tok/s  MFU {m * fpt / peak:6.1%}  per step: {split}")
+    for w in workers:
+        med[w.name] = m = statistics.median(w.rates)
+        split = "  ".join(f"{p} {statistics.median(w.times[p]) * 1e3:7.0f} ms" for p in PHASES)
+        print(f"{w.name:12s} median {m:9.1f} tok/s  MFU {m * fpt / peak:6.1%}  per step: {split}")
     if len(med) == 2:
         # Each round times both models back to back, so a per-round ratio cancels most of the drift of a
         # shared, noisy machine; its median is the figure to quote (the ratio of medians is printed too).
-        paired = [a / b for a, b in zip(runners[0].rates, runners[1].rates)]
+        paired = [a / b for a, b in zip(workers[0].rates, workers[1].rates)]
         print(f"ratio smallcoder/transformers: {med['smallcoder'] / med['transformers']:.2f}x (of medians); "
               f"per-round {' '.join(f'{x:.2f}' for x in paired)}, median {statistics.median(paired):.2f}x")
 
