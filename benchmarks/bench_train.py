@@ -13,9 +13,9 @@ the trainer's `keep_freed_memory` on CPU as `smallcoder train` does (`--same-all
 glibc's defaults to both, which isolates the code). This process asks the two workers for steps in
 turn: each round times `--steps` full optimizer steps of one model then the other, the order
 flipping every round; medians over rounds are reported, with the forward / backward / optimizer
-split, and the median of the per-round ratios. FLOPs per token = 6 * N_matmul (every Linear incl.
-lm_head, not the embedding lookup) + 12 * layers * hidden * seq (attention scores and values, fwd
-+ bwd); MFU is against the matmul peak measured here (2048^3 fp32 on CPU, 8192^3 in --dtype on
+split, and the median of the per-round ratios. FLOPs per token: the trainer's `flops_per_token`,
+6 * N_matmul (every Linear incl. lm_head, not the embedding lookup) + 12 * layers * hidden * seq
+(attention scores and values, fwd + bwd); MFU is against the matmul peak measured here (2048^3 fp32 on CPU, 8192^3 in --dtype on
 CUDA). bf16 runs under autocast with fp32 master weights, as the trainer does; on a CPU without
 native bf16 that is ~20x slower than fp32, so train and measure fp32 there.
 """
@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from smallcoder import ModelConfig, new_model, preset
+from smallcoder.train.trainer import flops_per_token
 
 DEFAULT_SHAPE = {"tiny": (8, 512), "smallcoder-303m": (1, 1024)}
 PHASES = ("forward", "backward", "optimizer")
@@ -58,15 +59,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5)
         sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times)
-
-
-def flops_per_token(config: ModelConfig, seq: int) -> float:
-    """6 * matmul weights (lm_head included, embedding lookup not) + the attention term."""
-    n_matmul = config.num_parameters - config.vocab_size * config.hidden_size - \
-        (2 * config.num_hidden_layers + 1) * config.hidden_size  # minus embedding and norm weights
-    if config.tie_word_embeddings:  # the tied head is still a matmul
-        n_matmul += config.vocab_size * config.hidden_size
-    return 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
 class Runner:

@@ -67,7 +67,8 @@ def main() -> None:
     for fn, malloc in variants.values():  # warm-up (and compilation) of each variant
         if malloc is not None:
             keep_freed_memory(malloc)
-        step(fn), step(fn)
+        for _ in range(2):
+            step(fn)
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(args.pairs):

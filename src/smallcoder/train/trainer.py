@@ -129,9 +129,9 @@ def keep_freed_memory(enable: bool = True) -> bool:
     mmap and gives freed heap tops back, so each step page-faults ~1 GB of zeroed memory in again:
     6-11% of a 303M CPU step here (benchmarks/bench_train_ab.py --change malloc). Serving every
     block from the heap and trimming only above 1 GB removes that; the process keeps its peak
-    footprint, which a training run reaches every step anyway. `enable=False` puts back glibc's default values (as
-    fixed values: its self-adjusting mmap threshold stays off; benchmarks use it). Returns whether
-    the setting applied (glibc only; SMALLCODER_MALLOC_TUNING=0 turns it off).
+    footprint, which a training run reaches every step anyway. `enable=False` puts back glibc's
+    default values (as fixed values: its self-adjusting mmap threshold stays off; benchmarks use
+    it). Returns whether the setting applied (glibc only; SMALLCODER_MALLOC_TUNING=0 turns it off).
     """
     import ctypes
     import ctypes.util
