@@ -25,7 +25,7 @@ if not sys.platform.startswith("linux"):
 
 from smallcoder import SmallCoderError
 from smallcoder.eval import sandbox
-from smallcoder.eval.sandbox import ExecResult, Limits, protections, run_many, run_program
+from smallcoder.eval.sandbox import ExecResult, Limits, protections, run_many, run_program, supervise
 
 FAST = Limits(timeout=5.0, cpu_seconds=5)
 HOSTILE = Limits(timeout=2.0, cpu_seconds=2, memory_bytes=256 << 20, max_processes=8,
@@ -133,7 +133,7 @@ def test_bad_arguments_name_the_field_and_value():
 
 def test_harness_problem_is_an_error_result(monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/smallcoder-sandbox-test")
-    monkeypatch.setattr(sandbox, "_workroot", lambda setup: tempfile.gettempdir())
+    monkeypatch.setattr(supervise, "_workroot", lambda setup: tempfile.gettempdir())
     result = run_program("pass\n", FAST)
     assert result.status == "error" and "sandbox harness" in result.detail, result
 
@@ -346,7 +346,9 @@ def test_resource_limits_name_what_was_hit(hostile_batch):
 def test_host_is_untouched(hostile_batch):
     b = hostile_batch
     assert b["canary_text"] == "keep me", "a sample deleted or rewrote a file outside its folder"
-    assert b["results"]["delete_outside"].detail.startswith("PermissionError"), b["results"]["delete_outside"]
+    # with private mounts the host's file is not even visible; without, ownership protects it
+    refused = "FileNotFoundError" if b["prot"]["private_mounts"] else "PermissionError"
+    assert b["results"]["delete_outside"].detail.startswith(refused), b["results"]["delete_outside"]
     assert not b["stray_exists"], "a file a sample's shell wrote in /tmp outlived the sample"
     assert b["leftovers"] == [], "sample processes outlived run_many"
     assert b["base_left"] == [], "work folders were left behind"
@@ -371,19 +373,18 @@ def test_non_root_fallback_reports_and_runs(tmp_path_factory):
     folder = Path(tempfile.mkdtemp(prefix="sandbox-test-nobody-", dir="/tmp"))
     try:
         os.chmod(folder, 0o755)
-        shutil.copy(sandbox.__file__, folder / "sandbox_copy.py")
-        os.chmod(folder / "sandbox_copy.py", 0o644)
+        shutil.copytree(Path(sandbox.__file__).parents[2], folder / "smallcoder")
+        for path in [folder, *folder.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         script = program("""
-            import importlib.util, json, sys, tempfile
+            import json, sys, tempfile
             tempfile.tempdir = "/tmp"
-            spec = importlib.util.spec_from_file_location("sandbox_copy", @PATH@)
-            sb = importlib.util.module_from_spec(spec)
-            sys.modules["sandbox_copy"] = sb
-            spec.loader.exec_module(sb)
+            sys.path.insert(0, @PATH@)
+            from smallcoder.eval import sandbox as sb
             fast = sb.Limits(timeout=10, cpu_seconds=5)
             r = sb.run_many(["assert 1 + 1 == 2\\n", "assert 1 + 1 == 3\\n", "import os\\nos._exit(0)\\n"], fast)
             print(json.dumps({"prot": sb.protections(), "status": [x.status for x in r]}))
-            """, PATH=str(folder / "sandbox_copy.py"))
+            """, PATH=str(folder))
         done = subprocess.run([runuser, "-u", "nobody", "--", "/usr/bin/python3", "-I", "-c", script],
                               capture_output=True, text=True, timeout=60, cwd="/tmp", check=False,
                               env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
