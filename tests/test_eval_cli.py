@@ -101,7 +101,7 @@ def test_eval_samples_file_mbpp_with_evalplus_ids(capsys, tmp_path, shared_data)
     rows = [{"task_id": "Mbpp/11", "completion": "```python\n" + recs[11]["code"] + "\n```"},
             {"task_id": 12, "completion": "def wrong():\n    pass"}]
     rc, stdout, stderr = run_cli(capsys, "--tasks", "mbpp", "--samples", _write_jsonl(tmp_path / "m.jsonl", rows),
-                                 "--data-dir", shared_data)
+                                 "--data-dir", shared_data, "--code-extraction", "extract")
     assert rc == 0, stderr
     assert "| Code | MBPP (3-shot) | pass@1 | 50.00 ± 50.00 % (1/2;" in stdout
 

@@ -13,8 +13,8 @@ import pytest
 from smallcoder import SmallCoderError
 from smallcoder.eval.extract import defines, extract_code
 from smallcoder.eval.gsm8k import extract_flexible, extract_strict, gold_answer, gsm8k_prompt, normalize_number
-from smallcoder.eval.humaneval import INSTRUCTION, humaneval_code, humaneval_program, humaneval_prompt
-from smallcoder.eval.mbpp import mbpp_program, mbpp_prompt, mbpp_query, normalize_task_id, split
+from smallcoder.eval.humaneval import INSTRUCTION, humaneval_check, humaneval_code, humaneval_prompt
+from smallcoder.eval.mbpp import mbpp_check, mbpp_prompt, mbpp_query, normalize_task_id, split
 from smallcoder.eval.passk import check_ks, mean_pass_at_k, parse_ks, pass_at_k
 
 # ---------------------------------------------------------------- pass@k
@@ -176,10 +176,11 @@ def test_humaneval_code_from_answers():
     body2 = humaneval_code(PROBLEM, "The body is\n    return a + b\nand that is all, folks.", "instruct")
     assert body2 == PROBLEM["prompt"] + "    return a + b\n"
     assert humaneval_code(PROBLEM, "    return a+b", "base") == PROBLEM["prompt"] + "    return a+b"
-    program = humaneval_program(PROBLEM, code)
-    assert program.startswith(code) and program.endswith("\ncheck(add)\n")
+    check = humaneval_check(PROBLEM)  # the tests run outside the sample, on its entry point
+    assert check.setup == PROBLEM["prompt"] and check.functions == ("add",)
+    assert check.test.startswith(PROBLEM["test"]) and check.test.endswith("\ncheck(add)\n")
     ns: dict = {}
-    exec(program, ns)  # noqa: S102 - our own fixed text
+    exec(code + "\n" + check.test, ns)  # noqa: S102 - our own fixed text: the same tests in one process
 
 
 # ---------------------------------------------------------------- MBPP protocol
@@ -233,10 +234,13 @@ def test_mbpp_prompt_is_lm_eval_three_shot_string(mbpp_records):
     assert [r["task_id"] for r in split(mbpp_records, limit=3)[1]] == [11, 12, 13]
 
 
-def test_mbpp_program_puts_setup_after_the_code(mbpp_records):
+def test_mbpp_check_puts_setup_after_the_code(mbpp_records):
+    """The setup builds objects of the solution's class in the sample; the asserts get them by reference."""
     rec = next(r for r in mbpp_records if r["task_id"] == 367)
-    program = mbpp_program(rec, rec["code"])
-    assert program.index("class Node") < program.index("root = Node(1)") < program.index("assert ")
+    check = mbpp_check(rec)
+    assert check.sample_setup.startswith("root = Node(1)") and "assert " not in check.sample_setup
+    assert check.functions == ("is_tree_balanced",) and check.refs == ("root", "root1", "root2")
+    assert check.test.count("assert ") == 3
 
 
 def test_mbpp_split_refuses_the_sanitized_subset(mbpp_records):

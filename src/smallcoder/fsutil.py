@@ -106,3 +106,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
+
+
+def cache_root() -> Path:
+    """Where SmallCoder keeps what it can rebuild (compiled kernels, benchmark ground truth):
+    $SMALLCODER_CACHE, else $XDG_CACHE_HOME/smallcoder, else ~/.cache/smallcoder."""
+    if os.environ.get("SMALLCODER_CACHE"):
+        return Path(os.environ["SMALLCODER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smallcoder"

@@ -48,8 +48,9 @@ def _cpu_id() -> str:
 def library_path() -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SMALLCODER_CACHE", Path.home() / ".cache" / "smallcoder"))
-    return cache / f"decode-{key}.so"
+    from .fsutil import cache_root
+
+    return cache_root() / f"decode-{key}.so"
 
 
 def load_library() -> ctypes.CDLL | None:

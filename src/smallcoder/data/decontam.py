@@ -272,7 +272,7 @@ class Decontaminator:
 
 def _benchmark_texts(task: str, data: list[dict] | str) -> Iterator[tuple[str, str]]:
     """(item id, text) pairs to index for one benchmark; see the module docstring for the choice."""
-    if task == "humaneval":
+    if task in ("humaneval", "humaneval_plus"):
         for r in data:
             yield r["task_id"], r["prompt"] + "\n" + r["canonical_solution"]
     elif task == "mbpp":

@@ -17,13 +17,13 @@ from ..cli import DTYPE_HELP
 from ..errors import SmallCoderError
 from .data import TASK_NAMES as TASKS
 
-CODE_TASKS = ("humaneval", "mbpp")
+CODE_TASKS = ("humaneval", "humaneval_plus", "mbpp")
 
 
 def register(subparsers: Any) -> None:
     """Add the `eval` command."""
     p = subparsers.add_parser(
-        "eval", help="run benchmarks (HumanEval, MBPP, GSM8k, Wikitext-2, ARC, HellaSwag) or score a samples file",
+        "eval", help="run benchmarks (HumanEval(+), MBPP, GSM8k, Wikitext-2, ARC, HellaSwag) or score a samples file",
         description="Evaluate a model with the card's protocols and print the card's table. "
                     "With --samples, score ready completions without a model.")
     p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub repo id")
@@ -43,11 +43,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="folder for results.json, results.md and samples_<task>.jsonl")
     p.add_argument("--format", dest="fmt", choices=("instruct", "base"), default="instruct",
                    help="HumanEval prompt: the card's User:/Assistant: format, or the raw prompt")
+    p.add_argument("--code-extraction", choices=("raw", "extract"), default=None,
+                   help="how a completion becomes the code that runs: as generated (raw, lm-eval's and the "
+                        "original harnesses' rule), or the first Python fence else the longest part that parses "
+                        "(extract). Default: extract for the instruct format, raw for --format base, MBPP "
+                        "and --samples")
     p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     p.add_argument("--batch-size", type=int, default=8,
                    help="sequences decoded together (continuous batching) / scored per forward")
     p.add_argument("--workers", type=int, default=None, help="parallel sandbox processes (default: all cores)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per program (default: the sandbox's)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="CPU seconds per program (default 10; a busy machine does not eat into it); the "
+                        "wall-clock limit, which only ends samples that sleep, is 6x that and at least 60 s")
     p.add_argument("--compare-card", action="store_true", help="add the card's published numbers to the table")
     p.set_defaults(func=cmd_eval)
 
@@ -92,9 +99,11 @@ def _data_dir(args: argparse.Namespace) -> Path | None:
 def _limits(args: argparse.Namespace) -> Any:
     if args.timeout is None:
         return None
+    import math
+
     from .sandbox import Limits
 
-    return Limits(timeout=args.timeout)
+    return Limits(cpu_seconds=max(1, math.ceil(args.timeout)), timeout=max(60.0, 6 * args.timeout))
 
 
 def _load(task: str, data_dir: Path | None) -> Any:
@@ -117,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "model": args.model, "dtype": args.dtype, "tasks": tasks, "n_samples": args.n_samples, "k": ks,
         "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
         "limit": args.limit, "seed": args.seed, "format": args.fmt, "batch_size": args.batch_size,
+        "code_extraction": args.code_extraction,
         "data_dir": str(data_dir) if data_dir else None, "samples": args.samples,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
         "platform": platform.platform()}
@@ -127,20 +137,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.model is not None:
             raise SmallCoderError("--samples scores a ready file without a model: drop --model (or --samples)")
         if len(tasks) != 1 or tasks[0] not in CODE_TASKS:
-            raise SmallCoderError(f"--samples scores one code task: use --tasks humaneval or --tasks mbpp "
+            raise SmallCoderError(f"--samples scores one code task: use --tasks {', --tasks '.join(CODE_TASKS)} "
                                   f"(got --tasks {','.join(tasks)})")
         from .humaneval import score_humaneval
+        from .humanevalplus import score_humaneval_plus
         from .mbpp import score_mbpp
 
-        samples = read_samples(args.samples)
+        samples = read_samples(args.samples, solution_ok=tasks[0] != "mbpp")
         records = _load(tasks[0], data_dir)
         t0 = time.perf_counter()
+        common = {"ks": ks, "limits": _limits(args), "workers": args.workers, "progress": progress,
+                  "source": args.samples}
         if tasks[0] == "humaneval":
-            result = score_humaneval(records, samples, ks=ks, fmt="base", limits=_limits(args),
-                                     workers=args.workers, progress=progress, source=args.samples)
+            result = score_humaneval(records, samples, fmt="base", extraction=args.code_extraction, **common)
+        elif tasks[0] == "humaneval_plus":
+            result = score_humaneval_plus(records, samples, fmt="base", extraction=args.code_extraction, **common)
         else:
-            result = score_mbpp(records, samples, ks=ks, limits=_limits(args), workers=args.workers,
-                                progress=progress, source=args.samples)
+            result = score_mbpp(records, samples, extraction=args.code_extraction or "raw", **common)
         result.settings["wall_seconds"] = round(time.perf_counter() - t0, 3)
         results.append(result)
     else:
@@ -185,21 +198,20 @@ def _engine(args: argparse.Namespace) -> Any:
 def _run_task(task: str, engine: Any, data: Any, args: argparse.Namespace, ks: list[int], progress: bool) -> Any:
     """Dispatch one task to its module with the shared settings."""
     limit = args.limit
-    if task == "humaneval":
+    code = {"n_samples": args.n_samples, "ks": ks, "temperature": args.temperature,
+            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
+            "top_p": args.top_p, "limits": _limits(args), "workers": args.workers, "progress": progress}
+    if task in ("humaneval", "humaneval_plus"):
         from .humaneval import run_humaneval
+        from .humanevalplus import run_humaneval_plus
 
         problems = data[:limit] if limit is not None else data
-        return run_humaneval(engine, problems, n_samples=args.n_samples, ks=ks, temperature=args.temperature,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed, fmt=args.fmt,
-                             batch_size=args.batch_size, top_p=args.top_p, limits=_limits(args),
-                             workers=args.workers, progress=progress)
+        run = run_humaneval if task == "humaneval" else run_humaneval_plus
+        return run(engine, problems, fmt=args.fmt, extraction=args.code_extraction, **code)
     if task == "mbpp":
         from .mbpp import run_mbpp
 
-        return run_mbpp(engine, data, n_samples=args.n_samples, ks=ks, temperature=args.temperature,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                        top_p=args.top_p, limit=limit, limits=_limits(args), workers=args.workers,
-                        progress=progress)
+        return run_mbpp(engine, data, limit=limit, extraction=args.code_extraction or "raw", **code)
     if task == "gsm8k":
         from .gsm8k import run_gsm8k
 

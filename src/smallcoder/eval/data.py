@@ -9,6 +9,10 @@ Record shapes (one dict per item, file order unless said otherwise):
 
 - ``humaneval`` (164): as in HumanEval.jsonl.gz: ``{"task_id": "HumanEval/0", "prompt",
   "canonical_solution", "test", "entry_point"}``.
+- ``humaneval_plus`` (164): HumanEvalPlus.jsonl.gz (EvalPlus's release): ``{"task_id", "prompt",
+  "entry_point", "canonical_solution", "test", "base_input": [args...], "plus_input": [args...],
+  "atol"}``. Without a local file it comes from the `evalplus` package (which downloads EvalPlus's
+  release), not from a Hub dataset: the Hub copy lacks the inputs.
 - ``mbpp`` (974, task_id 1..974 in order; 11-510 is the test split): ``{"task_id": int, "text",
   "code", "test_list": [str], "test_setup_code": str, "challenge_test_list": [str]}``.
 - ``gsm8k`` (1,319, test): ``{"question", "answer"}``; the answer ends with ``#### N``.
@@ -36,11 +40,12 @@ from typing import Any
 
 from ..errors import SmallCoderError
 
-TASK_NAMES = ("humaneval", "mbpp", "gsm8k", "wikitext2", "arc_easy", "arc_challenge", "hellaswag")
+TASK_NAMES = ("humaneval", "mbpp", "gsm8k", "wikitext2", "arc_easy", "arc_challenge", "hellaswag", "humaneval_plus")
 
 # Where each task lives inside a data folder with the layout of ../shared/data.
 TASK_FILES: dict[str, str] = {
     "humaneval": "humaneval/HumanEval.jsonl.gz",
+    "humaneval_plus": "humanevalplus/HumanEvalPlus.jsonl.gz",
     "mbpp": "mbpp/mbpp.jsonl",
     "gsm8k": "gsm8k/test.jsonl",
     "wikitext2": "wikitext-2/wiki.test.raw",
@@ -75,6 +80,8 @@ def load_task_data(task: str, data_dir: str | Path | None = None) -> list[dict] 
         bundled = _bundled_humaneval()
         if bundled is not None:
             return _read_humaneval(bundled)
+    if task == "humaneval_plus":
+        return _evalplus_humaneval_plus(local)
     return _load_from_hub(task, local)
 
 
@@ -120,6 +127,45 @@ def _read_humaneval(path: Path) -> list[dict]:
 
 def _humaneval_record(row: dict, where: str) -> dict:
     return {k: _field(row, k, where) for k in HUMANEVAL_FIELDS}
+
+
+PLUS_FIELDS = (*HUMANEVAL_FIELDS, "base_input", "plus_input", "atol")
+
+
+def _read_humaneval_plus(path: Path) -> list[dict]:
+    return [_plus_record(row, f"{path}: line {n}") for n, row in _read_jsonl(path)]
+
+
+def _plus_record(row: dict, where: str) -> dict:
+    out = {k: _field(row, k, where) for k in HUMANEVAL_FIELDS}
+    out["base_input"] = _field(row, "base_input", where, list)
+    out["plus_input"] = _field(row, "plus_input", where, list)
+    atol = _field(row, "atol", where, (int, float))
+    for name in ("base_input", "plus_input"):
+        bad = next((i for i, args in enumerate(out[name]) if not isinstance(args, list)), None)
+        if bad is not None:
+            raise SmallCoderError(f"{where}: field {name!r} item {bad} should be a list of arguments, "
+                                  f"got {out[name][bad]!r:.60}")
+    out["atol"] = float(atol)
+    return out
+
+
+def _evalplus_humaneval_plus(local: Path | None) -> list[dict]:
+    """HumanEval+ through the `evalplus` package, which fetches and caches EvalPlus's release."""
+    looked = f"{local} does not exist" if local is not None else "no data folder was given"
+    fix = (f"pass --data-dir DIR with DIR/{TASK_FILES['humaneval_plus']} (HumanEvalPlus.jsonl.gz from "
+           "github.com/evalplus/humanevalplus_release), or `pip install evalplus` and go online")
+    try:
+        from evalplus.data import get_human_eval_plus
+    except ImportError:
+        raise SmallCoderError(f"benchmark 'humaneval_plus': {looked}, and the `evalplus` package is not "
+                              f"installed to fetch it; {fix}") from None
+    try:
+        rows = list(get_human_eval_plus().values())
+    except Exception as e:  # noqa: BLE001 - offline or a changed release: "not available here"
+        raise SmallCoderError(f"benchmark 'humaneval_plus': {looked}, and evalplus could not fetch it "
+                              f"({str(e).strip()[:200] or type(e).__name__}); {fix}") from None
+    return [_plus_record(r, f"evalplus HumanEval+ item {i}") for i, r in enumerate(rows)]
 
 
 def _read_mbpp(path: Path) -> list[dict]:
@@ -199,7 +245,7 @@ def _read_wikitext(path: Path) -> str:
 
 
 _LOCAL_READERS: dict[str, Callable[[Path], list[dict] | str]] = {
-    "humaneval": _read_humaneval, "mbpp": _read_mbpp, "gsm8k": _read_gsm8k, "wikitext2": _read_wikitext,
+    "humaneval": _read_humaneval, "humaneval_plus": _read_humaneval_plus, "mbpp": _read_mbpp, "gsm8k": _read_gsm8k, "wikitext2": _read_wikitext,
     "arc_easy": _read_arc, "arc_challenge": _read_arc, "hellaswag": _read_hellaswag,
 }
 

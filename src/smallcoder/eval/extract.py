@@ -17,6 +17,12 @@ import warnings
 _FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*([\w+.#-]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)",
                     re.MULTILINE | re.DOTALL)
 _PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
+# How a completion becomes the code that runs, as reports name it: "raw" (the completion as is,
+# as lm-eval and the original HumanEval/MBPP harnesses run it) or "extract" (`extract_code`).
+EXTRACTION_RULES = ("raw", "extract")
+RULE_TEXT = {"raw": "raw: the completion runs as generated (lm-eval's and the original harnesses' rule)",
+             "extract": "extract: the first Python/unnamed fenced block of the answer, else its longest "
+                        "part that parses"}
 
 
 def parses(code: str) -> bool:

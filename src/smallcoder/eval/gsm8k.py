@@ -64,7 +64,7 @@ def gold_answer(answer: str) -> str:
 def run_gsm8k(engine: Engine, items: Sequence[dict[str, Any]], *, max_new_tokens: int = 512,
               batch_size: int = 8, seed: int = 0, progress: bool = True) -> TaskResult:
     """Greedy answers for every question; strict and flexible exact match with counts."""
-    from .humaneval import generate_samples
+    from .generation import generate_samples
     from .passk import proportion
 
     for i, it in enumerate(items):

@@ -5,21 +5,30 @@ The prompt matches lm-evaluation-harness's `mbpp` task byte for byte: each examp
 tests:\\n\\n{test_list joined by \\n}\\n[BEGIN]\\n`; a shot adds `{code}\\n[DONE]` (its code
 verbatim, CRLF line ends included); examples are joined by a blank line (`\\n\\n`), and one more
 `\\n\\n` precedes the task. Generation stops at `[DONE]` (and at the start of a new example, which
-only saves tokens: that text is never code). The code is the completion, or what `extract_code`
-finds in it when it does not parse as a whole (fences, trailing prose).
+only saves tokens: that text is never code).
 
-Program = code, `test_setup_code` (after the code: tasks 367 and 927 build objects of a class the
-solution defines), then the three asserts; the first failing assert ends the sample.
+The code is the completion as generated (rule "raw", as lm-eval and the original MBPP run it; a
+completion wrapped in prose or followed by stray text fails), or what `extract_code` finds in it
+with `--code-extraction extract`. Reports name the rule.
+
+Grading (`mbpp_check`): the sample's code runs in the sandbox, then the task's `test_setup_code`
+(tasks 367 and 927 build objects of a class the solution defines) in the same process; the
+asserts run in a second, trusted sandbox, where the functions the reference solution defines
+stand for the sample's and the setup's objects are passed by reference. The first failing assert
+ends the sample.
 """
 
 from __future__ import annotations
 
+import ast
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SmallCoderError
-from .extract import extract_code
+from .extract import EXTRACTION_RULES, extract_code
 from .results import TaskResult
+from .sandbox import Check
 
 if TYPE_CHECKING:
     from ..generate import Engine
@@ -42,15 +51,39 @@ def mbpp_prompt(record: dict[str, Any], shots: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(examples + [mbpp_query(record)])
 
 
-def mbpp_code(completion: str) -> str:
-    """The code to run: what `extract_code` takes from the completion (unchanged raw code)."""
-    return extract_code(completion)
+def mbpp_code(completion: str, extraction: str = "raw") -> str:
+    """The code to run: the completion as is ("raw"), or what `extract_code` takes from it."""
+    if extraction not in EXTRACTION_RULES:
+        raise SmallCoderError(f"--code-extraction must be one of {', '.join(EXTRACTION_RULES)}, got {extraction!r}")
+    return completion if extraction == "raw" else extract_code(completion)
 
 
-def mbpp_program(record: dict[str, Any], code: str) -> str:
-    """Solution, setup code, then the asserts."""
-    parts = [code, record.get("test_setup_code") or "", "\n".join(record["test_list"])]
-    return "\n".join(p for p in parts if p) + "\n"
+def _top_level_names(code: str) -> tuple[set[str], set[str]]:
+    """(functions/classes defined, names assigned) at the top level of trusted benchmark code."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = ast.parse(code)
+    defined, assigned = set(), set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            assigned.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return defined, assigned
+
+
+def mbpp_check(record: dict[str, Any]) -> Check:
+    """The task's asserts, run outside the sample. The names they call that the reference solution
+    defines are the sample's functions; what `test_setup_code` makes stays in the sample's process
+    and is passed to it by reference."""
+    tests = "\n".join(record["test_list"])
+    used = {n.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Name)}
+    defined, _ = _top_level_names(record["code"])
+    setup = record.get("test_setup_code") or ""
+    made = set().union(*_top_level_names(setup)) if setup else set()
+    return Check(test=tests + "\n", functions=tuple(sorted(used & defined - made)), sample_setup=setup,
+                 refs=tuple(sorted(used & made)))
 
 
 def split(records: Sequence[dict[str, Any]], limit: int | None = None
@@ -73,9 +106,9 @@ def split(records: Sequence[dict[str, Any]], limit: int | None = None
 def run_mbpp(engine: Engine, records: Sequence[dict[str, Any]], *, n_samples: int = 1,
              ks: Sequence[int] = (1,), temperature: float = 0.2, max_new_tokens: int = 512, seed: int = 0,
              batch_size: int = 8, top_p: float = 1.0, limit: int | None = None, limits: Any = None,
-             workers: int | None = None, progress: bool = True) -> TaskResult:
-    """Generate n samples per test task (3-shot), run them in the sandbox and score pass@k."""
-    from .humaneval import _notes, generate_samples, sample_records
+             workers: int | None = None, progress: bool = True, extraction: str = "raw") -> TaskResult:
+    """Generate n samples per test task (3-shot), grade them in the sandbox and score pass@k."""
+    from .generation import generate_samples, generation_notes, sample_records
     from .passk import check_ks, score_code_samples
 
     check_ks(ks, n_samples)
@@ -85,15 +118,16 @@ def run_mbpp(engine: Engine, records: Sequence[dict[str, Any]], *, n_samples: in
                                           max_new_tokens=max_new_tokens, seed=seed, stop=STOP,
                                           batch_size=batch_size, top_p=top_p, progress=progress,
                                           desc="mbpp: generate")
-    records_out, programs = sample_records(tasks, prompts, completions, stats,
-                                           lambda r, text: mbpp_code(text), mbpp_program)
+    mbpp_code("", extraction)  # an unknown rule fails before anything runs
+    records_out, runs = sample_records(tasks, prompts, completions, stats,
+                                       lambda r, text: mbpp_code(text, extraction), mbpp_check)
     settings = {"shots": list(SHOT_IDS), "test_ids": f"{tasks[0]['task_id']}-{tasks[-1]['task_id']}" if tasks else "",
                 "n": n_samples, "k": list(ks), "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size, "stop": list(STOP),
-                **stats}
-    return score_code_samples("mbpp", [r["task_id"] for r in tasks], records_out, programs, ks, settings,
+                "code_extraction": extraction, **stats}
+    return score_code_samples("mbpp", [r["task_id"] for r in tasks], records_out, runs, ks, settings,
                               limits=limits, workers=workers, progress=progress,
-                              notes=_notes(temperature, n_samples, stats))
+                              notes=generation_notes(temperature, n_samples, stats))
 
 
 def normalize_task_id(value: Any) -> int | None:
@@ -113,10 +147,11 @@ def normalize_task_id(value: Any) -> int | None:
 
 def score_mbpp(records: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]], *,
                ks: Sequence[int] = (1,), limits: Any = None, workers: int | None = None,
-               progress: bool = True, source: str = "samples") -> TaskResult:
+               progress: bool = True, source: str = "samples", extraction: str = "raw") -> TaskResult:
     """Score ready completions `{"task_id", "completion"}` on the test split (ids 11-510).
 
-    The completion is the solution code (fences and prose are stripped by `extract_code`).
+    The completion is the solution code as is (rule "raw", as lm-eval and the original MBPP);
+    `extraction="extract"` takes the code out of fences and prose first.
     """
     from .passk import score_code_samples
 
@@ -128,15 +163,16 @@ def score_mbpp(records: Sequence[dict[str, Any]], samples: Sequence[dict[str, An
         raise SmallCoderError(f"{source}: unknown MBPP test task id(s): {', '.join(unknown[:10])}"
                               + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
                               + f" (the test split is task_ids {TEST_IDS.start}-{TEST_IDS.stop - 1})")
-    records_out, programs, seen = [], [], {}
+    records_out, runs, seen = [], [], {}
     for s, tid in zip(samples, ids):
         r = by_id[tid]
-        code = mbpp_code(s["completion"])
+        code = mbpp_code(s["completion"], extraction)
         j = seen[tid] = seen.get(tid, -1) + 1
         records_out.append({"task_id": tid, "sample": j, "prompt": mbpp_prompt(r, shots),
                             "completion": s["completion"], "code": code})
-        programs.append(mbpp_program(r, code))
+        runs.append((code, mbpp_check(r)))
     ns = sorted({n + 1 for n in seen.values()})
-    settings = {"shots": list(SHOT_IDS), "source": source, "n": ns[0] if len(ns) == 1 else ns, "k": list(ks)}
-    return score_code_samples("mbpp", list(dict.fromkeys(ids)), records_out, programs, ks, settings,
+    settings = {"shots": list(SHOT_IDS), "source": source, "n": ns[0] if len(ns) == 1 else ns, "k": list(ks),
+                "code_extraction": extraction}
+    return score_code_samples("mbpp", list(dict.fromkeys(ids)), records_out, runs, ks, settings,
                               limits=limits, workers=workers, progress=progress)

@@ -78,50 +78,84 @@ def check_ks(ks: Sequence[int], n: int) -> None:
 
 
 def score_code_samples(task: str, task_ids: Sequence[Any], records: Sequence[dict[str, Any]],
-                       programs: Sequence[str], ks: Sequence[int], settings: dict[str, Any],
+                       runs: Sequence[tuple[str, Any]], ks: Sequence[int], settings: dict[str, Any],
                        limits: Any = None, workers: int | None = None, progress: bool = False,
                        notes: Sequence[str] = ()) -> TaskResult:
-    """Run one program per sample in the sandbox and score pass@k per task.
+    """Grade one (code, check) run per sample in the sandbox and score pass@k per task.
 
-    `records[i]` is the sample record for `programs[i]` (it must hold `task_id`); the result of
+    `records[i]` is the sample record for `runs[i]` (it must hold `task_id`); the result of
     the run is added to it. Every task in `task_ids` must have at least max(ks) samples.
+    `limits` is one `sandbox.Limits` for all runs or one per run.
     """
-    from . import sandbox
 
-    if len(records) != len(programs):
-        raise ValueError("one record per program")
+    if len(records) != len(runs):
+        raise ValueError("one record per run")
+    check_samples_per_task(task, task_ids, records, ks)
+    results = run_graded(runs, limits, workers, progress)
     per_task: dict[Any, list[bool]] = {tid: [] for tid in task_ids}
-    n_per_task = dict.fromkeys(task_ids, 0)
-    for r in records:
-        if r["task_id"] not in per_task:
-            raise SmallCoderError(f"{task}: sample for unknown task_id {r['task_id']!r}")
-        n_per_task[r["task_id"]] += 1
-    short = [(tid, n) for tid, n in n_per_task.items() if n < max(ks)]
-    if short:  # refuse before running anything
-        tid, n = short[0]
-        raise SmallCoderError(f"{task}: pass@{max(ks)} needs k <= n, but task {tid!r} has n={n} sample(s) "
-                              f"({len(short)} task(s) short of k={max(ks)})")
-    if workers is None:  # a sample mostly waits on process start-up and teardown: 2 per core
-        workers = 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    kwargs: dict[str, Any] = {"workers": workers, "progress": progress}
-    if limits is not None:
-        kwargs["limits"] = limits
-    results = sandbox.run_many(list(programs), **kwargs)
     for record, res in zip(records, results):
-        record["status"] = res.status
-        record["detail"] = res.detail
-        record["exec_time"] = round(float(res.duration), 4)
+        record.update(result_fields(res))
         per_task[record["task_id"]].append(res.status == "passed")
     counts = [(len(v), sum(v)) for v in per_task.values()]
     metrics = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
+    return code_task_result(task, metrics, records, settings, notes, workers)
+
+
+def check_samples_per_task(task: str, task_ids: Sequence[Any], records: Sequence[dict[str, Any]],
+                           ks: Sequence[int]) -> None:
+    """Refuse, before running anything, samples of unknown tasks or fewer than max(ks) for a task."""
+    n_per_task = dict.fromkeys(task_ids, 0)
+    for r in records:
+        if r["task_id"] not in n_per_task:
+            raise SmallCoderError(f"{task}: sample for unknown task_id {r['task_id']!r}")
+        n_per_task[r["task_id"]] += 1
+    short = [(tid, n) for tid, n in n_per_task.items() if n < max(ks)]
+    if short:
+        tid, n = short[0]
+        raise SmallCoderError(f"{task}: pass@{max(ks)} needs k <= n, but task {tid!r} has n={n} sample(s) "
+                              f"({len(short)} task(s) short of k={max(ks)})")
+
+
+def default_workers() -> int:
+    """A graded sample mostly waits on process start-up and teardown: two at a time per core."""
+    return 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_graded(runs: Sequence[tuple[str, Any]], limits: Any, workers: int | None, progress: bool) -> list[Any]:
+    """The sandbox's results for (code, check) runs, in order."""
+    from . import sandbox
+
+    kwargs: dict[str, Any] = {"workers": workers or default_workers(), "progress": progress,
+                              "checks": [check for _, check in runs]}
+    if limits is not None:
+        kwargs["limits"] = limits
+    return sandbox.run_many([code for code, _ in runs], **kwargs)
+
+
+def result_fields(res: Any) -> dict[str, Any]:
+    """What a sample record keeps of its graded run."""
+    return {"status": res.status, "detail": res.detail, "exec_time": round(float(res.duration), 4),
+            "cpu_time": res.cpu_seconds}
+
+
+def code_task_result(task: str, metrics: dict[str, Score], records: Sequence[dict[str, Any]],
+                     settings: dict[str, Any], notes: Sequence[str], workers: int | None) -> TaskResult:
+    """The TaskResult of a code task: statuses, the sandbox's protections and the extraction rule
+    in the settings, and a note for every protection that is not in effect here."""
+    from . import sandbox
+    from .extract import RULE_TEXT
+
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    settings = {**settings, "tasks": len(per_task), "samples": len(records), "statuses": statuses,
-                "sandbox_workers": workers}
+    settings = {**settings, "tasks": len({r["task_id"] for r in records}), "samples": len(records),
+                "statuses": statuses, "sandbox_workers": workers or default_workers()}
     protections = sandbox.protections()
     settings["sandbox"] = protections
     all_notes = list(notes)
+    rule = settings.get("code_extraction")
+    if rule in RULE_TEXT:
+        all_notes.append(f"code extraction: {RULE_TEXT[rule]}")
     missing = [name for name, on in protections.items() if on is False and name != "harness_root"]
     if missing:
         all_notes.append(f"sandbox protections not active on this machine: {', '.join(missing)}")

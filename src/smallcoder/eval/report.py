@@ -22,6 +22,7 @@ from .results import Score, TaskResult
 # (domain, benchmark label) per task, in the card's order.
 TASK_LABELS: dict[str, tuple[str, str]] = {
     "humaneval": ("Code", "HumanEval (0-shot)"),
+    "humaneval_plus": ("Code", "HumanEval+ (0-shot)"),
     "mbpp": ("Code", "MBPP (3-shot)"),
     "gsm8k": ("Math", "GSM8k (0-shot)"),
     "wikitext2": ("Knowledge", "Wikitext-2"),
@@ -30,6 +31,7 @@ TASK_LABELS: dict[str, tuple[str, str]] = {
     "hellaswag": ("Commonsense", "HellaSwag"),
 }
 METRIC_LABELS = {
+    **{f"base_pass@{k}": f"pass@{k} (base tests)" for k in (1, 2, 5, 10, 20, 50, 100)},
     "exact_match_strict": "exact match (strict)",
     "exact_match_flexible": "exact match (flexible)",
     "word_perplexity": "word perplexity ↓",
@@ -101,6 +103,19 @@ def markdown_table(results: Sequence[TaskResult], compare_card: bool = False) ->
     return "\n".join(rows) + "\n"
 
 
+def notes_markdown(results: Sequence[TaskResult]) -> str:
+    """The notes below the table: extraction rule, sandbox protections, sampling caveats."""
+    lines = [f"- {r.task}: {note}" for r in results for note in r.notes]
+    return ("\nNotes:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """JSON that any strict UTF-8 reader accepts, even with lone surrogates in a sample (a model's
+    completion can hold one): those are written as their \\uXXXX escapes, so the value round-trips."""
+    text = json.dumps(obj, ensure_ascii=False, default=str, **kw)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _score_dict(score: Score) -> dict[str, Any]:
     return {**asdict(score), "count": score.count}
 
@@ -128,21 +143,21 @@ def write_report(out_dir: str | Path, results: Sequence[TaskResult], settings: d
     written: dict[str, Path] = {}
     for r in results:
         path = out / f"samples_{r.task}.jsonl"
-        atomic_write(path, lambda f, r=r: f.writelines(json.dumps(s, ensure_ascii=False, default=str) + "\n"
-                                                      for s in r.samples))
+        atomic_write(path, lambda f, r=r: f.writelines(json_text(s) + "\n" for s in r.samples))
         written[f"samples_{r.task}"] = path
     md = out / "results.md"
-    atomic_write_text(md, markdown_table(results, compare_card))
+    text = markdown_table(results, compare_card) + notes_markdown(results)
+    atomic_write_text(md, text.encode("utf-8", "replace").decode("utf-8"))
     written["table"] = md
     path = out / "results.json"
-    atomic_write_text(path, json.dumps(report_dict(results, settings, protections), indent=1, ensure_ascii=False,
-                                       default=str) + "\n")
+    atomic_write_text(path, json_text(report_dict(results, settings, protections), indent=1) + "\n")
     written["results"] = path
     return written
 
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """`{"task_id", "completion"}` per line (human-eval / evalplus layout); errors name the line."""
+def read_samples(path: str | Path, solution_ok: bool = False) -> list[dict[str, Any]]:
+    """`{"task_id", "completion"}` per line (human-eval / evalplus layout; with `solution_ok` a
+    whole-program `solution` may stand in for the completion, as EvalPlus writes); errors name the line."""
     p = Path(path)
     if not p.is_file():
         raise SmallCoderError(f"--samples {p}: no such file")
@@ -151,7 +166,8 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     samples = []
     try:
         for n, obj in read_jsonl(p):
-            for field, kinds in (("task_id", (str, int)), ("completion", (str,))):
+            text_field = "solution" if solution_ok and "completion" not in obj and "solution" in obj else "completion"
+            for field, kinds in (("task_id", (str, int)), (text_field, (str,))):
                 if field not in obj:
                     raise SmallCoderError(f"{p}: line {n}: field {field!r} is missing")
                 if not isinstance(obj[field], kinds) or isinstance(obj[field], bool):

@@ -56,6 +56,7 @@ class ExecResult:
     returncode: int | None = None  # the sample's exit code, -N for signal N, None when unknown
     stderr_tail: str = ""          # the last few KB of stderr, for reading failures
     cpu_seconds: float | None = None  # the sample's CPU time (user + system)
+    collected: object = None          # a checked run's `Check.collect` value (plain data), if asked
 
     @property
     def passed(self) -> bool:
@@ -474,7 +475,7 @@ def _classify_plain(reason: str | None, p: _Proc, limits: Limits, duration: floa
         return _result("timeout", f"wall-clock timeout after {limits.timeout:g} s", duration, p)
     if reason == "output":
         return _result("killed", f"output limit: more than {limits.max_output_bytes} bytes", duration, p)
-    ended, code = _exit_status(p, limits, duration)
+    ended, _ = _exit_status(p, limits, duration)
     if ended is not None:
         return ended
     if p.out.token_seen:
@@ -506,7 +507,15 @@ def _classify_checked(reason: str | None, sample: _Proc, checker: _Proc, verdict
     kind, detail = verdict.get("verdict"), str(verdict.get("detail", ""))[:500]
     sample_code = (sample.status() or {}).get("exitcode")
     if kind == "passed":
-        return _result("passed", "", duration, sample, sample_code)
+        result = _result("passed", "", duration, sample, sample_code)
+        if "collected" in verdict:
+            from .codec import decode
+
+            try:
+                result.collected = decode(verdict["collected"])
+            except (CodecError, RecursionError) as exc:
+                return _result("error", f"the checker's collected value is unreadable: {exc}", duration, sample)
+        return result
     if kind == "failed":
         return _result("failed", detail, duration, sample, sample_code)
     if kind == "error":

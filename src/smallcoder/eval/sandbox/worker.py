@@ -39,7 +39,7 @@ def _set_cpu_limit(seconds):
     if seconds is None:
         return
     used = time.process_time()
-    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     want = int(used + seconds) + 1
     if hard != resource.RLIM_INFINITY:
         want = min(want, hard)
@@ -48,9 +48,9 @@ def _set_cpu_limit(seconds):
 
 def main(call_fd, reply_fd, sample_path, setup_path):
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    exec(compile(_read(sample_path), "sample.py", "exec"), namespace)  # an error ends the run here
+    exec(compile(_read(sample_path), "sample.py", "exec"), namespace)  # noqa: S102 - an error ends the run here
     if setup_path and os.path.exists(setup_path):
-        exec(compile(_read(setup_path), "test_setup.py", "exec"), namespace)
+        exec(compile(_read(setup_path), "test_setup.py", "exec"), namespace)  # noqa: S102
     send(reply_fd, dumps_message({"ready": True}))  # noqa: F821 - from codec.py
 
     def resolve(name):
