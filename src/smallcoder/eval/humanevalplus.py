@@ -119,10 +119,15 @@ def score_plus(problems: Sequence[dict[str, Any]], records: list[dict[str, Any]]
     by_id = {p["task_id"]: p for p in problems}
     truth = ground_truth([by_id[t] for t in task_ids], workers=workers, progress=progress)
 
+    checks: dict[tuple[Any, str], tuple[Check, Limits]] = {}
+
     def graded(indices: list[int], part: str) -> list[Any]:
         runs, lims = [], []
         for i in indices:
-            check, lim = plus_check(by_id[records[i]["task_id"]], truth[records[i]["task_id"]], part)
+            tid = records[i]["task_id"]
+            if (tid, part) not in checks:  # one Check per task and part: its job is encoded once
+                checks[tid, part] = plus_check(by_id[tid], truth[tid], part)
+            check, lim = checks[tid, part]
             if limits is not None:  # --timeout: the wall clock given, the CPU budget EvalPlus's
                 lim = replace(lim, timeout=max(limits.timeout, lim.timeout))
             runs.append((codes[i], check))

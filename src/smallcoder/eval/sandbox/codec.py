@@ -24,7 +24,6 @@ import os
 import struct
 
 MAX_DEPTH = 200            # nesting of containers, both ways
-MAX_INT_HEX_DIGITS = 100_000
 _HEADER = struct.Struct(">Q")
 _SMALL = 1 << 63
 
@@ -58,7 +57,10 @@ def encode(value: object, ref=None, depth: int = 0) -> object:
         return {"complex": [encode(number.real), encode(number.imag)]}
     d = depth + 1
     if isinstance(value, list):
-        return [encode(x, ref, d) for x in list.__iter__(value)]
+        items = list(list.__iter__(value))
+        if _all_json_scalars(items):  # the common case, millions of numbers: no per-item call
+            return items
+        return [encode(x, ref, d) for x in items]
     if isinstance(value, tuple):
         return {"tuple": [encode(x, ref, d) for x in tuple.__iter__(value)]}
     if isinstance(value, dict):
@@ -74,6 +76,23 @@ def encode(value: object, ref=None, depth: int = 0) -> object:
     raise CodecError(f"a {type(value).__name__} is not a plain value")
 
 
+def _all_json_scalars(items: list) -> bool:
+    """Whether every item is an exact str, bool, None, small int or finite float (sent as is)."""
+    for x in items:
+        kind = type(x)
+        if kind is str or x is None or kind is bool:
+            continue
+        if kind is int:
+            if not -_SMALL <= x < _SMALL:
+                return False
+        elif kind is float:
+            if x - x != 0.0:  # inf or nan
+                return False
+        else:
+            return False
+    return True
+
+
 def decode(obj: object, resolve=None, depth: int = 0) -> object:
     """Plain values from `encode`'s form; only exact built-in types come out. `resolve(name)`
     turns {"ref": name} into an object (the sample side); without it a ref is an error."""
@@ -84,7 +103,10 @@ def decode(obj: object, resolve=None, depth: int = 0) -> object:
         return obj
     d = depth + 1
     if kind is list:
-        return [decode(x, resolve, d) for x in obj]
+        for x in obj:
+            if type(x) is list or type(x) is dict:
+                return [decode(x, resolve, d) for x in obj]
+        return obj  # only scalars, which the JSON parser already made of exact built-in types
     if kind is not dict or len(obj) != 1:
         raise CodecError(f"not an encoded value: {kind.__name__}")
     (tag, payload), = obj.items()
@@ -101,7 +123,7 @@ def decode(obj: object, resolve=None, depth: int = 0) -> object:
             return out
         if tag == "bytes" and type(payload) is str:
             return bytes.fromhex(payload)
-        if tag == "int" and type(payload) is str and len(payload) <= MAX_INT_HEX_DIGITS:
+        if tag == "int" and type(payload) is str:  # linear in its length (hex is not digit-capped)
             return int(payload, 16)
         if tag == "float" and payload in ("nan", "inf", "-inf"):
             return float(payload)

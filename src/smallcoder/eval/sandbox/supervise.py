@@ -27,6 +27,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,12 +144,14 @@ def rlimits(limits: Limits, own_uid: bool) -> dict[str, list[int]]:
     }
 
 
-def checker_limits(limits: Limits) -> Limits:
-    """The checker runs trusted code but decodes what the sample sent: bounded, generously."""
+def checker_limits(limits: Limits, job_bytes: int = 0) -> Limits:
+    """The checker runs trusted code but decodes what the sample sent: bounded, generously
+    (its work folder holds the job, whose expected outputs can be large)."""
     return Limits(timeout=limits.timeout, cpu_seconds=max(60, 2 * limits.cpu_seconds),
-                  memory_bytes=max(2 << 30, 4 * limits.max_value_bytes, limits.memory_bytes),
-                  max_processes=16, max_file_bytes=10 << 20, max_open_files=64,
-                  max_output_bytes=1 << 20, disk_bytes=16 << 20, max_value_bytes=limits.max_value_bytes)
+                  memory_bytes=max(2 << 30, 4 * limits.max_value_bytes, limits.memory_bytes, 8 * job_bytes),
+                  max_processes=16, max_file_bytes=max(10 << 20, job_bytes), max_open_files=64,
+                  max_output_bytes=1 << 20, disk_bytes=max(16 << 20, job_bytes + (1 << 20)),
+                  max_value_bytes=limits.max_value_bytes)
 
 
 class _Output:
@@ -323,7 +326,7 @@ def execute(setup: Setup, code: str, limits: Limits, check: Check | None = None,
             job = _job(check, limits)
             argv = [setup.interpreter, "-I", "-c", _LOADER.format(name="smallcoder_checker", file="checker.py"),
                     _source("codec.py"), _source("checker.py"), "3", "4", "5", "job.json"]
-            procs.append(_Proc("checker", setup, checker_limits(limits), {"job.json": job}, argv,
+            procs.append(_Proc("checker", setup, checker_limits(limits, len(job)), {"job.json": job}, argv,
                                {3: call_w, 4: reply_r, 5: verdict_w}, None, False))
             for fd in (call_r, call_w, reply_r, reply_w, verdict_w):  # the sandboxes hold them now
                 os.close(fd)
@@ -348,13 +351,29 @@ def _source(name: str) -> str:
     return (_HERE / name).read_text(encoding="utf-8")
 
 
+_jobs: dict[tuple[int, int], tuple[Check, bytes]] = {}  # the last few, kept with their Check alive
+_jobs_lock = threading.Lock()
+
+
 def _job(check: Check, limits: Limits) -> bytes:
+    """The checker's job file; encoded once per Check object (a task's samples share one, and
+    HumanEval+'s expected outputs can be a hundred megabytes)."""
     from .codec import dumps_message, encode
 
-    return dumps_message({"setup": check.setup, "test": check.test, "functions": list(check.functions),
-                          "refs": list(check.refs), "collect": check.collect,
-                          "values": {k: encode(v) for k, v in check.values.items()},
-                          "max_reply_bytes": limits.max_value_bytes})
+    key = (id(check), limits.max_value_bytes)
+    with _jobs_lock:
+        hit = _jobs.get(key)
+    if hit is not None and hit[0] is check:
+        return hit[1]
+    job = dumps_message({"setup": check.setup, "test": check.test, "functions": list(check.functions),
+                         "refs": list(check.refs), "collect": check.collect,
+                         "values": {k: encode(v) for k, v in check.values.items()},
+                         "max_reply_bytes": limits.max_value_bytes})
+    with _jobs_lock:
+        if len(_jobs) >= 8:
+            _jobs.pop(next(iter(_jobs)))
+        _jobs[key] = (check, job)
+    return job
 
 
 def _watch(procs: list[_Proc], verdict_r: int | None, limits: Limits, start: float
@@ -363,7 +382,7 @@ def _watch(procs: list[_Proc], verdict_r: int | None, limits: Limits, start: flo
 
     reason: None, "timeout", "output" (the sample printed too much) or "checker_output"."""
     sel = selectors.DefaultSelector()
-    verdict = b""
+    verdict = bytearray()  # appended to in place: a verdict may carry many megabytes
     for p in procs:
         for which, fd in (("stdout", p.proc.stdout.fileno()), ("stderr", p.proc.stderr.fileno()),
                           ("status", p.status_r)):
@@ -422,7 +441,7 @@ def _watch(procs: list[_Proc], verdict_r: int | None, limits: Limits, start: flo
                 break
     finally:
         sel.close()
-    return reason, verdict
+    return reason, bytes(verdict)
 
 
 def _exited(p: _Proc, procs: list[_Proc]) -> None:
