@@ -3,7 +3,7 @@
 Everything runs on the micro model of conftest (random weights, a 342-token byte-level BPE,
 a 128-token context). Its completions are mostly byte garbage, so tests that need particular
 text either pick it from a completion the model really produced, or script the sampled tokens
-by replacing `smallcoder.generate.sample` (the engine's only source of next tokens).
+by replacing `smallcoder.inference.engine.sample` (the engine's only source of next tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import smallcoder
 from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, format_chat
 from smallcoder.tokenizer import CHAT_TEMPLATE, EOS_TOKEN
 
-gen_mod = importlib.import_module("smallcoder.generate")
+gen_mod = importlib.import_module("smallcoder.inference.engine")
 sample = gen_mod.sample
 
 PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print("]
@@ -879,9 +879,10 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(monkeypatch, 
 
 def test_prefix_reuse_recomputes_only_the_new_suffix_and_changes_nothing(model, tok):
     """A prompt that extends a finished one reuses that row's keys/values: same tokens as an
-    engine without reuse, and only the new part is prefilled."""
-    fresh = Engine(model, tok, prefix_cache=False)
-    engine = Engine(model, tok, max_batch=2)
+    engine without reuse, and only the new part (from the last chunk boundary) is prefilled."""
+    chunk = 8  # reuse stops at a prefill-chunk boundary (see `Engine`); small, so the prefix spans chunks
+    fresh = Engine(model, tok, prefix_cache=False, prefill_chunk=chunk)
+    engine = Engine(model, tok, max_batch=2, prefill_chunk=chunk)
     seen = []
     orig = model.forward
 
@@ -899,10 +900,11 @@ def test_prefix_reuse_recomputes_only_the_new_suffix_and_changes_nothing(model, 
         del model.forward
     want = fresh.generate(follow, greedy(6))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
-    n_shared = len(tok.encode(shared))
-    assert engine.reused_tokens >= 2 * (n_shared - 1)
+    n_shared = (len(tok.encode(shared)) - 1) // chunk * chunk  # the reusable, chunk-aligned part
+    assert n_shared >= 2 * chunk
+    assert engine.reused_tokens >= 2 * n_shared
     prefills = [n for n in seen if n > 1]
-    assert prefills[0] <= len(tok.encode(follow[0])) - (n_shared - 1)
+    assert prefills[0] <= len(tok.encode(follow[0])) - n_shared
     assert fresh.reused_tokens == 0
 
 
@@ -911,8 +913,9 @@ def test_prefix_copied_from_a_busy_row_changes_nothing(model, tok):
     keys/values from the first one's row instead of recomputing them."""
     shared = "User: hi\nAssistant: hello there\n" * 3
     prompts = [shared + tail for tail in ("def", "for i in", "The lazy dog", "x = 1")]
-    engine = Engine(model, tok, max_batch=4)
+    chunk = 8
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=chunk)
     got = engine.generate(prompts, greedy(8))
-    want = Engine(model, tok, prefix_cache=False).generate(prompts, greedy(8))
+    want = Engine(model, tok, prefix_cache=False, prefill_chunk=chunk).generate(prompts, greedy(8))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
-    assert engine.reused_tokens >= 3 * (len(tok.encode(shared)) - 2)
+    assert engine.reused_tokens >= 3 * ((len(tok.encode(shared)) - 1) // chunk * chunk) >= 3 * 2 * chunk

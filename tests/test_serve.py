@@ -38,7 +38,10 @@ import uvicorn
 
 import smallcoder
 from smallcoder import Engine, SamplingParams, SmallCoderError, format_chat
-from smallcoder.serve import CHAT_STOP, ServeLimits, bind_socket, create_app, register
+from smallcoder.serve.app import create_app
+from smallcoder.serve.chat import CHAT_STOP
+from smallcoder.serve.cli import bind_socket, register
+from smallcoder.serve.limits import ServeLimits
 
 KEY = "test-key"
 PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print(", "User: hello", "return a"]
@@ -610,7 +613,7 @@ def test_serve_command_defaults_to_loopback():
 
 def test_serve_command_end_to_end(micro_checkpoint, tmp_path):
     """The command as a user runs it: a free port, the key from $SMALLCODER_API_KEY, SIGTERM to stop."""
-    code = ("import argparse, sys\nfrom smallcoder.serve import register\np = argparse.ArgumentParser()\n"
+    code = ("import argparse, sys\nfrom smallcoder.serve.cli import register\np = argparse.ArgumentParser()\n"
             "register(p.add_subparsers())\na = p.parse_args(sys.argv[1:])\na.func(a)\n")
     log = tmp_path / "server.log"
     env = {**os.environ, "SMALLCODER_API_KEY": "env-key"}

@@ -28,7 +28,7 @@ from .extract import defines, extract_code
 from .results import TaskResult
 
 if TYPE_CHECKING:
-    from ..generate import Completion, Engine
+    from ..inference import Completion, Engine
 
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
 BASE_STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
@@ -50,7 +50,7 @@ def generate_samples(engine: Engine, prompts: Sequence[str], *, n_samples: int, 
     """
     from tqdm.auto import tqdm
 
-    from ..generate import SamplingParams
+    from ..inference import SamplingParams
 
     if n_samples < 1:
         raise SmallCoderError(f"--n-samples must be >= 1, got {n_samples}")

@@ -22,7 +22,7 @@ from .extract import extract_code
 from .results import TaskResult
 
 if TYPE_CHECKING:
-    from ..generate import Engine
+    from ..inference import Engine
 
 SHOT_IDS = (2, 3, 4)
 TEST_IDS = range(11, 511)
