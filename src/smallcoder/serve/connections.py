@@ -56,8 +56,16 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ServeLimits) -> type[
                 super().connection_made(transport)
                 self._await_head()
                 return
+            self._refuse(transport, reply)
+
+        def _refuse(self, transport: asyncio.BaseTransport, reply: bytes) -> None:
+            """Answer and close politely: the reply, then end of stream, then close a second later
+            (what the client sent meanwhile is read and dropped: closing on unread data would
+            reset the connection and lose the reply)."""
             transport.write(reply)
-            transport.close()
+            if transport.can_write_eof():
+                transport.write_eof()
+            asyncio.get_running_loop().call_later(1.0, transport.close)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._client_key is None:  # refused in connection_made: uvicorn never saw it
@@ -70,7 +78,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ServeLimits) -> type[
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._client_key is None:
+            if self._client_key is None:  # refused: dropped
                 return
             super().data_received(data)
             if self._head_timer is not None and self.cycle is not self._waiting_since:
@@ -96,7 +104,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ServeLimits) -> type[
             self._head_timer = None
             if self.cycle is self._waiting_since and not self.transport.is_closing():
                 self.transport.write(timeout_reply)
-                self.transport.close()
+                self.transport.close()  # uvicorn's parser has read everything sent: nothing is reset
 
     Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
     return Guarded
