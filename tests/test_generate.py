@@ -923,10 +923,10 @@ def test_prefix_copied_from_a_busy_row_changes_nothing(model, tok):
 
 # ---- trust: parameter extremes, failure isolation, end signal, scoring queue, determinism ----------
 
-EXTREMES = [dict(temperature=1e-45), dict(temperature=5e-324), dict(temperature=1e-320), dict(temperature=1e308),
-            dict(temperature=1.7976931348623157e308), dict(temperature=1.0, top_p=1e-320),
-            dict(temperature=1.0, top_p=5e-324), dict(temperature=1e-45, top_p=1e-45),
-            dict(temperature=1.0, top_k=2**62), dict(temperature=1e-320, top_k=1, top_p=1e-320)]
+EXTREMES = [{"temperature": 1e-45}, {"temperature": 5e-324}, {"temperature": 1e-320}, {"temperature": 1e308},
+            {"temperature": 1.7976931348623157e308}, {"temperature": 1.0, "top_p": 1e-320},
+            {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 1e-45, "top_p": 1e-45},
+            {"temperature": 1.0, "top_k": 2**62}, {"temperature": 1e-320, "top_k": 1, "top_p": 1e-320}]
 
 
 @pytest.mark.parametrize("kw", EXTREMES, ids=lambda kw: ",".join(f"{k}={v:g}" for k, v in kw.items()))
@@ -941,10 +941,10 @@ def test_sample_is_valid_for_every_valid_parameter_value(kw):
             assert ids.tolist() == [1, 0]  # as good as greedy
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=float("inf")), dict(temperature=float("nan")),
-                                dict(temperature=-1e-300), dict(top_p=float("nan")), dict(top_p=float("inf")),
-                                dict(seed=2**64), dict(seed=-(2**63) - 1), dict(seed=1.5), dict(top_k=True),
-                                dict(stop=[3])])
+@pytest.mark.parametrize("kw", [{"temperature": float("inf")}, {"temperature": float("nan")},
+                                {"temperature": -1e-300}, {"top_p": float("nan")}, {"top_p": float("inf")},
+                                {"seed": 2**64}, {"seed": -(2**63) - 1}, {"seed": 1.5}, {"top_k": True},
+                                {"stop": [3]}])
 def test_sampling_params_refuse_values_without_meaning(kw):
     with pytest.raises(SmallCoderError, match=next(iter(kw))):
         SamplingParams(**kw)

@@ -275,13 +275,14 @@ class Engine(Scoring):
                     self._stepped.notify_all()
         finally:
             if not self._closing:  # died (a BaseException): nobody would ever end the requests left
-                with self._step_lock, self._work:
-                    left, self._queue = list(self._queue), deque()
                 stopped = SmallCoderError("the engine's background loop stopped")
-                self._fail_all(stopped)
-                for job in left:
-                    job.error = stopped
-                    self._end(job, "error")
+                with self._step_lock:
+                    with self._work:
+                        left, self._queue = list(self._queue), deque()
+                    self._fail_all(stopped)
+                    for job in left:
+                        job.error = stopped
+                        self._end(job, "error")
 
     @torch.inference_mode()
     def _fail_all(self, error: BaseException) -> None:
