@@ -1070,3 +1070,25 @@ def test_greedy_is_bit_identical_with_or_without_prefix_reuse(monkeypatch, dtype
         assert torch.equal(logits, want_logits), (dtype, len(p))
     together = [c.token_ids for c in plain.generate(prompts[2:5], greedy(12))]
     assert together == [ids for ids, _ in got[2:5]]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_requests_end_even_if_the_background_loop_dies(monkeypatch, model, tok):
+    """Listeners rely on the end signal alone (no sweep): a loop that dies still ends every request."""
+
+    class Died(BaseException):
+        pass
+
+    engine = Engine(model, tok, max_batch=1)
+    ended = []
+    monkeypatch.setattr(engine, "_step", lambda: (_ for _ in ()).throw(Died()))
+    reqs = [engine.submit(p, greedy(5), on_piece=lambda piece, i=i: piece is None and ended.append(i))
+            for i, p in enumerate(["def", "for"])]
+    engine.start()
+    for r in reqs:
+        assert r.done.wait(30)
+        with pytest.raises(SmallCoderError, match="background loop stopped"):
+            r.result()
+    assert sorted(ended) == [0, 1]
+    engine._thread.join(30)
+    assert not engine.alive
