@@ -904,6 +904,8 @@ def test_deeply_nested_json_gets_400(srv, ref, depth):
     assert r.status_code == 400 and "more than 64 levels deep" in r.json()["error"]["message"]
     r = srv.post("/v1/chat/completions", b'{"messages": [], "x": ' + b"[" * depth + b"]" * depth + b"}")
     assert r.status_code == 400 and "levels deep" in r.json()["error"]["message"]
+    r = srv.post("/v1/completions", b'{"prompt": "x", "top_k": ' + b"9" * 5000 + b"}")  # past int() digit limit
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = srv.client().completions.create(model="micro", prompt=PROMPTS[3], max_tokens=4, temperature=0)
     assert r.choices[0].text == _greedy(ref, PROMPTS[3], max_new_tokens=4).text
 
