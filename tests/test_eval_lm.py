@@ -24,7 +24,7 @@ from smallcoder.eval.lm_tasks import (
     split_wikitext_documents,
     wikitext_detokenizer,
 )
-from smallcoder.generate import rolling_windows
+from smallcoder.inference import rolling_windows
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

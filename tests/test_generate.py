@@ -3,7 +3,7 @@
 Everything runs on the micro model of conftest (random weights, a 342-token byte-level BPE,
 a 128-token context). Its completions are mostly byte garbage, so tests that need particular
 text either pick it from a completion the model really produced, or script the sampled tokens
-by replacing `smallcoder.generate.sample` (the engine's only source of next tokens).
+by replacing `smallcoder.inference.engine.sample` (the engine's only source of next tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import smallcoder
 from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, format_chat
 from smallcoder.tokenizer import CHAT_TEMPLATE, EOS_TOKEN
 
-gen_mod = importlib.import_module("smallcoder.generate")
+gen_mod = importlib.import_module("smallcoder.inference.engine")
 sample = gen_mod.sample
 
 PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print("]
@@ -879,9 +879,10 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(monkeypatch, 
 
 def test_prefix_reuse_recomputes_only_the_new_suffix_and_changes_nothing(model, tok):
     """A prompt that extends a finished one reuses that row's keys/values: same tokens as an
-    engine without reuse, and only the new part is prefilled."""
-    fresh = Engine(model, tok, prefix_cache=False)
-    engine = Engine(model, tok, max_batch=2)
+    engine without reuse, and only the new part (from the last chunk boundary) is prefilled."""
+    chunk = 8  # reuse stops at a prefill-chunk boundary (see `Engine`); small, so the prefix spans chunks
+    fresh = Engine(model, tok, prefix_cache=False, prefill_chunk=chunk)
+    engine = Engine(model, tok, max_batch=2, prefill_chunk=chunk)
     seen = []
     orig = model.forward
 
@@ -899,10 +900,11 @@ def test_prefix_reuse_recomputes_only_the_new_suffix_and_changes_nothing(model, 
         del model.forward
     want = fresh.generate(follow, greedy(6))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
-    n_shared = len(tok.encode(shared))
-    assert engine.reused_tokens >= 2 * (n_shared - 1)
+    n_shared = (len(tok.encode(shared)) - 1) // chunk * chunk  # the reusable, chunk-aligned part
+    assert n_shared >= 2 * chunk
+    assert engine.reused_tokens >= 2 * n_shared
     prefills = [n for n in seen if n > 1]
-    assert prefills[0] <= len(tok.encode(follow[0])) - (n_shared - 1)
+    assert prefills[0] <= len(tok.encode(follow[0])) - n_shared
     assert fresh.reused_tokens == 0
 
 
@@ -911,8 +913,182 @@ def test_prefix_copied_from_a_busy_row_changes_nothing(model, tok):
     keys/values from the first one's row instead of recomputing them."""
     shared = "User: hi\nAssistant: hello there\n" * 3
     prompts = [shared + tail for tail in ("def", "for i in", "The lazy dog", "x = 1")]
-    engine = Engine(model, tok, max_batch=4)
+    chunk = 8
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=chunk)
     got = engine.generate(prompts, greedy(8))
-    want = Engine(model, tok, prefix_cache=False).generate(prompts, greedy(8))
+    want = Engine(model, tok, prefix_cache=False, prefill_chunk=chunk).generate(prompts, greedy(8))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
-    assert engine.reused_tokens >= 3 * (len(tok.encode(shared)) - 2)
+    assert engine.reused_tokens >= 3 * ((len(tok.encode(shared)) - 1) // chunk * chunk) >= 3 * 2 * chunk
+
+
+# ---- trust: parameter extremes, failure isolation, end signal, scoring queue, determinism ----------
+
+EXTREMES = [{"temperature": 1e-45}, {"temperature": 5e-324}, {"temperature": 1e-320}, {"temperature": 1e308},
+            {"temperature": 1.7976931348623157e308}, {"temperature": 1.0, "top_p": 1e-320},
+            {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 1e-45, "top_p": 1e-45},
+            {"temperature": 1.0, "top_k": 2**62}, {"temperature": 1e-320, "top_k": 1, "top_p": 1e-320}]
+
+
+@pytest.mark.parametrize("kw", EXTREMES, ids=lambda kw: ",".join(f"{k}={v:g}" for k, v in kw.items()))
+def test_sample_is_valid_for_every_valid_parameter_value(kw):
+    """Any finite temperature > 0 and any top_p in (0, 1] give a real distribution (no NaN)."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9, float("-inf")], [1e4, -1e4, 0.0, 5.0, 4.0]])
+    params = SamplingParams(**kw)
+    for seed in range(20):
+        ids = sample(logits, params, torch.Generator().manual_seed(seed))
+        assert ids.shape == (2,) and all(0 <= i < 5 for i in ids.tolist()) and ids[0] != 4  # -inf: never
+        if params.temperature < 1e-30 or params.top_p < 1e-30 or params.top_k == 1:
+            assert ids.tolist() == [1, 0]  # as good as greedy
+
+
+@pytest.mark.parametrize("kw", [{"temperature": float("inf")}, {"temperature": float("nan")},
+                                {"temperature": -1e-300}, {"top_p": float("nan")}, {"top_p": float("inf")},
+                                {"seed": 2**64}, {"seed": -(2**63) - 1}, {"seed": 1.5}, {"top_k": True},
+                                {"stop": [3]}])
+def test_sampling_params_refuse_values_without_meaning(kw):
+    with pytest.raises(SmallCoderError, match=next(iter(kw))):
+        SamplingParams(**kw)
+
+
+def test_extreme_temperature_generates_greedy_text(engine):
+    want = engine.generate(PROMPTS, greedy(12))
+    got = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=1e-45, seed=0, stop_at_eos=False))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_a_failing_sample_fails_that_request_alone(monkeypatch, model, tok):
+    """One request's sampler raising ends that request with the error; its batch companions
+    (greedy and sampled) decode on to exactly the tokens they get alone."""
+    real = gen_mod.sample
+
+    def picky(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("sampler exploded")
+        return real(logits, params, generator)
+
+    engine = Engine(model, tok, max_batch=4)
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, stop_at_eos=False)
+    alone = [engine.generate(["def"], greedy(10))[0], engine.generate(["for i in"], sampled)[0]]
+    monkeypatch.setattr(gen_mod, "sample", picky)
+    reqs = [engine.submit("def", greedy(10)), engine.submit("The lazy dog", SamplingParams(
+        max_new_tokens=10, temperature=1.0, seed=666)), engine.submit("for i in", sampled)]
+    engine.run(reqs)
+    with pytest.raises(RuntimeError, match="sampler exploded"):
+        reqs[1].result()
+    assert reqs[1].completion.finish_reason == "error"
+    assert [reqs[0].result().token_ids, reqs[2].result().token_ids] == [c.token_ids for c in alone]
+    assert engine.num_active == 0
+
+
+def test_non_finite_logits_fail_the_request_with_a_clear_error(monkeypatch, fresh):
+    orig = fresh.model.forward
+    monkeypatch.setattr(fresh.model, "forward", lambda *a, **kw: orig(*a, **kw) * float("nan"))
+    with pytest.raises(SmallCoderError, match="not finite"):
+        fresh.generate(["def"], greedy(4))
+    monkeypatch.undo()
+    assert len(fresh.generate(["def"], greedy(4))[0].token_ids) == 4
+
+
+def test_the_end_signal_comes_after_the_result(model, tok):
+    """on_piece(None) is sent once `done` is set and the result is in place (no polling needed)."""
+    engine = Engine(model, tok, max_batch=2)
+    seen = []
+
+    def listen(request_box):
+        def on_piece(piece):
+            if piece is None:
+                r = request_box[0]
+                seen.append((r.done.is_set(), r.completion is not None and r.completion.finish_reason))
+        return on_piece
+
+    boxes = [[], [], []]
+    reqs = [engine.submit("def", greedy(5), on_piece=listen(boxes[0])),
+            engine.submit("for", SamplingParams(max_new_tokens=0), on_piece=listen(boxes[1])),
+            engine.submit("x", greedy(50), on_piece=listen(boxes[2]))]
+    for box, r in zip(boxes, reqs):
+        box.append(r)
+    reqs[2].cancel()
+    engine.run(reqs)
+    assert sorted(seen) == [(True, "cancelled"), (True, "length"), (True, "length")]
+
+
+def test_scoring_is_an_engine_request_queued_and_cancellable(model, tok):
+    engine = Engine(model, tok)
+    ids = tok.encode("def add(a, b):\n    return a + b")
+    job = engine.submit_score(ids, top=2)
+    assert engine.num_queued == 1  # counted like a generation
+    engine.run([job])
+    scores = job.result()
+    assert scores == engine.token_logprobs(ids, top=2) and len(scores) == len(ids) - 1
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    try:
+        cancelled = engine.submit_score(ids)
+        cancelled.cancel()
+        engine.run([cancelled])
+    finally:
+        model._forward_pre_hooks.clear()
+    assert calls == [] and cancelled.done.is_set()
+    with pytest.raises(SmallCoderError, match="cancelled"):
+        cancelled.result()
+
+
+def _model_in(dtype, micro_config, init=0.02):
+    from smallcoder import new_model
+    from smallcoder.quant import quantize_model
+
+    config = micro_config.replace(initializer_range=init)
+    if dtype == "int8":
+        return quantize_model(new_model(config, seed=3)).eval()
+    return new_model(config, seed=3, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+def test_greedy_is_bit_identical_with_or_without_prefix_reuse(monkeypatch, dtype, micro_config, tok):
+    """Repeats, prompts that extend earlier ones (reusing their cached prefix) and an engine
+    without reuse see the same logits bit for bit at every step, so greedy tokens agree in every
+    dtype; batch companions do not change a greedy row's tokens either."""
+    model = _model_in(dtype, micro_config)
+    g = torch.Generator().manual_seed(7)
+    base = torch.randint(1, micro_config.vocab_size, (70,), generator=g).tolist()
+    prompts = [base[:37], base[:37], base[:53], base[:70], base[:33] + [5, 6, 7], base[:16], base[:17]]
+    real, seen = gen_mod.sample, []
+    monkeypatch.setattr(gen_mod, "sample", lambda logits, p, gen: seen.append(logits.clone()) or real(logits, p, gen))
+
+    def run(engine, prompt):
+        seen.clear()
+        ids = engine.generate([prompt], greedy(12))[0].token_ids
+        return ids, torch.stack(seen)
+
+    reuse = Engine(model, tok, max_batch=3, prefill_chunk=16)
+    plain = Engine(model, tok, max_batch=3, prefill_chunk=16, prefix_cache=False)
+    got = [run(reuse, p) for p in prompts]
+    assert reuse.reused_tokens >= 16 * 6  # the cached path really ran
+    for p, (ids, logits) in zip(prompts, got):
+        want_ids, want_logits = run(plain, p)
+        assert ids == want_ids
+        assert torch.equal(logits, want_logits), (dtype, len(p))
+    together = [c.token_ids for c in plain.generate(prompts[2:5], greedy(12))]
+    assert together == [ids for ids, _ in got[2:5]]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_requests_end_even_if_the_background_loop_dies(monkeypatch, model, tok):
+    """Listeners rely on the end signal alone (no sweep): a loop that dies still ends every request."""
+
+    class Died(BaseException):
+        pass
+
+    engine = Engine(model, tok, max_batch=1)
+    ended = []
+    monkeypatch.setattr(engine, "_step", lambda: (_ for _ in ()).throw(Died()))
+    reqs = [engine.submit(p, greedy(5), on_piece=lambda piece, i=i: piece is None and ended.append(i))
+            for i, p in enumerate(["def", "for"])]
+    engine.start()
+    for r in reqs:
+        assert r.done.wait(30)
+        with pytest.raises(SmallCoderError, match="background loop stopped"):
+            r.result()
+    assert sorted(ended) == [0, 1]
+    engine._thread.join(30)
+    assert not engine.alive

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
@@ -38,7 +37,10 @@ import uvicorn
 
 import smallcoder
 from smallcoder import Engine, SamplingParams, SmallCoderError, format_chat
-from smallcoder.serve import CHAT_STOP, ServeLimits, bind_socket, create_app, register
+from smallcoder.serve.app import create_app
+from smallcoder.serve.chat import CHAT_STOP
+from smallcoder.serve.cli import bind_socket, register
+from smallcoder.serve.limits import ServeLimits
 
 KEY = "test-key"
 PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print(", "User: hello", "return a"]
@@ -610,7 +612,7 @@ def test_serve_command_defaults_to_loopback():
 
 def test_serve_command_end_to_end(micro_checkpoint, tmp_path):
     """The command as a user runs it: a free port, the key from $SMALLCODER_API_KEY, SIGTERM to stop."""
-    code = ("import argparse, sys\nfrom smallcoder.serve import register\np = argparse.ArgumentParser()\n"
+    code = ("import argparse, sys\nfrom smallcoder.serve.cli import register\np = argparse.ArgumentParser()\n"
             "register(p.add_subparsers())\na = p.parse_args(sys.argv[1:])\na.func(a)\n")
     log = tmp_path / "server.log"
     env = {**os.environ, "SMALLCODER_API_KEY": "env-key"}
@@ -657,3 +659,326 @@ def test_bad_limits_are_refused_naming_the_flag(kw):
     name = next(iter(kw))
     with pytest.raises(SmallCoderError, match=f"--{name.replace('_', '-')}"):
         ServeLimits(**kw)
+
+
+# ---- trust: sampling extremes, isolation, connections, scoring queue, JSON depth, SSE, CLI ---------
+
+
+def test_extreme_sampling_values_are_valid_and_served(srv, ref):
+    """Any temperature > 0 and top_p in (0, 1] is usable: tiny ones act as greedy (README)."""
+    expected = _greedy(ref, PROMPTS[0], max_new_tokens=8).text
+    for extra in ({"temperature": 1e-45}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-320},
+                  {"temperature": 1e-300, "top_k": 2**62}):
+        r = srv.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, "seed": 1, **extra})
+        assert r.status_code == 200, (extra, r.text)
+        assert r.json()["choices"][0]["text"] == expected
+    r = srv.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1e308, "seed": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+
+
+@pytest.mark.parametrize("field, raw", [("temperature", b"Infinity"), ("temperature", b"-Infinity"),
+                                        ("temperature", b"NaN"), ("temperature", b"1e999"), ("top_p", b"NaN"),
+                                        ("top_p", b"Infinity"), ("top_p", b"1e999"), ("top_p", b"-0.0"),
+                                        ("seed", b"1e999"), ("max_tokens", b"NaN"), ("top_k", b"Infinity")])
+def test_non_finite_numbers_get_400_naming_the_field(srv, field, raw):
+    for path, body in (("/v1/completions", b'{"prompt": "x", "max_tokens": 2, "%s": %s}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "%s": %s}')):
+        r = srv.post(path, body % (field.encode(), raw))
+        assert r.status_code == 400, (path, r.text)
+        assert field in r.json()["error"]["message"] and r.json()["error"]["param"] == field
+
+
+def test_one_requests_sampling_failure_fails_that_request_alone(slow, ref, monkeypatch):
+    """A request whose sampling raises gets a 500; a stream decoding beside it goes on to the end."""
+    import smallcoder.inference.engine as engine_mod
+
+    real = engine_mod.sample
+
+    def picky(logits, params, generator):
+        if params.seed == 4242:
+            raise RuntimeError("sampler exploded")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "sample", picky)
+    expected = _greedy(ref, PROMPTS[0], max_new_tokens=40, stop_at_eos=False).text
+    body = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{slow.url}/v1/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        r = slow.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 5, "temperature": 1.0, "seed": 4242})
+        assert r.status_code == 500 and "sampler exploded" in r.json()["error"]["message"]
+        rest = [line for line in lines if line.startswith("data: ")]
+    events = [json.loads(x[6:]) for x in [first, *rest] if x != "data: [DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert slow.idle()
+
+
+def _start_guarded(engine: Engine, limits: ServeLimits) -> Running:
+    """A server started as `smallcoder serve` starts it: with the connection guard in place."""
+    from smallcoder.serve.app import uvicorn_config
+
+    app = create_app(engine, model_name="micro", api_key=None, limits=limits)
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    return Running(engine, server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}")
+
+
+def _half_requests(running: Running, n: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    port = int(running.url.rsplit(":", 1)[1])
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0))
+        s.sendall(b"GET /health HTTP/1.1\r\nHo")  # half a request head, then silence
+        socks.append(s)
+    return socks
+
+
+def _reply_then_closed(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (60 s bound: never hit by an honest server)."""
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    return data
+
+
+def _health(running: Running, source: str) -> int:
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=30) as client:
+        return client.get(f"{running.url}/health").status_code
+
+
+def test_idle_half_requests_of_one_client_cannot_starve_others(loaded):
+    limits = ServeLimits(max_connections=6, max_connections_per_client=4, header_timeout=600)
+    running = _start_guarded(Engine(*loaded, max_batch=2), limits)
+    socks = _half_requests(running, 10)
+    try:
+        for s in socks[4:]:  # over the per-client limit: answered 429 and closed at once
+            assert _reply_then_closed(s).startswith(b"HTTP/1.1 429")
+        for other in ("127.0.0.2", "127.0.0.3"):  # other clients are served while those four stay open
+            assert _health(running, other) == 200
+        more = _half_requests(running, 3, source="127.0.0.4")  # another client fills the total (6)
+        socks += more
+        assert _reply_then_closed(more[-1]).startswith(b"HTTP/1.1 503")
+    finally:
+        for s in socks:
+            s.close()
+        _stop(running)
+
+
+def test_half_requests_are_closed_after_the_header_timeout(loaded):
+    limits = ServeLimits(max_connections_per_client=4, header_timeout=0.5, body_timeout=0.5)
+    running = _start_guarded(Engine(*loaded, max_batch=2), limits)
+    try:
+        socks = _half_requests(running, 4)
+        for s in socks:
+            assert _reply_then_closed(s).startswith(b"HTTP/1.1 408")
+            s.close()
+        assert _health(running, "127.0.0.1") == 200  # the client can connect again
+        # a keep-alive connection that starts a second head and stalls is closed the same way
+        with socket.create_connection(("127.0.0.1", int(running.url.rsplit(":", 1)[1])), timeout=60) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HT")
+            data = _reply_then_closed(s)
+            assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data
+        # a complete head with a body that never comes: 408 from the body timeout
+        with socket.create_connection(("127.0.0.1", int(running.url.rsplit(":", 1)[1])), timeout=60) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            data = _reply_then_closed(s)
+            assert data.startswith(b"HTTP/1.1 408") and b"--body-timeout" in data
+        r = httpx.post(f"{running.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        _stop(running)
+
+
+@pytest.fixture
+def gated(micro_checkpoint) -> Iterator[tuple[Running, threading.Event, list]]:
+    """A server whose model waits at each forward until `gate` is set; `calls` records whether
+    each forward had a KV cache (generation) or not (scoring)."""
+    model, tok = smallcoder.load(micro_checkpoint)
+    gate, entered, calls = threading.Event(), threading.Event(), []
+
+    def hook(module, args, kwargs):
+        entered.set()
+        gate.wait(60)
+        calls.append("generate" if kwargs.get("cache") is not None else "score")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    running = _start(Engine(model, tok, max_batch=1), ServeLimits(max_queue=1), api_key=None)
+    running.entered = entered
+    try:
+        yield running, gate, calls
+    finally:
+        gate.set()
+        _stop(running)
+
+
+def _poll(predicate, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_scoring_is_queued_counted_bounded_and_cancelled(gated, ref):
+    running, gate, calls = gated
+    results = {}
+    blocker = threading.Thread(target=lambda: results.setdefault("a", running.post(
+        "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0})))
+    blocker.start()
+    assert running.entered.wait(30)  # the engine is inside request A's prefill
+    score = json.dumps({"prompt": ref.tokenizer.encode("def add(a, b): return a"), "max_tokens": 0, "echo": True,
+                        "logprobs": 1}).encode()
+    port = int(running.url.rsplit(":", 1)[1])
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(score) + score)
+    assert _poll(lambda: httpx.get(f"{running.url}/health", timeout=10).json()["queued"] == 1), \
+        "the scoring request is not in the engine's queue"
+    r = running.post("/v1/completions", json.loads(score))  # the queue (max 1) is full
+    assert r.status_code == 503 and r.json()["error"]["code"] == "busy"
+    conn.close()  # the scoring client leaves before its turn
+    assert _poll(lambda: all(job._cancelled for job in list(running.engine._queue)))
+    gate.set()
+    blocker.join(60)
+    assert results["a"].status_code == 200
+    assert running.idle(within=30)
+    assert "score" not in calls  # the abandoned scoring request was never computed
+    r = running.post("/v1/completions", json.loads(score))
+    assert r.status_code == 200 and calls[-1] == "score"
+
+
+def test_lm_eval_local_completions_matches_hf_on_answers_ending_at_eos(micro_checkpoint):
+    """lm-eval's `local-completions` loglikelihood, reproduced: the payload of
+    `LocalCompletionsAPI._create_payload(generate=False)` (token ids, max_tokens 1, logprobs 1,
+    echo, temperature 0, seed 1234) and `parse_logprobs` (sum of token_logprobs[ctxlen:-1], greedy if
+    each equals its top alternative). When the one generated token is EOS, the totals must still
+    equal lm-eval's `hf` model (our `loglikelihood_tokens`)."""
+    model, tok = smallcoder.load(micro_checkpoint)
+    eos = tok.eos_id
+
+    def force_eos(module, args, kwargs, out):  # generation ends at EOS right after the prompt
+        if kwargs.get("cache") is not None:
+            out = out.clone()
+            out[..., eos] = out.abs().max() + 100.0
+            return out
+        return None
+
+    model.register_forward_hook(force_eos, with_kwargs=True)
+    running = _start(Engine(model, tok, max_batch=2), api_key=None)
+    try:
+        hf = Engine(*smallcoder.load(micro_checkpoint))
+        pairs = [("def add(a, b):", "\n    return a + b"), ("The lazy", " dog"), ("for i in", " range(10):")]
+        encoded = [hf.encode_pair(c, x) for c, x in pairs]
+        inputs = [(c + x)[-hf.context_length:] for c, x in encoded]
+        ctxlens = [len(c) for c, _ in encoded]
+        payload = {"model": "micro", "prompt": inputs, "temperature": 0, "max_tokens": 1, "logprobs": 1,
+                   "seed": 1234, "echo": True}
+        r = running.post("/v1/completions", payload)
+        assert r.status_code == 200, r.text
+        got = []
+        for choice, ctxlen in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), ctxlens):
+            lps = choice["logprobs"]
+            assert choice["finish_reason"] == "stop" and lps["tokens"][-1] == tok.eos_token
+            token_lps, tops = lps["token_logprobs"][ctxlen:-1], lps["top_logprobs"][ctxlen:-1]
+            got.append((sum(token_lps), all(t == max(top.values()) for t, top in zip(token_lps, tops))))
+        want = hf.loglikelihood_tokens(encoded)
+        for (ll, greedy), (ref_ll, ref_greedy) in zip(got, want):
+            assert math.isclose(ll, ref_ll, rel_tol=1e-4, abs_tol=1e-4) and greedy == ref_greedy
+    finally:
+        _stop(running)
+
+
+@pytest.mark.parametrize("depth", [30_000, 2_000, 65])  # 30,000: 60 KB, within the body limit
+def test_deeply_nested_json_gets_400(srv, ref, depth):
+    r = srv.post("/v1/completions", b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}")
+    assert r.status_code == 400 and "more than 64 levels deep" in r.json()["error"]["message"]
+    r = srv.post("/v1/chat/completions", b'{"messages": [], "x": ' + b"[" * depth + b"]" * depth + b"}")
+    assert r.status_code == 400 and "levels deep" in r.json()["error"]["message"]
+    r = srv.post("/v1/completions", b'{"prompt": "x", "top_k": ' + b"9" * 5000 + b"}")  # past int() digit limit
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = srv.client().completions.create(model="micro", prompt=PROMPTS[3], max_tokens=4, temperature=0)
+    assert r.choices[0].text == _greedy(ref, PROMPTS[3], max_new_tokens=4).text
+
+
+STREAMED = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0, "n": 2,
+                              "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}),
+    ("/v1/completions", {"prompt": ["x", "y"], "max_tokens": 0, "echo": True, "n": 2}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3, "echo": True, "n": 2,
+                         "stream_options": {"include_usage": True}}),
+]
+
+
+@pytest.mark.parametrize("path, body", STREAMED)
+def test_stream_true_always_answers_server_sent_events(srv, path, body):
+    with httpx.stream("POST", f"{srv.url}{path}", json={**body, "stream": True, "temperature": 0},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    assert events[-1] == "[DONE]"
+    finishes = [c["finish_reason"] for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
+    prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) else 1
+    assert len(finishes) == body.get("n", 1) * prompts
+    if "stream_options" in body:
+        assert events[-2]["choices"] == [] and events[-2]["usage"]["prompt_tokens"] > 0
+
+
+def test_infill_stream_with_nothing_to_generate_is_sse(fim):
+    running, _ = fim
+    with httpx.stream("POST", f"{running.url}/infill", json={"input_prefix": "def f(", "input_suffix": "pass",
+                                                             "n_predict": 0, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    assert len(events) == 1 and events[0]["stop"] is True and events[0]["tokens_predicted"] == 0
+
+
+def _cli(argv, capsys):
+    from smallcoder.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "-1"])
+def test_port_out_of_range_is_one_line(port, capsys):
+    code, out = _cli(["serve", "--model", "nowhere", "--port", port], capsys)
+    assert code == 2 and out.err.strip() == f"smallcoder: error: --port must be in [0, 65535] (0 = any free port), " \
+                                            f"got {port}"
+    with pytest.raises(SmallCoderError, match="--port"):
+        bind_socket("127.0.0.1", int(port))
+
+
+def test_serve_without_the_serve_extra_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    code, out = _cli(["serve", "--model", "nowhere"], capsys)
+    assert code == 2 and "Traceback" not in out.err and len(out.err.strip().splitlines()) == 1
+    assert "uvicorn is not installed" in out.err and "pip install 'smallcoder[serve]'" in out.err
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "1e-45"], ["--temperature", "5e-324", "--top-p", "1e-320"],
+                                   ["--temperature", "1e308", "--seed", "3"]])
+def test_generate_command_takes_extreme_sampling_values(micro_checkpoint, flags, capsys):
+    code, out = _cli(["generate", "--model", str(micro_checkpoint), "--prompt", "def", "--max-new-tokens", "4",
+                      *flags], capsys)
+    assert code == 0, out.err
+
+
+@pytest.mark.parametrize("flags, field", [(["--temperature", "inf"], "temperature"),
+                                          (["--temperature", "nan"], "temperature"),
+                                          (["--top-p", "nan"], "top_p"), (["--seed", str(2**70)], "seed")])
+def test_generate_command_refuses_meaningless_values_in_one_line(micro_checkpoint, flags, field, capsys):
+    code, out = _cli(["generate", "--model", str(micro_checkpoint), "--prompt", "def", *flags], capsys)
+    assert code == 2 and out.err.startswith(f"smallcoder: error: {field}") and len(out.err.splitlines()) == 1

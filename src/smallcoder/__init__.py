@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "checkpoint", "save": "checkpoint", "new_model": "checkpoint",
     "ModelConfig": "config", "preset": "config",
-    "Engine": "generate", "SamplingParams": "generate", "Completion": "generate",
+    "Engine": "inference", "SamplingParams": "inference", "Completion": "inference",
     "SmallCoder": "model", "KVCache": "model",
     "Tokenizer": "tokenizer", "format_chat": "tokenizer",
 }

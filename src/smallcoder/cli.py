@@ -22,7 +22,7 @@ SUBCOMMAND_MODULES = [
     ("smallcoder.eval.cli", None),
     ("smallcoder.train.cli", None),
     ("smallcoder.export", None),
-    ("smallcoder.serve", None),
+    ("smallcoder.serve.cli", None),
 ]
 
 
@@ -34,7 +34,7 @@ def default_data_dir() -> Path | None:
 
 
 def _sampling(args: argparse.Namespace):
-    from .generate import SamplingParams
+    from .inference import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -80,7 +80,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def _engine(args: argparse.Namespace):
     from .checkpoint import load
-    from .generate import Engine
+    from .inference import Engine
 
     model, tokenizer = load(args.model, dtype=args.dtype)
     return Engine(model, tokenizer)

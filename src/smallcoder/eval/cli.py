@@ -189,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _engine(args: argparse.Namespace) -> Any:
     from ..checkpoint import load
-    from ..generate import Engine
+    from ..inference import Engine
 
     model, tokenizer = load(args.model, dtype=args.dtype)
     return Engine(model, tokenizer, max_batch=args.batch_size)

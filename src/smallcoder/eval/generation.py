@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import SmallCoderError
 
 if TYPE_CHECKING:
-    from ..generate import Completion, Engine
+    from ..inference import Completion, Engine
     from .sandbox import Check
 
 
@@ -32,7 +32,7 @@ def generate_samples(engine: Engine, prompts: Sequence[str], *, n_samples: int, 
     """
     from tqdm.auto import tqdm
 
-    from ..generate import SamplingParams
+    from ..inference import SamplingParams
 
     if n_samples < 1:
         raise SmallCoderError(f"--n-samples must be >= 1, got {n_samples}")

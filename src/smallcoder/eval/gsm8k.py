@@ -19,7 +19,7 @@ from ..errors import SmallCoderError
 from .results import TaskResult
 
 if TYPE_CHECKING:
-    from ..generate import Engine
+    from ..inference import Engine
 
 STOP = ("Question:",)
 _STRICT = re.compile(r"#### *(-?[$0-9.,]*[0-9])")

@@ -34,7 +34,7 @@ from .results import TaskResult
 from .sandbox import Check
 
 if TYPE_CHECKING:
-    from ..generate import Engine
+    from ..inference import Engine
 
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
 BASE_STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")

@@ -33,7 +33,7 @@ from .passk import proportion
 from .results import Score, TaskResult
 
 if TYPE_CHECKING:
-    from ..generate import Engine
+    from ..inference import Engine
 
 MULTIPLE_CHOICE_TASKS = {"arc_easy": "test", "arc_challenge": "test", "hellaswag": "validation"}
 ARC_TEMPLATE = "Question: {question}\nAnswer:"

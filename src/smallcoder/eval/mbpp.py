@@ -31,7 +31,7 @@ from .results import TaskResult
 from .sandbox import Check
 
 if TYPE_CHECKING:
-    from ..generate import Engine
+    from ..inference import Engine
 
 SHOT_IDS = (2, 3, 4)
 TEST_IDS = range(11, 511)

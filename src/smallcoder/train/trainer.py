@@ -720,7 +720,7 @@ class Trainer:
 
     def _eos_check(self, model: torch.nn.Module, data: StageData) -> dict[str, Any]:
         """Share of greedy answers to held-out SFT prompts that end with EOS within 256 new tokens."""
-        from ..generate import Engine, SamplingParams
+        from ..inference import Engine, SamplingParams
         from ..tokenizer import format_chat
         from .distributed import unwrap
 

@@ -1,0 +1,483 @@
+"""The continuous-batching engine: the single decode loop of SmallCoder.
+
+Chat, evaluation and the server all call `Engine`; there is no second decode loop. Generation
+and per-token scoring are both requests in one queue, run by one step at a time (the caller's
+thread, or the background loop the server starts), so a bound on the queue bounds both and a
+cancelled request never reaches the model.
+
+Greedy output is the same whatever the engine ran before: prompts are prefilled in chunks of
+`prefill_chunk` tokens aligned to absolute positions (0..C-1, C..2C-1, ...), and a cached prefix
+is reused only up to a chunk boundary, so a prompt's keys, values and logits come from the same
+operations on the same inputs with or without reuse. (A forward over the unshared tail alone
+would run matrix products of another shape, whose rounding differs: in bfloat16 enough to change
+the greedy token.) Only positions that prefill computed are reused, never those decoding wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import SmallCoderError
+from ..model import KVCache, SmallCoder
+from ..tokenizer import Tokenizer
+from .requests import Completion, OnPiece, Request, ScoreRequest, _Job
+from .sampling import SamplingParams, sample
+from .scoring import Scoring, TokenScore, token_scores
+
+log = logging.getLogger("smallcoder.inference")
+
+class Engine(Scoring):
+    """Runs a model and its tokenizer: continuous batching, prefix reuse, scoring.
+
+    Up to `max_batch` sequences decode together, one row (slot) of a preallocated KV cache each;
+    a sequence that finishes frees its slot at once and the next queued prompt is prefilled into
+    it. A free row keeps its last prompt's keys and values, and a new prompt goes to the row that
+    shares its longest (chunk-aligned) prefix and recomputes only the rest (few-shot prompts, chat
+    turns, an editor's repeated context). `generate`/`stream` run the loop in the calling thread;
+    `start` runs it in a background thread that `submit` feeds (the server).
+    """
+
+    def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16,
+                 use_kernel: bool = True, prefix_cache: bool = True, prefill_chunk: int = 128) -> None:
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SmallCoderError(f"{name} must be a positive integer, got {value!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        if use_kernel and self.device.type == "cpu" and model.decode_kernel is None:
+            from ..kernels import attach
+
+            attach(model)
+        if model.decode_kernel is not None:
+            self.dtype = torch.float32  # the kernel's KV cache (prefill writes it in any dtype)
+        self._queue: deque[_Job] = deque()
+        self._slots: list[Request | None] = []
+        self._cache: KVCache | None = None
+        self._lock = threading.Lock()  # guards the queue
+        self._work = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()  # one thread runs steps at a time
+        self._stepped = threading.Condition()  # notified after each background step
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        # prefix reuse: the prompt tokens whose keys/values each cache row holds from prefill
+        self.prefix_cache = prefix_cache
+        self._kept: dict[int, list[int]] = {}
+        self.reused_tokens = 0  # prompt tokens not recomputed thanks to it (a statistic)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the background loop (`start`) is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting to run, generation and scoring alike."""
+        return len(self._queue)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def prepare(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """Token ids of a prompt, refused (or with `truncate`, cut from the left) if over the context."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            ids = [self.tokenizer.eos_id]  # an empty prompt starts from the document separator
+        ctx = self.context_length
+        if len(ids) >= ctx:
+            if not params.truncate:
+                raise SmallCoderError(
+                    f"prompt is {len(ids)} tokens; the model's context is {ctx} tokens, so it is "
+                    f"{len(ids) - ctx + 1} token(s) too long to generate anything (pass truncate to "
+                    "keep its end)")
+            ids = ids[-max(1, ctx - max(params.max_new_tokens, 1)):]
+        return ids
+
+    def _request(self, prompt: str | Sequence[int], params: SamplingParams,
+                 on_piece: OnPiece | None = None) -> Request:
+        ids = self.prepare(prompt, params)
+        budget = min(params.max_new_tokens, self.context_length - len(ids))
+        return Request(ids, params, budget, self.tokenizer, on_piece)
+
+    def _score_request(self, ids: Sequence[int], top: int, start: int, on_piece: OnPiece | None) -> ScoreRequest:
+        ids = [int(t) for t in ids]
+        if len(ids) - 1 > self.context_length:
+            raise SmallCoderError(f"cannot score {len(ids)} tokens: the model's context is {self.context_length}")
+        if not isinstance(top, int) or top < 0:
+            raise SmallCoderError(f"top must be a non-negative integer, got {top!r}")
+        return ScoreRequest(ids, top, start, on_piece)
+
+    def _enqueue(self, job: _Job) -> None:
+        with self._work:
+            if self._closing:
+                raise SmallCoderError("the engine is closed")
+            self._queue.append(job)
+            job._queued = True
+            self._work.notify()
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               on_piece: OnPiece | None = None) -> Request:
+        """Queue a prompt (thread-safe); the background loop (`start`) or a caller's loop runs it."""
+        request = self._request(prompt, params or SamplingParams(), on_piece)
+        self._enqueue(request)
+        return request
+
+    def submit_score(self, ids: Sequence[int], top: int = 0, start: int = 1,
+                     on_piece: OnPiece | None = None) -> ScoreRequest:
+        """Queue token ids for `token_logprobs`-style scoring (thread-safe), like `submit`."""
+        job = self._score_request(ids, top, start, on_piece)
+        self._enqueue(job)
+        return job
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
+                 on_complete: Callable[[int], None] | None = None) -> list[Completion]:
+        """Complete every prompt (continuously batched); one Completion per prompt, in order.
+
+        `on_complete(i)` is called as prompt i finishes (progress bars)."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings or token lists")
+        params = params or SamplingParams()
+
+        def notify(i: int) -> OnPiece | None:
+            return None if on_complete is None else (lambda piece: piece is None and on_complete(i))
+
+        requests = [self._request(p, params, notify(i)) for i, p in enumerate(prompts)]  # all validated first
+        self.run(requests)
+        return [r.result() for r in requests]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces, as soon as each is certain.
+
+        Closing the iterator early (a client that goes away) cancels the generation."""
+        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        request = self._request(prompt, params or SamplingParams(), pieces.put)
+        steps = self._steps([request])
+        try:
+            while True:
+                while pieces.empty() and next(steps, StopIteration) is not StopIteration:
+                    pass
+                if pieces.empty():
+                    break
+                piece = pieces.get()
+                if piece is None:
+                    break
+                if piece:
+                    yield piece
+        finally:
+            steps.close()
+        request.result()
+
+    def token_logprobs(self, ids: Sequence[int], top: int = 0, start: int = 1) -> list[TokenScore]:
+        """For each position i in [start, len(ids)): log p(ids[i] | ids[:i]) and the `top`
+        likeliest (id, logprob) there (the server's echo + logprobs, lm-eval's scoring call).
+
+        One forward over ids[:-1] (so len(ids) <= context + 1) with the conventions of
+        `loglikelihood_tokens`, run as a queued request like any generation."""
+        job = self._score_request(ids, top, start, None)
+        self.run([job])
+        return job.result()
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self, requests: Sequence[_Job]) -> None:
+        """Run requests to the end in this thread (or wait for the background loop to run them)."""
+        for _ in self._steps(requests):
+            pass
+
+    def _steps(self, requests: Sequence[_Job]) -> Iterator[None]:
+        """Queue `requests`, then run engine steps in this thread (or, while the background loop
+        runs, wait for its steps) until they are all done, yielding after each step. Closing
+        the generator early cancels the requests that are not done."""
+        with self._work:
+            self._queue.extend(r for r in requests if not r._queued)
+            for r in requests:
+                r._queued = True
+            self._work.notify()
+        try:
+            while not all(r.done.is_set() for r in requests):
+                thread = self._thread
+                if thread is not None:
+                    if not thread.is_alive():
+                        raise SmallCoderError("the engine's background loop has stopped; start() it again")
+                    with self._stepped:
+                        self._stepped.wait(timeout=0.5)
+                else:
+                    with self._step_lock:
+                        try:
+                            self._step()
+                        except BaseException as e:
+                            self._fail_all(e)
+                            raise
+                yield
+        finally:
+            for r in requests:
+                if not r.done.is_set():
+                    r.cancel()
+            if self._thread is None:
+                with self._step_lock:
+                    while not all(r.done.is_set() for r in requests):
+                        self._step()
+
+    def start(self) -> None:
+        """Run the engine loop in a background thread (idempotent); `submit` feeds it."""
+        with self._work:
+            self._closing = False
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._serve, name="smallcoder-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the background loop; requests not finished end as "cancelled"."""
+        with self._work:
+            self._closing = True
+            self._work.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._thread = None
+        with self._step_lock:
+            for r in list(self._queue) + [r for r in self._slots if r is not None]:
+                r.cancel()
+            while self._queue or self.num_active:
+                self._step()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._work:
+                    while not self._closing and not self._queue and not self.num_active:
+                        self._work.wait()
+                    if self._closing:
+                        return
+                with self._step_lock:
+                    try:
+                        self._step()
+                    except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                        self._fail_all(e)
+                with self._stepped:
+                    self._stepped.notify_all()
+        finally:
+            if not self._closing:  # died (a BaseException): nobody would ever end the requests left
+                stopped = SmallCoderError("the engine's background loop stopped")
+                with self._step_lock:
+                    with self._work:
+                        left, self._queue = list(self._queue), deque()
+                    self._fail_all(stopped)
+                    for job in left:
+                        job.error = stopped
+                        self._end(job, "error")
+
+    @torch.inference_mode()
+    def _fail_all(self, error: BaseException) -> None:
+        """A decode step failed: every sequence in it fails (the step's error is theirs)."""
+        for i, r in enumerate(self._slots):
+            if r is not None:
+                r.error = error
+                self._finish(i, r, "error")
+        if self._cache is not None:
+            self._cache.reset()
+        self._kept.clear()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """Admit queued requests (prefill into free slots, at most one scoring request), then
+        decode one token for every active sequence."""
+        for i, r in enumerate(self._slots):
+            if r is not None and r._cancelled:
+                self._finish(i, r, "cancelled")
+        scored = False
+        while True:
+            with self._lock:
+                if not self._queue:
+                    break
+                job = self._queue[0]
+                if (scored if isinstance(job, ScoreRequest) else self.num_active >= self.max_batch):
+                    break
+                self._queue.popleft()
+            if job._cancelled:
+                self._end(job, "cancelled")
+            elif isinstance(job, ScoreRequest):
+                scored = True
+                self._score(job)
+            elif job.row.budget <= 0:
+                self._end(job, "length")
+            else:
+                self._prefill(job)
+        active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
+        if not active:
+            return
+        n = active[-1][0] + 1
+        cache = self._cache.rows(0, n)
+        tokens = []
+        for i in range(n):
+            r = self._slots[i]
+            if r is None:  # an idle row decodes a dummy token just past what it keeps for reuse
+                kept = self._kept.get(i, [])
+                if len(kept) >= cache.max_length - 1:
+                    kept = self._kept[i] = []
+                cache.lengths[i] = len(kept)
+            tokens.append(r.next_token if r is not None else self.tokenizer.eos_id)
+        logits = self.model(torch.tensor(tokens, device=self.device)[:, None], cache=cache, last_only=True)[:, -1]
+        for i in range(n):
+            if self._slots[i] is None:
+                cache.lengths[i] = len(self._kept.get(i, []))
+        self._sample_and_advance([(i, r, logits[i]) for i, r in active])
+
+    def _score(self, job: ScoreRequest) -> None:
+        try:
+            job.scores = token_scores(self.model, job.ids, job.top, job.start)
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            job.error = e
+        self._end(job, "stop")
+
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int, int | None]:
+        """(slot, reusable prefix length, row to copy that prefix from or None).
+
+        The free cache row whose kept tokens share the longest prefix with `ids` is used as is;
+        when a busy row shares a longer one, its keys/values are copied into a free row (a copy
+        is far cheaper than recomputing them). A shared prefix counts up to a chunk boundary, and
+        at least the last prompt token is always recomputed, since its logits start the generation."""
+        rows = self._cache.batch_size if self._cache is not None else 0
+        free = [i for i in range(max(rows, len(self._slots)))
+                if i >= len(self._slots) or self._slots[i] is None]
+        shared = {}
+        if self.prefix_cache:
+            c = self.prefill_chunk
+            shared = {i: _common_prefix(kept, ids, len(ids) - 1) // c * c for i, kept in self._kept.items()
+                      if i < rows}
+        best_free = max(free, key=lambda i: (shared.get(i, 0), -i), default=None)
+        best_any = max(shared, key=lambda i: (shared[i], -i), default=None)
+        if best_free is not None and shared.get(best_free, 0) > 0 and \
+                shared[best_free] >= shared.get(best_any, 0):
+            return best_free, shared[best_free], None
+        unused = [i for i in free if not self._kept.get(i)]
+        slot = (unused or free or [len(self._slots)])[0]
+        if best_any is not None and shared[best_any] > 0 and best_any != slot:
+            return slot, shared[best_any], best_any
+        return slot, shared.get(slot, 0), None
+
+    def _prefill(self, request: Request) -> None:
+        """Compute a prompt's keys/values from its reused prefix on, one aligned chunk per forward."""
+        ids, chunk = request.ids, self.prefill_chunk
+        slot, reuse, source = self._pick_slot(ids)
+        try:
+            self._ensure_cache(slot, len(ids) + request.row.budget)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
+            request.error = e
+            self._end(request, "error")
+            return
+        while len(self._slots) <= slot:
+            self._slots.append(None)
+        self._slots[slot] = request
+        self._kept.pop(slot, None)
+        try:
+            if source is not None:
+                for t in self._cache.k + self._cache.v:
+                    t[slot, :, :reuse] = t[source, :, :reuse]
+            cache = self._cache.rows(slot, slot + 1)
+            cache.lengths.fill_(reuse)
+            for start in range(reuse, len(ids), chunk):
+                part = torch.tensor([ids[start:start + chunk]], device=self.device)
+                logits = self.model(part, cache=cache, last_only=True)[:, -1]
+        except Exception as e:  # noqa: BLE001 - only this row's cache was touched
+            request.error = e
+            self._finish(slot, request, "error")
+            return
+        self._kept[slot] = ids[:len(ids) // chunk * chunk]
+        self.reused_tokens += reuse
+        self._sample_and_advance([(slot, request, logits[0])])
+
+    def _ensure_cache(self, row: int, length: int) -> None:
+        """Grow the preallocated cache to hold `row` and `length` positions (contents kept)."""
+        old = self._cache
+        rows = max(min(self.max_batch, row + 1 + len(self._queue)), row + 1)
+        if old is not None and old.batch_size > row and old.max_length >= length:
+            return
+        if old is not None:
+            rows, length = max(rows, old.batch_size), max(length, old.max_length)
+        length = min(self.context_length, -(-length // 128) * 128)
+        new = KVCache(self.model.config, rows, length, self.dtype, self.device)
+        if old is not None:
+            for dst, src in zip(new.k + new.v, old.k + old.v):
+                dst[:old.batch_size, :, :old.max_length] = src
+            new.lengths[:old.batch_size] = old.lengths
+        self._cache = new
+
+    def _sample_and_advance(self, rows: list[tuple[int, Request, torch.Tensor]]) -> None:
+        """Pick each row's next token and advance its text. A failure here (non-finite logits, a
+        sampler or callback error) ends that request with the error; the other rows go on."""
+        logits = torch.stack([x for _, _, x in rows])
+        bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1).tolist()
+        greedy = [j for j, (_, r, _) in enumerate(rows) if r.params.temperature == 0 and not bad[j]]
+        chosen: dict[int, int] = {}
+        if greedy:  # one argmax for all greedy rows
+            chosen = dict(zip(greedy, sample(logits[greedy], rows[greedy[0]][1].params, None).tolist()))
+        for j, (slot, r, row_logits) in enumerate(rows):
+            try:
+                if bad[j]:
+                    raise SmallCoderError("the model's next-token logits for this request are not finite "
+                                          "(NaN or +inf); try float32 or bfloat16 instead of float16")
+                token = chosen[j] if j in chosen else int(sample(row_logits[None], r.params, r.generator)[0])
+                piece = r.row.push(token)
+                if piece and r.on_piece is not None:
+                    r.on_piece(piece)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                r.error = e
+                self._finish(slot, r, "error")
+                continue
+            if r.row.finish_reason:
+                self._finish(slot, r, r.row.finish_reason)
+            else:
+                r.next_token = token
+
+    def _finish(self, slot: int, request: Request, reason: str) -> None:
+        self._slots[slot] = None
+        while self._slots and self._slots[-1] is None:
+            self._slots.pop()
+        self._end(request, reason)
+
+    def _end(self, job: _Job, reason: str) -> None:
+        """Publish a request's result, then signal its end: `done`, then on_piece(None)."""
+        try:
+            if isinstance(job, Request):
+                row = job.row
+                piece = row.finish(reason)
+                if piece and job.on_piece is not None and job.error is None:
+                    try:
+                        job.on_piece(piece)
+                    except Exception as e:  # noqa: BLE001 - the listener's failure is this request's
+                        job.error = e
+                job.completion = Completion(row.text, row.ids, row.finish_reason, row.prompt_tokens,
+                                            row.stop_reason)
+        finally:
+            job.done.set()
+            if job.on_piece is not None:
+                try:
+                    job.on_piece(None)
+                except Exception:  # a listener's failure must not stop the engine
+                    log.exception("an engine request's end callback failed")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

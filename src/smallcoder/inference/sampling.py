@@ -1,0 +1,74 @@
+"""Sampling: the parameters of one generation and the choice of each next token from logits.
+
+Every valid parameter value gives a valid distribution: the logits are shifted so their maximum
+is 0 and divided by the temperature in float64, so any temperature > 0 gives finite values or
+-inf (never NaN or +inf). A tiny temperature (1e-45, even 5e-324) therefore acts as greedy, ties
+shared; a huge one (1e308) as uniform; a tiny top_p (1e-320) keeps the top token. Values that
+cannot mean anything (negative, NaN, infinite) are refused with the field named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SmallCoderError
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_at_eos: bool = True
+    truncate: bool = False  # keep the end of a prompt longer than the context instead of refusing
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise SmallCoderError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise SmallCoderError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise SmallCoderError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise SmallCoderError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise SmallCoderError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SmallCoderError("stop strings must be non-empty strings")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): greedy, or temperature with top-k / top-p."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    # shifted to max 0, then divided: finite or -inf for every temperature > 0 (see the module doc)
+    x = logits.double()
+    x = (x - x.max(dim=-1, keepdim=True).values) / params.temperature
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = sorted_x.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays:
+        # its mass above is exactly 0, and top_p > 0 even in float64's smallest denormal)
+        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+    return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(-1)
