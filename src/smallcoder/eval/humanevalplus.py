@@ -31,7 +31,7 @@ from .results import TaskResult
 from .sandbox import Check, Limits
 
 if TYPE_CHECKING:
-    from ..generate import Engine
+    from ..inference import Engine
 
 MIN_TIME_LIMIT = 4.0          # EvalPlus DEFAULT_MIN_TIME_LIMIT (seconds per input)
 TIME_LIMIT_FACTOR = 4.0       # EvalPlus DEFAULT_GT_TIME_LIMIT_FACTOR
