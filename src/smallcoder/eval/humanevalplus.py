@@ -55,44 +55,70 @@ def check_problems(problems: Sequence[dict[str, Any]], source: str = "HumanEval+
 def ground_truth(problems: Sequence[dict[str, Any]], workers: int | None = None,
                  progress: bool = False) -> dict[str, dict[str, list]]:
     """The canonical solution's outputs and CPU seconds per input: {task_id: {"base", "base_cpu",
-    "plus", "plus_cpu"}}, computed in the sandbox once and cached."""
-    from ..fsutil import atomic_write_text, cache_root
-    from .passk import run_graded
-    from .sandbox.codec import decode, encode
-
+    "plus", "plus_cpu"}}, computed in the sandbox once per task and cached (keyed by the task's
+    content and the interpreter, so an edited task or another Python recomputes)."""
     check_problems(problems)
-    digest = hashlib.sha256(json.dumps([[p[k] for k in FIELDS] for p in problems], sort_keys=True)
-                            .encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    path = cache_root() / "evalplus" / f"humanevalplus-{digest}-py{platform.python_version()}.json"
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            return {tid: {k: decode(v) for k, v in entry.items()} for tid, entry in cached.items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # a damaged cache is recomputed
-    runs, limits = [], []
-    for p in problems:
-        inputs = p["base_input"] + p["plus_input"]
-        runs.append((p["prompt"] + p["canonical_solution"],
-                     Check(test=_TRUTH_TEST.format(f=p["entry_point"]), functions=(p["entry_point"],),
-                           values={"inputs": inputs}, collect="truth")))
-        limits.append(Limits(timeout=600.0, cpu_seconds=300, memory_bytes=4 << 30, max_value_bytes=256 << 20))
-    results = run_graded(runs, limits, workers, progress)
+    folder = _cache_folder()
     truth: dict[str, dict[str, list]] = {}
-    for p, res in zip(problems, results):
+    missing = []
+    for p in problems:
+        cached = _read_cached(folder / _cache_name(p))
+        if cached is None:
+            missing.append(p)
+        else:
+            truth[p["task_id"]] = cached
+    if missing:
+        truth.update(_compute_truth(missing, folder, workers, progress))
+    return truth
+
+
+def _cache_folder() -> Path:
+    from ..fsutil import cache_root
+
+    return cache_root() / "evalplus" / f"py{platform.python_version()}"
+
+
+def _cache_name(problem: dict[str, Any]) -> str:
+    text = json.dumps([problem[k] for k in FIELDS], sort_keys=True).encode("utf-8", "surrogatepass")
+    return f"{problem['task_id'].replace('/', '_')}-{hashlib.sha256(text).hexdigest()[:16]}.json"
+
+
+def _read_cached(path: Path) -> dict[str, list] | None:
+    from .sandbox.codec import CodecError, decode
+
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        return {k: decode(entry[k]) for k in ("base", "base_cpu", "plus", "plus_cpu")}
+    except (OSError, ValueError, KeyError, TypeError, CodecError):
+        return None  # a damaged cache entry is recomputed
+
+
+def _compute_truth(problems: Sequence[dict[str, Any]], folder: Path, workers: int | None,
+                   progress: bool) -> dict[str, dict[str, list]]:
+    from ..fsutil import atomic_write_text
+    from .passk import run_graded
+    from .sandbox.codec import encode
+
+    runs = [(p["prompt"] + p["canonical_solution"],
+             Check(test=_TRUTH_TEST.format(f=p["entry_point"]), functions=(p["entry_point"],),
+                   values={"inputs": p["base_input"] + p["plus_input"]}, collect="truth")) for p in problems]
+    limits = Limits(timeout=600.0, cpu_seconds=300, memory_bytes=4 << 30, max_value_bytes=256 << 20)
+    truth = {}
+    for p, res in zip(problems, run_graded(runs, limits, workers, progress)):
         if res.status != "passed" or not isinstance(res.collected, list):
             raise SmallCoderError(f"HumanEval+ {p['task_id']}: the canonical solution failed on its own inputs "
                                   f"({res.status}: {res.detail})")
         outputs, times = res.collected
         n = len(p["base_input"])
-        truth[p["task_id"]] = {"base": outputs[:n], "base_cpu": times[:n], "plus": outputs[n:],
-                               "plus_cpu": times[n:]}
-    text = json.dumps({tid: {k: encode(v) for k, v in entry.items()} for tid, entry in truth.items()},
-                      ensure_ascii=True, allow_nan=False)
-    try:
-        atomic_write_text(path, text)
-    except OSError:
-        pass  # no cache folder: computed again next time
+        entry = {"base": outputs[:n], "base_cpu": times[:n], "plus": outputs[n:], "plus_cpu": times[n:]}
+        truth[p["task_id"]] = entry
+        try:
+            atomic_write_text(folder / _cache_name(p), json.dumps({k: encode(v) for k, v in entry.items()},
+                                                                  ensure_ascii=True, allow_nan=False))
+        except OSError:
+            pass  # no cache folder: computed again next time
     return truth
 
 
