@@ -16,6 +16,7 @@ Prompts and code assembly are HumanEval's (humaneval.py): the instruct format ex
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -80,7 +81,7 @@ def _cache_folder() -> Path:
 
 def _cache_name(problem: dict[str, Any]) -> str:
     text = json.dumps([problem[k] for k in FIELDS], sort_keys=True).encode("utf-8", "surrogatepass")
-    return f"{problem['task_id'].replace('/', '_')}-{hashlib.sha256(text).hexdigest()[:16]}.json"
+    return f"{problem['task_id'].replace('/', '_')}-{hashlib.sha256(text).hexdigest()[:16]}.json.gz"
 
 
 def _read_cached(path: Path) -> dict[str, list] | None:
@@ -89,15 +90,15 @@ def _read_cached(path: Path) -> dict[str, list] | None:
     if not path.is_file():
         return None
     try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
+        entry = json.loads(gzip.decompress(path.read_bytes()))
         return {k: decode(entry[k]) for k in ("base", "base_cpu", "plus", "plus_cpu")}
-    except (OSError, ValueError, KeyError, TypeError, CodecError):
+    except (OSError, EOFError, ValueError, KeyError, TypeError, CodecError):
         return None  # a damaged cache entry is recomputed
 
 
 def _compute_truth(problems: Sequence[dict[str, Any]], folder: Path, workers: int | None,
                    progress: bool) -> dict[str, dict[str, list]]:
-    from ..fsutil import atomic_write_text
+    from ..fsutil import atomic_path
     from .passk import run_graded
     from .sandbox.codec import encode
 
@@ -114,9 +115,10 @@ def _compute_truth(problems: Sequence[dict[str, Any]], folder: Path, workers: in
         n = len(p["base_input"])
         entry = {"base": outputs[:n], "base_cpu": times[:n], "plus": outputs[n:], "plus_cpu": times[n:]}
         truth[p["task_id"]] = entry
+        text = json.dumps({k: encode(v) for k, v in entry.items()}, ensure_ascii=True, allow_nan=False)
         try:
-            atomic_write_text(folder / _cache_name(p), json.dumps({k: encode(v) for k, v in entry.items()},
-                                                                  ensure_ascii=True, allow_nan=False))
+            with atomic_path(folder / _cache_name(p)) as tmp:
+                tmp.write_bytes(gzip.compress(text.encode("ascii"), compresslevel=1))
         except OSError:
             pass  # no cache folder: computed again next time
     return truth
