@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 from ...errors import SmallCoderError
 from .probe import setup as _setup
-from .supervise import STATUSES, Check, ExecResult, Limits, execute
+from .spec import STATUSES, Check, ExecResult, Limits
+from .supervise import execute
 
 __all__ = ["STATUSES", "Check", "ExecResult", "Limits", "protections", "run_many", "run_program"]
 

@@ -18,7 +18,8 @@ import sys
 import threading
 
 from ...errors import SmallCoderError
-from .supervise import SAFE_PATH, Limits, Setup, execute, rlimits
+from .spec import Limits, Setup, rlimits
+from .supervise import SAFE_PATH, execute
 from .uids import UID_BASE, UID_SPAN, world_writable_folders
 
 NAMESPACE_FLAGS = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--ipc")

@@ -29,11 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import SmallCoderError
 from . import uids
+from .classify import classify_checked, classify_plain
+from .spec import Check, ExecResult, Limits, Setup, checker_limits, rlimits
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 TAIL_BYTES = 4096          # how much of stderr (and, for the probe, stdout) is kept
@@ -44,114 +44,6 @@ _FOOTER = ("\n\n# appended by the smallcoder sandbox: reaching this line is the 
 _LOADER = ("import sys\ng = {{'__name__': '{name}', '__builtins__': __builtins__}}\n"
            "exec(compile(sys.argv[1], 'codec.py', 'exec'), g)\n"
            "exec(compile(sys.argv[2], '{file}', 'exec'), g)\n")
-
-
-@dataclass
-class ExecResult:
-    """What became of one program; `status` is one of STATUSES."""
-
-    status: str        # "passed" | "failed" | "timeout" | "killed" (resource limit / signal) | "error"
-    detail: str        # short reason: last line of stderr, signal name, limit hit, failed test ...
-    duration: float    # seconds, wall clock
-    stdout_bytes: int  # how much it printed (output is capped, not stored whole)
-    returncode: int | None = None  # the sample's exit code, -N for signal N, None when unknown
-    stderr_tail: str = ""          # the last few KB of stderr, for reading failures
-    cpu_seconds: float | None = None  # the sample's CPU time (user + system)
-    collected: object = None          # a checked run's `Check.collect` value (plain data), if asked
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-STATUSES = ("passed", "failed", "timeout", "killed", "error")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-sample limits; the defaults suit HumanEval/MBPP test programs.
-
-    CPU time decides whether busy code ran too long (a loaded machine does not change it); the
-    wall-clock `timeout` is far above it and only ends samples that sleep or block."""
-
-    timeout: float = 60.0          # wall clock, seconds
-    cpu_seconds: int = 10
-    memory_bytes: int = 1 << 30    # RLIMIT_AS
-    max_processes: int = 32        # only effective for a non-root uid
-    max_file_bytes: int = 10 << 20
-    max_open_files: int = 64
-    max_output_bytes: int = 1 << 20
-    disk_bytes: int = 64 << 20     # each private tmpfs: the work folder, /tmp, /dev/shm
-    max_value_bytes: int = 64 << 20  # the largest value a sample's function may return
-
-    def __post_init__(self) -> None:
-        minimum = {"timeout": 0.01, "cpu_seconds": 1, "memory_bytes": 64 << 20, "max_processes": 1,
-                   "max_file_bytes": 0, "max_open_files": 16, "max_output_bytes": 1024,
-                   "disk_bytes": 1 << 20, "max_value_bytes": 1024}
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            kind = float if name == "timeout" else int
-            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-                raise SmallCoderError(f"sandbox Limits.{name}: expected {kind.__name__}, got {value!r}")
-            if value < low:
-                raise SmallCoderError(f"sandbox Limits.{name} must be at least {low}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Check:
-    """How a checked run grades a sample (the benchmark's test code, run outside the sample).
-
-    `setup` runs first in the checker (a HumanEval prompt: its imports and helpers); `test` is the
-    benchmark's test code; `functions` are the names it calls that the sample defines (bound to
-    proxies); `sample_setup` runs in the sample after its code (MBPP's test_setup_code) and
-    `refs` are the names it makes that the test passes back to the sample; `values` are plain
-    values bound before the test (EvalPlus inputs); `collect` names a value to return."""
-
-    test: str
-    functions: tuple[str, ...]
-    setup: str = ""
-    sample_setup: str = ""
-    refs: tuple[str, ...] = ()
-    values: dict = field(default_factory=dict)
-    collect: str | None = None
-
-
-@dataclass(frozen=True)
-class Setup:
-    """How processes are launched here, decided once by probing (probe.py)."""
-
-    interpreter: str
-    unshare: tuple[str, ...]   # the namespace prefix, () when unavailable
-    switch_uid: bool           # root: run each process under its own unprivileged uid
-    mounts: dict | None        # the private root's contents (probe.mount_spec), None: no private mounts
-    report: dict
-    strays: tuple[str, ...] = ()  # world-writable folders to clean when there are no private mounts
-
-
-def rlimits(limits: Limits, own_uid: bool) -> dict[str, list[int]]:
-    nproc = limits.max_processes
-    if not own_uid and os.geteuid() != 0:
-        # the count covers all of this user's processes (outside a user namespace), so the
-        # budget is added on top of what the user runs already
-        nproc += len(uids.pids_of(os.getuid()))
-    return {
-        "RLIMIT_AS": [limits.memory_bytes] * 2,
-        "RLIMIT_CPU": [limits.cpu_seconds, limits.cpu_seconds + 1],
-        "RLIMIT_NPROC": [nproc] * 2,
-        "RLIMIT_FSIZE": [limits.max_file_bytes] * 2,
-        "RLIMIT_NOFILE": [limits.max_open_files] * 2,
-        "RLIMIT_CORE": [0, 0],
-    }
-
-
-def checker_limits(limits: Limits, job_bytes: int = 0) -> Limits:
-    """The checker runs trusted code but decodes what the sample sent: bounded, generously
-    (its work folder holds the job, whose expected outputs can be large)."""
-    return Limits(timeout=limits.timeout, cpu_seconds=max(60, 2 * limits.cpu_seconds),
-                  memory_bytes=max(2 << 30, 4 * limits.max_value_bytes, limits.memory_bytes, 8 * job_bytes),
-                  max_processes=16, max_file_bytes=max(10 << 20, job_bytes), max_open_files=64,
-                  max_output_bytes=1 << 20, disk_bytes=max(16 << 20, job_bytes + (1 << 20)),
-                  max_value_bytes=limits.max_value_bytes)
 
 
 class _Output:
@@ -336,8 +228,8 @@ def execute(setup: Setup, code: str, limits: Limits, check: Check | None = None,
         for p in procs:
             p.kill()
         if check is None:
-            return _classify_plain(reason, procs[0], limits, duration), procs[0].out.stdout_tail
-        return _classify_checked(reason, procs[0], procs[1], verdict_raw, limits, duration), b""
+            return classify_plain(reason, procs[0], limits, duration), procs[0].out.stdout_tail
+        return classify_checked(reason, procs[0], procs[1], verdict_raw, limits, duration), b""
     except OSError as exc:
         return ExecResult("error", f"sandbox harness: {exc}", time.monotonic() - start, 0), b""
     finally:
@@ -453,127 +345,6 @@ def _exited(p: _Proc, procs: list[_Proc]) -> None:
         for other in procs:
             if other is not p and other.exited_at is None:
                 other.kill()
-
-
-def _result(status: str, detail: str, duration: float, p: _Proc, code: int | None = None) -> ExecResult:
-    printed = p.out.stdout_bytes - (len(p.out.token) if p.out.token and p.out.token_seen else 0)
-    st = p.status() or {}
-    return ExecResult(status, detail, round(duration, 4), printed, code,
-                      p.out.stderr_tail.decode("utf-8", "replace"), st.get("cpu_seconds"))
-
-
-def _last_line(p: _Proc) -> str:
-    stderr = p.out.stderr_tail.decode("utf-8", "replace")
-    return next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")[:300]
-
-
-def _exit_status(p: _Proc, limits: Limits, duration: float) -> tuple[ExecResult | None, int | None]:
-    """(an error/killed/failed result from the process's own end, or None; its exit code)."""
-    status = p.status()
-    last = _last_line(p)
-    if status is None:
-        return _result("error", f"sandbox launcher ended without a report: {last or 'no message'}", duration, p), None
-    if status.get("setup_error"):
-        return _result("error", f"sandbox launcher could not start the {p.name}: {status['setup_error']}",
-                       duration, p), None
-    code = status.get("exitcode")
-    if not isinstance(code, int):
-        return _result("error", f"sandbox launcher report has no exit code: {status!r}", duration, p), None
-    if code < 0:
-        return _result("killed", _signal_detail(-code, status, limits), duration, p, code), code
-    if code == 0:
-        return None, 0
-    limit = _limit_hit(last, limits)
-    if limit:
-        return _result("killed", f"{limit}: {last}", duration, p, code), code
-    return _result("failed", last or f"exit status {code}", duration, p, code), code
-
-
-def _classify_plain(reason: str | None, p: _Proc, limits: Limits, duration: float) -> ExecResult:
-    if reason == "timeout":
-        return _result("timeout", f"wall-clock timeout after {limits.timeout:g} s", duration, p)
-    if reason == "output":
-        return _result("killed", f"output limit: more than {limits.max_output_bytes} bytes", duration, p)
-    ended, _ = _exit_status(p, limits, duration)
-    if ended is not None:
-        return ended
-    if p.out.token_seen:
-        return _result("passed", "", duration, p, 0)
-    return _result("failed", "exited with status 0 before the end of the program", duration, p, 0)
-
-
-def _classify_checked(reason: str | None, sample: _Proc, checker: _Proc, verdict_raw: bytes,
-                      limits: Limits, duration: float) -> ExecResult:
-    """The checker's verdict decides; where the sample broke the protocol, its own end says why."""
-    from .codec import CodecError, loads_message
-
-    if reason == "timeout":
-        return _result("timeout", f"wall-clock timeout after {limits.timeout:g} s", duration, sample)
-    if reason == "output":
-        return _result("killed", f"output limit: more than {limits.max_output_bytes} bytes", duration, sample)
-    if reason == "checker_output":
-        return _result("error", "the test code printed more than the checker's output limit", duration, sample)
-    verdict = None
-    if len(verdict_raw) >= 8 and int.from_bytes(verdict_raw[:8], "big") == len(verdict_raw) - 8:
-        try:
-            verdict = loads_message(verdict_raw[8:])
-        except CodecError:
-            verdict = None
-    if verdict is None:
-        ended, _ = _exit_status(checker, checker.limits, duration)
-        why = ended.detail if ended is not None else _last_line(checker) or "no message"
-        return _result("error", f"the checker ended without a verdict: {why}", duration, sample)
-    kind, detail = verdict.get("verdict"), str(verdict.get("detail", ""))[:500]
-    sample_code = (sample.status() or {}).get("exitcode")
-    if kind == "passed":
-        result = _result("passed", "", duration, sample, sample_code)
-        if "collected" in verdict:
-            from .codec import decode
-
-            try:
-                result.collected = decode(verdict["collected"])
-            except (CodecError, RecursionError) as exc:
-                return _result("error", f"the checker's collected value is unreadable: {exc}", duration, sample)
-        return result
-    if kind == "failed":
-        return _result("failed", detail, duration, sample, sample_code)
-    if kind == "error":
-        return _result("error", f"the checker could not run the tests: {detail}", duration, sample)
-    # a fault: the sample ended (its own end says why) or broke the protocol (the checker says how)
-    if verdict.get("gone") is True:
-        ended, code = _exit_status(sample, limits, duration)
-        if ended is not None:
-            return ended
-        return _result("failed", "exited with status 0 before its functions were tested", duration, sample, code)
-    return _result("failed", detail, duration, sample, sample_code)
-
-
-def _signal_detail(signum: int, status: dict, limits: Limits) -> str:
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    cpu = status.get("cpu_seconds") or 0.0
-    if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu >= limits.cpu_seconds):
-        return f"CPU time limit ({limits.cpu_seconds} s): {name}"
-    if signum == signal.SIGXFSZ:
-        return f"file size limit ({limits.max_file_bytes} bytes): {name}"
-    if signum == signal.SIGSEGV:
-        return f"{name} (crashed, e.g. C stack overflow from unbounded recursion)"
-    return f"killed by {name}"
-
-
-def _limit_hit(last_line: str, limits: Limits) -> str:
-    """Which resource limit an uncaught exception points to, if any."""
-    if last_line.startswith("MemoryError"):
-        return f"memory limit ({limits.memory_bytes >> 20} MiB address space)"
-    if "[Errno 27]" in last_line:  # EFBIG
-        return f"file size limit ({limits.max_file_bytes} bytes)"
-    if "[Errno 24]" in last_line:  # EMFILE
-        return f"open files limit ({limits.max_open_files})"
-    if "[Errno 28]" in last_line:  # ENOSPC: its private tmpfs is full
-        return f"disk limit ({limits.disk_bytes >> 20} MiB per private folder)"
-    return ""
 
 
 def _workroot(setup: Setup) -> str:
