@@ -426,6 +426,7 @@ def test_failed_final_rename_restores_previous_checkpoint(model, micro_checkpoin
         return real_rename(src, dst)
 
     monkeypatch.setattr(fsutil.os, "rename", rename)
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)  # the two-rename path (no renameat2)
     with pytest.raises(OSError, match="rename failed"):
         save(new_model(model.config, seed=5), None, target, overwrite=True)
     monkeypatch.undo()
