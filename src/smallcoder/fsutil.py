@@ -204,6 +204,8 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         reason = write_error(e)
         if reason:
             raise SmallCoderError(f"{target}: could not write it ({reason}); nothing was changed there") from None
+        if isinstance(e, SmallCoderError) and str(tmp) in str(e):  # a nested write: name the real target
+            raise SmallCoderError(str(e).replace(str(tmp), str(target))) from None
         raise
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
