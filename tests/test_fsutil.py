@@ -112,9 +112,11 @@ def test_interrupted_two_rename_replacement_is_restored_on_next_use(tmp_path):
                           text=True, check=True).stdout.strip()
     _write(tmp_path / f".out.old-{dead}", OLD)
     _write(tmp_path / f".out.tmp-{dead}", NEW)
-    with pytest.raises(SmallCoderError, match="not empty"):
-        with fsutil.atomic_folder(target):  # no overwrite: the restored old folder is kept
-            pass
+    with (
+        pytest.raises(SmallCoderError, match="not empty"),
+        fsutil.atomic_folder(target),  # no overwrite: the restored old folder is kept
+    ):
+        pass
     assert _state(target) == "old" and _leftovers(target) == []
 
 
@@ -137,9 +139,11 @@ def test_failed_exchange_keeps_the_old_folder(tmp_path, monkeypatch):
         raise OSError(errno.EIO, "Input/output error", str(a))
 
     monkeypatch.setattr(fsutil, "_exchange", refuse)
-    with pytest.raises(SmallCoderError, match=r"out: could not write it \(Input/output error"):
-        with fsutil.atomic_folder(target, overwrite=True) as tmp:
-            _write(tmp, NEW)
+    with (
+        pytest.raises(SmallCoderError, match=r"out: could not write it \(Input/output error"),
+        fsutil.atomic_folder(target, overwrite=True) as tmp,
+    ):
+        _write(tmp, NEW)
     assert _state(target) == "old" and _leftovers(target) == []
 
 
@@ -147,28 +151,33 @@ def test_failed_exchange_keeps_the_old_folder(tmp_path, monkeypatch):
 def test_disk_full_is_one_line_and_keeps_the_old_folder(tmp_path, wrapped):
     target = tmp_path / "out"
     _write(target, OLD)
-    with pytest.raises(SmallCoderError, match="out: could not write it .No space left on device"):
-        with fsutil.atomic_folder(target, overwrite=True) as tmp:
-            (tmp / "a.txt").write_text("half")
-            if wrapped:  # what safetensors and tokenizers raise
-                raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "a.txt"))
+    with (
+        pytest.raises(SmallCoderError, match="out: could not write it .No space left on device"),
+        fsutil.atomic_folder(target, overwrite=True) as tmp,
+    ):
+        (tmp / "a.txt").write_text("half")
+        if wrapped:  # what safetensors and tokenizers raise
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # noqa: TRY002
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "a.txt"))
     assert _state(target) == "old" and _leftovers(target) == []
-    with pytest.raises(SmallCoderError, match="could not write it .Disk quota"):
-        with fsutil.atomic_path(tmp_path / "f.json"):
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    with (
+        pytest.raises(SmallCoderError, match="could not write it .Disk quota"),
+        fsutil.atomic_path(tmp_path / "f.json"),
+    ):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     assert not list(tmp_path.glob(".f.json*"))
-    with pytest.raises(ValueError):  # other errors pass through unchanged
-        with fsutil.atomic_folder(target, overwrite=True):
-            raise ValueError("x")
+    with pytest.raises(ValueError), fsutil.atomic_folder(target, overwrite=True):  # other errors pass unchanged
+        raise ValueError("x")
 
 
 def test_a_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     for path in (tmp_path / "file" / "sub", tmp_path / "file" / "sub" / "deeper"):
-        with pytest.raises(SmallCoderError, match=r"cannot create the folder: .*file is a file, not a folder"):
-            with fsutil.atomic_folder(path):
-                pass
+        with (
+            pytest.raises(SmallCoderError, match=r"cannot create the folder: .*file is a file, not a folder"),
+            fsutil.atomic_folder(path),
+        ):
+            pass
         with pytest.raises(SmallCoderError, match="is a file, not a folder"):
             fsutil.atomic_write_text(path / "x.json", "{}")
     with pytest.raises(SmallCoderError, match="is a file, not a folder"):
@@ -184,11 +193,32 @@ def test_folder_lock_excludes_a_second_holder_and_dies_with_its_process(tmp_path
     with subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True, env=env) as holder:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(SmallCoderError, match=rf"another training run is using this folder \(pid {holder.pid} "):
-            with fsutil.folder_lock(folder, "training run"):
-                pass
+        with (
+            pytest.raises(SmallCoderError, match=rf"another training run is using this folder \(pid {holder.pid} "),
+            fsutil.folder_lock(folder, "training run"),
+        ):
+            pass
         holder.kill()  # a crashed holder does not block the next run
-    with fsutil.folder_lock(folder, "training run"):
-        with pytest.raises(SmallCoderError, match=f"pid {os.getpid()} "):
-            with fsutil.folder_lock(folder, "training run"):  # a second open file is a second holder
-                pass
+    with (
+        fsutil.folder_lock(folder, "training run"), pytest.raises(SmallCoderError, match=f"pid {os.getpid()} "),
+        fsutil.folder_lock(folder, "training run"),  # a second open file is a second holder
+    ):
+        pass
+
+
+def test_readers_restore_an_interrupted_replacement_first(tmp_path, micro_checkpoint, small_tokenizer):
+    """`load` and `TokenDataset` put back a folder that a crash between the two renames left as
+    .NAME.old-PID, before they read it."""
+    import shutil
+
+    from smallcoder import load
+    from smallcoder.data.pack import TokenDataset, pack_texts
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    shutil.copytree(micro_checkpoint, tmp_path / f".model.old-{dead}")
+    model, _ = load(tmp_path / "model")
+    assert model.config.hidden_size == 64 and _leftovers(tmp_path / "model") == []
+    pack_texts(["def f(): return 1"] * 20, small_tokenizer, tmp_path / f".pack.old-{dead}", seq_len=8,
+               progress=False)
+    assert len(TokenDataset(tmp_path / "pack")) > 0

@@ -179,7 +179,7 @@ def check_weights(folder: Path, config: ModelConfig, int8: bool = False,
     for f in _weight_files(folder):
         try:
             with safe_open(str(f), framework="pt") as fh:
-                for name in fh.keys():
+                for name in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     sl = fh.get_slice(name)
                     found[name] = (f, tuple(sl.get_shape()), sl.get_dtype())
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:

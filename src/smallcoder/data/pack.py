@@ -397,6 +397,10 @@ class TokenDataset:
 
     def __init__(self, folder: str | Path, tokenizer: Any = None, *, verify: bool = False) -> None:
         self.folder = Path(folder)
+        if not self.folder.exists():
+            from ..fsutil import recover_folder
+
+            recover_folder(self.folder)  # a pack whose replacement a crash interrupted is put back first
         if not self.folder.is_dir():
             raise SmallCoderError(f"{self.folder}: no such pack folder")
         path = self.folder / INDEX_FILE
