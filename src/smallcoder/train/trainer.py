@@ -395,54 +395,57 @@ def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, ou
                 "seq_len": stage.seq_len, "sft": stage.sft, "decontaminate": stage.decontaminate,
                 "val_fraction": run.val_fraction, "val_docs": run.val_docs, "cap": cap, "seed": run.seed})
     folder = out / "data" / stage.name / f"{src.name}-{key[:12]}"
+    packed = None
     if (folder / "info.json").is_file():
         try:
-            return SourceData(src.name, src.weight, folder, *_open_packed(folder, tokenizer, stage.sft))
+            packed = _open_packed(folder, tokenizer, stage.sft)
         except SmallCoderError as e:
             if not may_repack:
                 raise
             print(f"warning: the packed data in {folder} is damaged ({e}); packing it again", file=sys.stderr)
-    what = "conversations" if stage.sft else "documents"
-    print(f"packing stage {stage.name}: {src.name} ({src.spec.display_label}) -> {folder}", file=sys.stderr)
-    split_seed = f"{run.seed}:{stage.name}:{src.name}"
-    with atomic_folder(folder, overwrite=True) as tmp:
-        held: list[Any] = []
-        if stage.sft:
-            def render(conv: Any) -> str:
-                return format_chat(conv, add_generation_prompt=False)
+    if packed is None:
+        what = "conversations" if stage.sft else "documents"
+        print(f"packing stage {stage.name}: {src.name} ({src.spec.display_label}) -> {folder}", file=sys.stderr)
+        split_seed = f"{run.seed}:{stage.name}:{src.name}"
+        with atomic_folder(folder, overwrite=True) as tmp:
+            held: list[Any] = []
+            if stage.sft:
+                def render(conv: Any) -> str:
+                    return format_chat(conv, add_generation_prompt=False)
 
-            convs: Iterator[Any] = _capped(iter_conversations(src.spec), lambda c: len(render(c)), cap)
-            if stage.decontaminate:
-                convs = (c for c in convs if deco.get().find(render(c)) is None)
-            train = _split(convs, lambda c: 1, run.val_fraction, max(run.val_docs, MIN_VAL_CONVERSATIONS),
-                           MIN_VAL_CONVERSATIONS, split_seed, held)
+                convs: Iterator[Any] = _capped(iter_conversations(src.spec), lambda c: len(render(c)), cap)
+                if stage.decontaminate:
+                    convs = (c for c in convs if deco.get().find(render(c)) is None)
+                train = _split(convs, lambda c: 1, run.val_fraction, max(run.val_docs, MIN_VAL_CONVERSATIONS),
+                               MIN_VAL_CONVERSATIONS, split_seed, held)
 
-            def encoded(items: Iterator[Any]) -> Iterator[tuple[list[int], list[int]]]:
-                while chunk := [c for _, c in zip(range(1024), items)]:
-                    yield from encode_conversations(chunk, tokenizer)
+                def encoded(items: Iterator[Any]) -> Iterator[tuple[list[int], list[int]]]:
+                    while chunk := [c for _, c in zip(range(1024), items)]:
+                        yield from encode_conversations(chunk, tokenizer)
 
-            index = pack_examples(encoded(train), tokenizer, tmp / "train", stage.seq_len, progress=progress)
-            if not held:
-                raise SmallCoderError(f"source {src.spec.display_label}: no conversations left for validation")
-            pack_examples(encoded(iter(held)), tokenizer, tmp / "val", stage.seq_len, progress=False)
-            with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(conv, ensure_ascii=False) + "\n" for conv in held)
-        else:
-            texts: Iterator[str] = _capped(iter_texts(src.spec), len, cap)
-            if stage.decontaminate:
-                texts = deco.get().filter(texts)
-            # enough held-out text for a few full records at ~4 characters per token
-            train = _split(texts, len, run.val_fraction, run.val_docs, 16.0 * stage.seq_len, split_seed, held)
-            index = pack_texts(train, tokenizer, tmp / "train", stage.seq_len, progress=progress)
-            try:
-                pack_texts(iter(held), tokenizer, tmp / "val", stage.seq_len, progress=False)
-            except SmallCoderError as e:
-                raise SmallCoderError(f"source {src.spec.display_label}: the held-out documents are too "
-                                      f"short for one validation record of {stage.seq_len} tokens ({e})") from None
-        info = {"source": src.spec.display_label, what: index["totals"].get("documents"),
-                "heldout": len(held), "records": index["totals"]["records"], "tokens": index["totals"]["tokens"]}
-        (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-    return SourceData(src.name, src.weight, folder, *_open_packed(folder, tokenizer, stage.sft))
+                index = pack_examples(encoded(train), tokenizer, tmp / "train", stage.seq_len, progress=progress)
+                if not held:
+                    raise SmallCoderError(f"source {src.spec.display_label}: no conversations left for validation")
+                pack_examples(encoded(iter(held)), tokenizer, tmp / "val", stage.seq_len, progress=False)
+                with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(conv, ensure_ascii=False) + "\n" for conv in held)
+            else:
+                texts: Iterator[str] = _capped(iter_texts(src.spec), len, cap)
+                if stage.decontaminate:
+                    texts = deco.get().filter(texts)
+                # enough held-out text for a few full records at ~4 characters per token
+                train = _split(texts, len, run.val_fraction, run.val_docs, 16.0 * stage.seq_len, split_seed, held)
+                index = pack_texts(train, tokenizer, tmp / "train", stage.seq_len, progress=progress)
+                try:
+                    pack_texts(iter(held), tokenizer, tmp / "val", stage.seq_len, progress=False)
+                except SmallCoderError as e:
+                    raise SmallCoderError(f"source {src.spec.display_label}: the held-out documents are too "
+                                          f"short for one validation record of {stage.seq_len} tokens ({e})") from None
+            info = {"source": src.spec.display_label, what: index["totals"].get("documents"),
+                    "heldout": len(held), "records": index["totals"]["records"], "tokens": index["totals"]["tokens"]}
+            (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+        packed = _open_packed(folder, tokenizer, stage.sft)
+    return SourceData(src.name, src.weight, folder, *packed)
 
 
 def prepare_stage(stage: StageSpec, tokenizer: Any, tok_hash: str, out: Path, run: Any, deco: _Decontam,
