@@ -508,11 +508,12 @@ def test_second_run_on_one_out_is_refused_naming_the_holder(workdir, capsys):
                 break
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()[0]
-        before = sorted(p.name for p in out.iterdir())
         assert _main_train([str(recipe), "--out", str(out), "--force", "--max-steps", "1"]) == 2
         line = _error_line(capsys.readouterr().err)
         assert f"another training run is using this folder (pid {first.pid} on " in line
-        assert sorted(p.name for p in out.iterdir()) == before
+        # the refused run wrote nothing (its run.json would say max_steps 1) and the first one runs on
+        assert not (out / "run.json").exists() or json.loads((out / "run.json").read_text())["max_steps"] is None
+        assert first.poll() is None
     finally:
         first.kill()
         first.communicate()
