@@ -343,6 +343,58 @@ def test_invalid_config_values():
         ModelConfig.from_hf_dict(_hf_base(hidden_act="gelu"))
 
 
+@pytest.mark.parametrize("field, value", [
+    ("rms_norm_eps", "abc"), ("rms_norm_eps", [1e-6]), ("rms_norm_eps", None), ("rope_theta", "1e4"),
+    ("initializer_range", {}), ("hidden_size", "64"), ("num_key_value_heads", 2.0), ("num_hidden_layers", True),
+    ("max_position_embeddings", 12.5), ("tie_word_embeddings", "no"), ("eos_token_id", "0"),
+    ("bos_token_id", -1), ("head_dim", [16]), ("rope_parameters", "default"), ("model_type", ["llama"]),
+    ("architectures", "LlamaForCausalLM"), ("intermediate_size", None)])
+def test_config_field_of_the_wrong_type_is_one_line(ckpt_copy, field, value):
+    """Every config.json field of the wrong type names the file, the field and the value (the
+    class of a non-numeric rms_norm_eps, which raised a bare ValueError)."""
+    extra = {"rope_parameters": None} if field == "rope_theta" else {}  # else rope_parameters' theta wins
+    _edit_config(ckpt_copy, **{field: value}, **extra)
+    with pytest.raises(SmallCoderError) as e:
+        load(ckpt_copy)
+    msg = str(e.value)
+    assert str(ckpt_copy / "config.json") in msg and field in msg and repr(value)[:10] in msg, msg
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"num_hidden_layers": 1_000_000}, "num_hidden_layers = 1000000"),
+    ({"num_hidden_layers": 1}, "num_hidden_layers = 1"),
+    ({"intermediate_size": 96}, "intermediate_size = 96"),
+    ({"vocab_size": 4096}, "vocab_size = 4096"),
+    ({"num_key_value_heads": 4}, "num_key_value_heads = 4"),
+    ({"head_dim": 8}, "head_dim = 8"),
+])
+def test_weights_checked_against_config_before_the_model_is_built(ckpt_copy, monkeypatch, changes, field):
+    """A config.json that does not fit its weights fails from the safetensors header, before a
+    model of the config's size is ever constructed (a million layers used to take minutes)."""
+    _edit_config(ckpt_copy, **changes)
+    real = ckpt.SmallCoder
+    built = []
+
+    def watched(config):
+        built.append(config.num_hidden_layers)
+        assert config.num_hidden_layers <= 2, "a model of the bad config was built"
+        return real(config)
+
+    monkeypatch.setattr(ckpt, "SmallCoder", watched)
+    with pytest.raises(SmallCoderError) as e:
+        load(ckpt_copy)
+    msg = str(e.value)
+    assert msg.startswith(f"{ckpt_copy / 'config.json'}: ") and field in msg, msg
+
+
+def test_weights_of_the_wrong_dtype_are_named(ckpt_copy):
+    sd = load_file(str(ckpt_copy / "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int64)
+    save_file(sd, str(ckpt_copy / "model.safetensors"))
+    with pytest.raises(SmallCoderError, match=r"model\.safetensors: tensor model\.norm\.weight has dtype I64"):
+        load(ckpt_copy)
+
+
 def test_tokenizer_larger_than_vocab(ckpt_copy, micro_config, small_tokenizer):
     _edit_config(ckpt_copy, vocab_size=micro_config.vocab_size - 10)
     sd = load_file(str(ckpt_copy / "model.safetensors"))
@@ -426,6 +478,7 @@ def test_failed_final_rename_restores_previous_checkpoint(model, micro_checkpoin
         return real_rename(src, dst)
 
     monkeypatch.setattr(fsutil.os, "rename", rename)
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)  # the two-rename path (no renameat2)
     with pytest.raises(OSError, match="rename failed"):
         save(new_model(model.config, seed=5), None, target, overwrite=True)
     monkeypatch.undo()

@@ -119,6 +119,70 @@ def test_init_bad_dtype(tok_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_init_force_on_a_full_disk_is_one_line_and_keeps_the_old_folder(tok_dir, tmp_path, capsys, monkeypatch):
+    """ENOSPC while `init --force` writes the weights (as safetensors reports it): one line, exit 2,
+    the old folder intact and no temporary folder left."""
+    import smallcoder.checkpoint as ckpt
+
+    a = tmp_path / "a"
+    assert _init(tok_dir, a, "--seed", "3") == 0
+    before = _tree(a)
+    capsys.readouterr()
+
+    def full(*args, **kw):
+        raise ckpt.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    assert _init(tok_dir, a, "--seed", "4", "--force") == 2
+    line = _error_line(capsys.readouterr().err)
+    assert str(a) in line and "No space left on device" in line
+    assert _tree(a) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_init_force_on_a_real_full_tmpfs(tok_dir, tmp_path, capsys):
+    """The same on a real 40 MB tmpfs (root only): the second copy of a 25 MB model does not fit."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        a = mnt / "a"
+        assert _init(tok_dir, a, "--seed", "3") == 0
+        before = _tree(a)
+        capsys.readouterr()
+        assert _init(tok_dir, a, "--seed", "4", "--force") == 2
+        line = _error_line(capsys.readouterr().err)
+        assert str(a) in line and "No space left on device" in line
+        assert _tree(a) == before
+        assert sorted(p.name for p in mnt.iterdir()) == ["a"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("sub", ["sub", "sub/deeper"])
+def test_init_out_under_a_file_is_one_line(tok_dir, tmp_path, capsys, sub):
+    (tmp_path / "file").write_text("not a folder")
+    assert _init(tok_dir, tmp_path / "file" / sub) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'file'} is a file, not a folder" in line
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_generate_with_a_non_numeric_rms_norm_eps_is_one_line(micro_checkpoint, tmp_path, capsys):
+    import json
+
+    model = tmp_path / "m"
+    shutil.copytree(micro_checkpoint, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rms_norm_eps"] = "tiny"
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"{model / 'config.json'}" in line and "'rms_norm_eps'" in line and "'tiny'" in line
+
+
 # ---- generate ----------------------------------------------------------------------------------
 
 PROMPT = "def add(a, b):"

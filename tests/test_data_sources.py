@@ -376,3 +376,58 @@ def test_card_corpora_table():
     assert (CARD_CORPORA["openmathinstruct-2"].prompt_field, CARD_CORPORA["openmathinstruct-2"].response_field) == (
         "problem", "generated_solution")
     assert CARD_CORPORA["nemotron-sft"].messages_field == "messages"
+
+
+# ---- lone surrogates ------------------------------------------------------------------------------
+
+
+def _surrogate_corpus(tmp_path: Path) -> Path:
+    """Line 3 holds `\\ud800` as a JSON escape (valid JSON, not valid Unicode text); line 2 a proper pair."""
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "def f():\\n    return 1\\n"}\n'
+                     b'{"text": "an emoji \\ud83d\\ude00 as an escaped pair is fine"}\n'
+                     b'{"text": "broken \\ud800 here", "meta": {"x": 1}}\n')
+    return path
+
+
+def test_lone_surrogate_is_named_by_the_reader(tmp_path):
+    path = _surrogate_corpus(tmp_path)
+    with pytest.raises(SmallCoderError, match=rf"{path}: line 3: field 'text' holds a lone UTF-16 surrogate \\ud800"):
+        list(iter_texts(parse_source(str(path))))
+    ok = tmp_path / "ok.jsonl"
+    ok.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]) + b'{"text": "a literal \\\\ud800"}\n')
+    assert [t[:8] for t in iter_texts(parse_source(str(ok)))] == ["def f():", "an emoji", "a litera"]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_bytes(b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x\\udc00"}]}\n')
+    with pytest.raises(SmallCoderError, match=r"line 1: field 'messages\[1\]\.content' holds a lone UTF-16 surrogate"):
+        list(iter_conversations(parse_source(str(chat), messages_field="messages")))
+
+
+@pytest.mark.parametrize("command", ["data pack", "data pack --sft", "tokenizer train", "data decontam"])
+def test_lone_surrogate_is_one_line_for_every_command(tmp_path, capsys, small_tokenizer, command, request):
+    from smallcoder.cli import main
+
+    corpus = _surrogate_corpus(tmp_path)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    small_tokenizer.save(tok)
+    out = tmp_path / "out"
+    args = {"data pack": ["data", "pack", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(out),
+                          "--seq-len", "4"],
+            "tokenizer train": ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(out)],
+            "data decontam": ["data", "decontam", "--input", str(corpus), "--out", str(out)]}
+    if command == "data pack --sft":
+        corpus.write_bytes(b'{"messages": [{"role": "user", "content": "hi \\ud800"}, '
+                           b'{"role": "assistant", "content": "ok"}]}\n')
+        argv = [*args["data pack"], "--sft"]
+    else:
+        argv = args[command]
+    if command == "data decontam":
+        argv += ["--data-dir", str(request.getfixturevalue("shared_data"))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith(("reading", "packing"))]
+    assert len(lines) == 1 and lines[0].startswith(f"smallcoder: error: {corpus}: line "), err
+    assert "lone UTF-16 surrogate" in lines[0]
+    assert not out.exists()

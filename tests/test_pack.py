@@ -418,3 +418,89 @@ def test_tokenizer_hash_ignores_the_merges_format(starcoder_dir, tmp_path):
     saved = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"][0]
     assert isinstance(raw, str) and isinstance(saved, list)
     assert tokenizer_hash(Tokenizer.load(tmp_path)) == tokenizer_hash(ref)
+
+
+# ---- verification before training reads ------------------------------------------------------------
+
+
+def _repair_sha(folder: Path, shard: int, key: str = "tokens") -> None:
+    """Make index.json agree with a file changed on purpose (a pack written by another tool)."""
+    import hashlib
+
+    index = json.loads((folder / pack.INDEX_FILE).read_text())
+    name = index["shards"][shard]["files"][key]
+    index["shards"][shard]["sha256"][key] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    (folder / pack.INDEX_FILE).write_text(json.dumps(index))
+
+
+def test_verify_records_its_result_and_catches_an_in_place_overwrite(packed, small_tokenizer, tmp_path, monkeypatch):
+    """verify(record=True) hashes each file once and records its stat signature; an unchanged pack
+    is not read again, and a shard overwritten in place (same size, mtime put back) is caught."""
+    import hashlib
+    import os
+
+    out = tmp_path / "p"
+    shutil.copytree(packed[0], out)
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(pack.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    ds = TokenDataset(out, small_tokenizer)
+    hashed.clear()  # (opening hashes the tokenizer)
+    ds.verify(record=True)
+    n_files = sum(len(s["files"]) for s in json.loads((out / pack.INDEX_FILE).read_text())["shards"])
+    assert len(hashed) == n_files and (out / pack.VERIFIED_FILE).is_file()
+    ds = TokenDataset(out, small_tokenizer)
+    hashed.clear()
+    ds.verify(record=True)
+    assert hashed == []  # recorded: nothing read again
+    shard = out / "tokens-00001.bin"
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0x01
+    with open(shard, "r+b") as f:  # in place: same inode, same size
+        f.write(data)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ds = TokenDataset(out, small_tokenizer)
+    hashed.clear()
+    with pytest.raises(SmallCoderError, match=r"tokens-00001.bin: sha256 \w+ does not match index.json shards\[1\]"):
+        ds.verify(record=True)
+    assert hashed == [1]  # only the changed file was hashed again
+
+
+def test_out_of_vocabulary_ids_are_named_at_read_time(packed, small_tokenizer, tmp_path):
+    """Token ids past the vocabulary (with a checksum that agrees) fail where they are read, naming
+    the shard, the record and the id, in the dataset, the mixture loader and verify()."""
+    from smallcoder.data.mixture import Component, MixtureLoader
+
+    out = tmp_path / "p"
+    shutil.copytree(packed[0], out)
+    shard = out / "tokens-00002.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    vocab = small_tokenizer.vocab_size
+    ids[16 + 3] = vocab + 7  # record 1 of shard 2
+    ids.tofile(shard)
+    _repair_sha(out, 2)
+    ds = TokenDataset(out, small_tokenizer)
+    with pytest.raises(SmallCoderError, match=rf"tokens-00002.bin: record 1 holds token id {vocab + 7}, outside the "
+                                              rf"vocabulary of {vocab} tokens"):
+        ds[7 * 2 + 1]
+    ds[7 * 2]  # its neighbours read fine
+    loader = MixtureLoader([Component("p", ds, 1.0)], seq_len=16, global_batch=len(ds), micro_batch=len(ds),
+                           seed=0, pad_id=0)
+    with pytest.raises(SmallCoderError, match=f"token id {vocab + 7}"):
+        loader.next_step()
+    with pytest.raises(SmallCoderError, match=rf"tokens-00002.bin: holds token id {vocab + 7}, outside the vocabulary"):
+        ds.verify()
+
+
+def test_sft_out_of_vocabulary_ids_are_named(small_tokenizer, tmp_path):
+    out = tmp_path / "sft"
+    pack_examples(_examples(small_tokenizer, 20), small_tokenizer, out, 64, progress=False)
+    shard = out / "tokens-00000.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[-1] = 65535
+    ids.tofile(shard)
+    _repair_sha(out, 0)
+    ds = TokenDataset(out, small_tokenizer)
+    with pytest.raises(SmallCoderError, match=r"tokens-00000.bin: record 19 holds token id 65535"):
+        ds[19]

@@ -401,3 +401,238 @@ print(min(default), max(faults_of_a_block() for _ in range(3)))
     default, kept = map(int, out.stdout.split())
     assert default > 8000  # glibc's default: a fresh mmap every time, 16k pages faulted in
     assert kept < 1000
+
+
+# ---- data safety -----------------------------------------------------------------------------------
+
+
+def _strict_lines(path: Path) -> list[dict]:
+    """metrics.jsonl read by a strict parser: NaN / Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.startswith("smallcoder: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _main_train(args: list[str]) -> int:
+    from smallcoder.cli import main
+
+    return main(["train", *args, "--threads", "1"])
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing_diverged(workdir, capsys):
+    """--set defaults.lr=1e30: the loss turns NaN; the run stops (exit 2, one line), writes no stage
+    or final model, keeps only finite checkpoints, never reports EOS success, and its
+    metrics.jsonl stays strict JSON."""
+    out = workdir / "run"
+    rc = _main_train([str(_recipe(workdir, ckpt=1)), "--out", str(out), "--set", "defaults.lr=1e30"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    line = _error_line(captured.err)
+    assert "training diverged at step" in line and "not finite" in line and "stages.0.lr" in line
+    assert "answers ending with EOS" not in captured.out and "trained" not in captured.out
+    assert not (out / "final").exists() and not list(out.glob("stage-*"))
+    for _, folder in list_checkpoints(out):
+        assert all(bool(torch.isfinite(t).all()) for t in _weights(folder).values()), folder
+    lines = _strict_lines(out / "metrics.jsonl")
+    bad = [x for x in lines if x.get("event") == "nonfinite"]
+    assert len(bad) == 1 and (bad[0]["loss"] is None or bad[0]["grad_norm"] is None)
+
+
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_nonfinite_patience_skips_the_update_then_stops(workdir, monkeypatch, capsys, what):
+    """run.nonfinite_patience = 1: one non-finite step is skipped (no optimizer update, no checkpoint
+    at it) and the run completes; two in a row stop it, and so does one at a stage's last step."""
+    import smallcoder.train.trainer as trainer_mod
+
+    real = trainer_mod.accumulate_gradients
+    bad_steps: set[int] = set()
+    calls = {"n": 0}
+
+    def flaky(model, forward, step, info, autocast=None):
+        calls["n"] += 1
+        loss = real(model, forward, step, info, autocast)
+        if calls["n"] in bad_steps:
+            if what == "loss":
+                return float("nan")
+            for p in model.parameters():
+                p.grad.fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(trainer_mod, "accumulate_gradients", flaky)
+    path = _recipe(workdir, ckpt=1, keep=100)
+    bad_steps.update({4})
+    out = workdir / "ok"
+    Trainer(load_recipe(path, ["run.nonfinite_patience=1"]), out, max_steps=6, progress=False).run()
+    assert "skipped its update" in capsys.readouterr().err
+    steps = [s for s, _ in list_checkpoints(out)]
+    assert 4 not in steps and 5 in steps
+    from safetensors.torch import load_file
+
+    optim = load_file(str(out / "checkpoints" / "step-0000005" / "optimizer.safetensors"))
+    assert {float(v) for k, v in optim.items() if k.endswith(".step")} == {4.0}  # 5 steps, 4 updates
+    lines = _strict_lines(out / "metrics.jsonl")
+    assert [x["step"] for x in lines if x.get("event") == "nonfinite"] == [4]
+    assert all(bool(torch.isfinite(t).all()) for t in _weights(out / "final").values())
+
+    for bad, match in (({3, 4}, "2 step.s. in a row, more than run.nonfinite_patience = 1"),
+                       ({6}, "a stage may not end on a skipped step")):
+        calls["n"] = 0
+        bad_steps.clear()
+        bad_steps.update(bad)
+        out = workdir / f"bad{min(bad)}"
+        with pytest.raises(SmallCoderError, match=match):
+            Trainer(load_recipe(path, ["run.nonfinite_patience=1"]), out, max_steps=6, progress=False).run()
+        assert not list(out.glob("stage-*")) and not (out / "final").exists()
+        _strict_lines(out / "metrics.jsonl")
+
+
+def test_second_run_on_one_out_is_refused_naming_the_holder(workdir, capsys):
+    """A running `smallcoder train` holds OUT/.lock; a second run on that --out gets one line naming
+    its pid and touches nothing; once the first is killed (its lock dies with it), a run proceeds."""
+    recipe = _recipe(workdir, ckpt=1000, tokens=200_000)  # long enough to still run while we try
+    out = workdir / "run"
+    first = _cli([str(recipe), "--out", str(out)], workdir)
+    try:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and first.poll() is None:
+            lock = out / ".lock"
+            if lock.exists() and f"pid {first.pid} " in lock.read_text():
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[0]
+        assert _main_train([str(recipe), "--out", str(out), "--force", "--max-steps", "1"]) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert f"another training run is using this folder (pid {first.pid} on " in line
+        # the refused run wrote nothing (its run.json would say max_steps 1) and the first one runs on
+        assert not (out / "run.json").exists() or json.loads((out / "run.json").read_text())["max_steps"] is None
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.communicate()
+    assert _main_train([str(recipe), "--out", str(out), "--force", "--max-steps", "1"]) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite_in_place", "no_index", "bad_heldout", "oov"])
+def test_damaged_packed_cache_is_rebuilt(workdir, capsys, damage):
+    """A packed-data cache damaged in any way (sizes, bytes overwritten in place with the same size
+    and mtime, its index, its held-out file, ids past the vocabulary with a matching checksum) is
+    detected before training reads it and packed again; the resumed run ends bit-identical."""
+    recipe = load_recipe(_recipe(workdir, ckpt=2, keep=100))
+    ref = workdir / "ref"
+    Trainer(recipe, ref, progress=False).run()
+    reference = _weights(ref / "final")
+    out = workdir / "run"
+    Trainer(recipe, out, max_steps=None, progress=False).run()
+    import shutil
+
+    from smallcoder.data.pack import INDEX_FILE
+
+    sft = next((out / "data" / "sft").iterdir())
+    prose = next((out / "data" / "prose").iterdir())
+    shard = prose / "train" / "tokens-00000.bin"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-64])
+    elif damage == "overwrite_in_place":
+        st = shard.stat()
+        data = bytearray(shard.read_bytes())
+        data[100:108] = bytes(8)
+        with open(shard, "r+b") as f:
+            f.write(data)
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif damage == "no_index":
+        (prose / "train" / INDEX_FILE).unlink()
+    elif damage == "bad_heldout":
+        (sft / "heldout.jsonl").write_text("{not json\n")
+    else:
+        import hashlib
+
+        data = bytearray(shard.read_bytes())
+        data[0:2] = (60000).to_bytes(2, "little")
+        shard.write_bytes(data)
+        index = json.loads((prose / "train" / INDEX_FILE).read_text())
+        index["shards"][0]["sha256"]["tokens"] = hashlib.sha256(data).hexdigest()
+        (prose / "train" / INDEX_FILE).write_text(json.dumps(index))
+    for name in ("final", "stage-sft", "stage-math", "stage-code", "stage-prose"):
+        shutil.rmtree(out / name)
+    shutil.rmtree(out / "checkpoints")
+    capsys.readouterr()
+    Trainer(recipe, out, force=True, progress=False).run()
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "packing it again" in err
+    assert _same(_weights(out / "final"), reference)
+
+
+def test_force_checks_before_it_deletes(workdir, monkeypatch):
+    """--force deletes the old run only once the new one is ready to train: a run that fails while
+    preparing (here: building the model) leaves the old checkpoints, stages and final in place."""
+    import smallcoder.checkpoint as ckpt_mod
+
+    path = _recipe(workdir, ckpt=2)
+    out = workdir / "run"
+    Trainer(load_recipe(path), out, max_steps=2, progress=False).run()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "data" not in p.parts}
+
+    def broken(*a, **kw):
+        raise SmallCoderError("no memory for the model")
+
+    monkeypatch.setattr(ckpt_mod, "new_model", broken)
+    with pytest.raises(SmallCoderError, match="no memory"):
+        Trainer(load_recipe(path, ["run.seed=8"]), out, force=True, max_steps=2, progress=False).run()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "data" not in p.parts}
+    assert after == before
+    monkeypatch.undo()
+    Trainer(load_recipe(path, ["run.seed=8"]), out, force=True, max_steps=2, progress=False).run()
+    assert json.loads((out / "run.json").read_text())["recipe"]["run"]["seed"] == 8
+
+
+def test_disk_full_while_writing_a_checkpoint_is_one_line(workdir, monkeypatch, capsys):
+    """ENOSPC in the middle of a checkpoint (as safetensors reports it): exit 2 with one line naming
+    the checkpoint; earlier checkpoints intact and no half-written folder left."""
+    import smallcoder.checkpoint as ckpt_mod
+
+    real = ckpt_mod.save_file
+    calls = {"n": 0}
+
+    def fill_up(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint's weights
+            raise ckpt_mod.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", fill_up)
+    out = workdir / "run"
+    assert _main_train([str(_recipe(workdir, ckpt=1, keep=100)), "--out", str(out)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"{out / 'checkpoints' / 'step-0000002'}: could not write it (No space left on device)" in line
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-0000001"] and verify_checkpoint(out / "checkpoints" / "step-0000001") is None
+
+
+@pytest.mark.parametrize("text, what", [
+    ("{not json", "not valid JSON"), ("[1, 2]", "expected an object"), ('{"max_steps": null}', "expected an object"),
+    ('{"recipe": 3, "max_steps": null}', "expected an object"), ('{"recipe": {}}', "expected an object"),
+    ('{"recipe": {}, "max_steps": "9"}', "expected an object"), ("\xff\xfe", "not valid JSON")])
+def test_invalid_run_json_is_one_line(workdir, capsys, text, what):
+    path = _recipe(workdir, ckpt=1)
+    out = workdir / "run"
+    Trainer(load_recipe(path), out, max_steps=1, progress=False).run()
+    (out / "run.json").write_bytes(text.encode("latin-1"))
+    capsys.readouterr()
+    assert _main_train([str(path), "--out", str(out), "--resume", "--max-steps", "1"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"{out / 'run.json'}: " in line and ("unreadable or not valid JSON" if what == "not valid JSON" else what) in line
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_train_out_under_a_file_is_one_line(workdir, capsys, sub):
+    (workdir / "file").write_text("x")
+    assert _main_train([str(_recipe(workdir)), "--out", str(workdir / "file" / sub)]) == 2
+    assert "is a file, not a folder" in _error_line(capsys.readouterr().err)

@@ -10,6 +10,7 @@ beside the target and renamed into place, so a crash never leaves a half-written
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -133,6 +134,96 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                 "head_dim")
+
+
+def _template(config: ModelConfig, int8: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor of a one-layer model of `config`, built on the meta device
+    (no memory); layer tensors stand for every layer as `model.layers.0.*`."""
+    with torch.device("meta"):
+        model = SmallCoder(config.replace(num_hidden_layers=1))
+        if int8:
+            int8_skeleton(model)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _fields_deciding(config: ModelConfig, int8: bool, name: str, dim: int) -> list[str]:
+    """The config fields whose value sets dimension `dim` of tensor `name` (found by changing each)."""
+    base = _template(config, int8)[name][0]
+    found = []
+    for field in _SHAPE_FIELDS:
+        value = getattr(config, field)
+        for other in (value * 2, 1, value + 1):
+            try:
+                shape = _template(config.replace(**{field: other}), int8)[name][0]
+            except SmallCoderError:
+                continue
+            if len(shape) == len(base) and shape[dim] != base[dim]:
+                found.append(f"{field} = {value}")
+            break
+    return found
+
+
+def check_weights(folder: Path, config: ModelConfig, int8: bool = False,
+                  config_path: Path | None = None) -> None:
+    """Check the safetensors headers (names, shapes, dtypes) against `config` before any model is
+    built, so a config.json that does not fit its weights (a million layers, a wrong width) fails
+    in a moment with one line naming the file, the field and the value, instead of allocating."""
+    cfg = config_path or folder / "config.json"
+    template = _template(config, int8)
+    tied = config.tie_word_embeddings and not int8
+    found: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for f in _weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    sl = fh.get_slice(name)
+                    found[name] = (f, tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise SmallCoderError(f"{f}: truncated or corrupt safetensors file ({e})") from None
+    files = ", ".join(dict.fromkeys(f.name for f, _, _ in found.values())) or "the weights"
+    layers: dict[int, dict[str, str]] = {}
+    for name in found:
+        m = _LAYER.match(name)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = name
+    n, have = config.num_hidden_layers, sorted(layers)
+    if have == list(range(len(have))) and len(have) != n:  # whole layers too many or too few
+        raise SmallCoderError(f"{cfg}: num_hidden_layers = {n} does not match the weights: {files} hold "
+                              f"{len(have)} layer(s)")
+    expected: dict[str, tuple[str, tuple[tuple[int, ...], torch.dtype]]] = {}  # file name -> (template name, ...)
+    for key, spec in template.items():
+        m = _LAYER.match(key)
+        for i in (range(n) if m else [None]):
+            expected[key if m is None else f"model.layers.{i}.{m.group(2)}"] = (key, spec)
+    if tied:
+        expected.pop("lm_head.weight", None)
+    names = {k for k in found if not k.endswith(IGNORED_KEYS) and not (tied and k == "lm_head.weight")}
+    missing = sorted(set(expected) - names)
+    if missing:
+        hint = " (the config has tie_word_embeddings = false)" if missing[0] == "lm_head.weight" else ""
+        raise SmallCoderError(f"{cfg}: weights ({files}) lack tensor(s) {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + hint)
+    unexpected = sorted(names - set(expected))
+    if unexpected:
+        raise SmallCoderError(f"{cfg}: weights ({files}) have unexpected tensor(s) {', '.join(unexpected[:5])}"
+                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    for name, (key, (shape, dtype)) in expected.items():
+        f, got, got_dtype = found[name]
+        if got != shape:
+            dim = next((d for d in range(min(len(got), len(shape))) if got[d] != shape[d]), 0)
+            fields = " / ".join(_fields_deciding(config, int8, key, dim)) or "the config"
+            raise SmallCoderError(f"{cfg}: {fields} does not match the weights: tensor {name} has shape {got} "
+                                  f"in {f.name}, the config implies {shape}")
+        want = {"I8"} if dtype == torch.int8 else _FLOAT_DTYPES
+        if got_dtype not in want:
+            raise SmallCoderError(f"{f}: tensor {name} has dtype {got_dtype}, expected "
+                                  f"{' or '.join(sorted(want))}")
+
+
 def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: torch.dtype,
                        source: str) -> None:
     """Check names and shapes against the config (naming any culprit), then assign."""
@@ -200,6 +291,7 @@ def load(path_or_id: str | Path, dtype: str | torch.dtype | None = "float32",
     if saved_int8 and not int8:
         raise SmallCoderError(f"{folder}: holds int8-quantized weights (config.json quantization_config); "
                               "load it with dtype int8 (--dtype int8)")
+    check_weights(folder, config, int8=saved_int8, config_path=cfg_path)  # before anything is allocated
     sd = read_weights(folder)
     with torch.device("meta"):
         model = SmallCoder(config)

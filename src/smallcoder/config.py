@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from .errors import SmallCoderError
 # Architectures whose weights and maths are exactly the Llama decoder we implement.
 LLAMA_MODEL_TYPES = {"llama"}
 LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "max_position_embeddings", "head_dim")
+_FLOAT_FIELDS = {"rms_norm_eps": True, "rope_theta": True, "initializer_range": False}  # name: must be > 0
 
 
 @dataclass(frozen=True)
@@ -37,23 +41,40 @@ class ModelConfig:
     eos_token_id: int | None = 0
 
     def __post_init__(self) -> None:
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1))
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim"):
+        """Check every field's type and range, so a bad config.json or recipe value is one line
+        naming the field (not a TypeError deep in the model)."""
+        for name in _INT_FIELDS:
             value = getattr(self, name)
+            if name == "head_dim" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SmallCoderError(f"model config field {name!r} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            if self.head_dim <= 0:
+                raise SmallCoderError(f"model config field 'head_dim': hidden_size {self.hidden_size} // "
+                                      f"num_attention_heads {self.num_attention_heads} is 0")
+        for name, positive in _FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                kind = "a positive" if positive else "a non-negative"
+                raise SmallCoderError(f"model config field {name!r} must be {kind} finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise SmallCoderError(f"model config field 'tie_word_embeddings' must be true or false, "
+                                  f"got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise SmallCoderError(f"model config field {name!r} must be a token id (an integer >= 0) or "
+                                      f"null, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise SmallCoderError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise SmallCoderError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise SmallCoderError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise SmallCoderError(f"rope_theta must be positive, got {self.rope_theta!r}")
 
     @property
     def num_parameters(self) -> int:
@@ -75,6 +96,10 @@ class ModelConfig:
         """Build from a transformers Llama config dict; reject other families with a clear error."""
         model_type = d.get("model_type")
         archs = d.get("architectures") or []
+        if not isinstance(model_type, (str, type(None))) or not isinstance(archs, list) \
+                or not all(isinstance(a, str) for a in archs):
+            raise SmallCoderError(f"{source}: fields 'model_type' (a string) and 'architectures' (a list of "
+                                  f"strings) are {model_type!r:.40} and {archs!r:.40}")
         if model_type not in LLAMA_MODEL_TYPES and not LLAMA_ARCHITECTURES & set(archs):
             raise SmallCoderError(
                 f"{source}: model_type {model_type!r} (architectures {archs}) is not a Llama-family "
@@ -85,6 +110,9 @@ class ModelConfig:
             if d.get(flag):
                 raise SmallCoderError(f"{source}: {flag}=true is not supported (Llama has no biases)")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+            raise SmallCoderError(f"{source}: field {field!r} must be an object or null, got {rope!r:.60}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise SmallCoderError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
@@ -96,22 +124,26 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            intermediate_size=d["intermediate_size"],
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            initializer_range=float(d.get("initializer_range", 0.02)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=eos,
-        )
+        kv = d.get("num_key_value_heads")
+        try:
+            return cls(
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d["num_attention_heads"] if kv is None else kv,
+                intermediate_size=d["intermediate_size"],
+                max_position_embeddings=d.get("max_position_embeddings", 2048),
+                head_dim=d.get("head_dim"),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope_theta=theta,
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                initializer_range=d.get("initializer_range", 0.02),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=eos,
+            )
+        except SmallCoderError as e:
+            raise SmallCoderError(f"{source}: {e}") from None
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """A config.json that transformers v4 (top-level rope_theta) and v5 (rope_parameters) load."""

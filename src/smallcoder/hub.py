@@ -25,6 +25,10 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None,
     HF_HUB_OFFLINE behave as users of the Hub expect.
     """
     p = Path(path_or_id).expanduser()
+    if not p.exists():
+        from .fsutil import recover_folder
+
+        recover_folder(p)  # a folder whose replacement a crash interrupted is put back first
     if p.exists():
         return p
     name = str(path_or_id)

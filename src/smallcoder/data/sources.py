@@ -26,6 +26,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot"
 PARQUET_BATCH_ROWS = 1024
 BINARY_SNIFF_BYTES = 8192
 SKIPPED_DIRS = ("__pycache__", "node_modules")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -331,7 +334,27 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise SmallCoderError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise SmallCoderError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if _SURROGATE_ESCAPE.search(line):  # cheap pre-filter: only lines with a \uD800-\uDFFF escape
+                _check_surrogates(record, where, "")
             yield lineno, record
+
+
+def _check_surrogates(value: Any, where: str, path: str) -> None:
+    """Refuse a lone UTF-16 surrogate (a `\\ud800` escape without its pair): no UTF-8 text holds one,
+    so the tokenizer, the decontaminator's writer and every file written later would fail on it."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        if m:
+            raise SmallCoderError(f"{where}: field {path or '(top level)'!r} holds a lone UTF-16 surrogate "
+                                  f"\\u{ord(m.group()):04x} at character {m.start()} (a JSON escape without its "
+                                  "pair, not valid Unicode text); fix or drop that record")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_surrogates(k, where, path)
+            _check_surrogates(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_surrogates(v, where, f"{path}[{i}]")
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -18,6 +18,9 @@ overrides: --set KEY=VALUE, KEY a dotted path (list items by index), VALUE a TOM
   --set model.preset=tiny --set stages.1.sources.0.weight=0.5 --set defaults.seq_len=128
 resume: --resume continues from the newest valid checkpoint in --out (a corrupt newest one is
   moved to checkpoints/corrupt/ with a warning and the previous one used).
+force: --force starts over in a used --out; its checkpoints, stage-*/, final/ and metrics are
+  deleted only once the new run has its data, tokenizer and model ready (the caches are kept).
+lock: a run holds --out/.lock (flock) while it runs; a second run on that folder is refused.
 scale-out: torchrun --nproc-per-node N -m smallcoder train RECIPE ... (gloo on CPU, NCCL on GPU;
   run.strategy = "ddp" or "fsdp2")."""
 
@@ -83,7 +86,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--force", action="store_true",
-                   help="start over in a non-empty --out (deletes its checkpoints; keeps the packed-data cache)")
+                   help="start over in a non-empty --out (deletes its checkpoints once the new run is ready; "
+                        "keeps the packed-data cache)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="debug: at most N optimizer steps per stage (the schedule spans the shortened stage)")

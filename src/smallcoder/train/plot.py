@@ -14,7 +14,8 @@ from typing import Any
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Training lines of metrics.jsonl (those with a loss), one per step, the last written winning, by step."""
+    """Training lines of metrics.jsonl (not events, and with a numeric loss: a window of skipped
+    non-finite steps has null), one per step, the last written winning, by step."""
     by_step: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -22,7 +23,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a partial last line from a killed run
-            if isinstance(rec, dict) and "loss" in rec and isinstance(rec.get("step"), int):
+            if isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("loss"), (int, float)) \
+                    and isinstance(rec.get("step"), int):
                 by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]
 

@@ -26,6 +26,9 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
     log_every = 10                   # metrics.jsonl line every N steps
     val_fraction = 0.02              # share of each source's documents held out (at most val_docs)
     val_docs = 200
+    nonfinite_patience = 0           # consecutive steps with a non-finite loss or gradient norm that are
+                                     # skipped (no update) before the run stops with an error; 0 = stop
+                                     # at the first one
 
     [defaults]                       # stage fields shared by every stage (a stage may override them)
     seq_len = 1024
@@ -76,7 +79,7 @@ STAGE_KEYS = ("name", "sources", "tokens", "seq_len", "global_batch_tokens", "mi
               "warmup", "decay", "lr", "min_lr", "weight_decay", "grad_clip", "sft", "carry_optimizer",
               "decontaminate")
 RUN_KEYS = ("seed", "dtype", "device", "compile", "strategy", "keep_last", "checkpoint_every", "eval_every",
-            "eval_batches", "log_every", "val_fraction", "val_docs")
+            "eval_batches", "log_every", "val_fraction", "val_docs", "nonfinite_patience")
 TOKENIZER_KEYS = ("train_on", "vocab_size", "limit")
 STRATEGIES = ("ddp", "fsdp2", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -130,6 +133,7 @@ class RunSpec:
     log_every: int = 10
     val_fraction: float = 0.02
     val_docs: int = 200
+    nonfinite_patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -399,7 +403,7 @@ def _run(d: dict[str, Any], where: str) -> RunSpec:
             kw[key] = _bool(value, w)
         elif key in ("keep_last", "eval_batches", "val_docs"):
             kw[key] = _int(value, w, 1)
-        elif key in ("checkpoint_every", "eval_every", "log_every"):
+        elif key in ("checkpoint_every", "eval_every", "log_every", "nonfinite_patience"):
             kw[key] = _int(value, w, 0)
         elif key == "val_fraction":
             kw[key] = _num(value, w)

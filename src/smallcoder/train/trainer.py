@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..errors import SmallCoderError
-from ..fsutil import atomic_folder, atomic_write_text
+from ..fsutil import LOCK_FILE, atomic_folder, atomic_write_text, folder_lock, write_error
 from .recipe import Recipe, StageSpec
 from .schedule import lr_at
 
@@ -269,6 +269,21 @@ def _write_complete(folder: Path) -> None:
     (folder / COMPLETE).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
+def read_run_record(path: Path) -> dict[str, Any]:
+    """OUT/run.json: {"recipe": the recipe as run, "max_steps": int or null}; one line if it is not."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise SmallCoderError(f"{path}: unreadable or not valid JSON ({e}); it records the recipe this run "
+                              "used: restore it, or start over with --force") from None
+    steps = saved.get("max_steps", "missing") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict) \
+            or not (steps is None or (isinstance(steps, int) and not isinstance(steps, bool))):
+        raise SmallCoderError(f"{path}: expected an object with 'recipe' (an object) and 'max_steps' (an integer "
+                              f"or null), got {json.dumps(saved)[:80]}; restore it, or start over with --force")
+    return saved
+
+
 # ---- data ----------------------------------------------------------------------------------------
 
 
@@ -337,10 +352,38 @@ class _Decontam:
         return self._deco
 
 
+def _open_packed(folder: Path, tokenizer: Any, sft: bool) -> tuple[Any, Any, list[Any]]:
+    """The train and val packs of a cached source folder, verified against their index.json
+    (sizes, sha256, token ids; once, then recorded in verified.json), and its held-out conversations."""
+    from ..data.pack import TokenDataset
+
+    if not (folder / "info.json").is_file():
+        raise SmallCoderError(f"{folder}: no info.json (an interrupted write?)")
+    train_ds = TokenDataset(folder / "train", tokenizer)
+    val_ds = TokenDataset(folder / "val", tokenizer)
+    train_ds.verify(record=True)
+    val_ds.verify(record=True)
+    heldout = []
+    if sft:
+        path = folder / "heldout.jsonl"
+        try:
+            with open(path, encoding="utf-8") as f:
+                heldout = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:
+            raise SmallCoderError(f"{path}: unreadable ({e})") from None
+        if not heldout or not all(isinstance(c, list) for c in heldout):
+            raise SmallCoderError(f"{path}: expected one conversation (a list of messages) per line")
+    return train_ds, val_ds, heldout
+
+
 def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, out: Path, run: Any,
-                   deco: _Decontam, progress: bool) -> SourceData:
-    """Pack one stage source into OUT/data/<stage>/<source>-<hash>/{train,val}, or reuse that folder."""
-    from ..data.pack import TokenDataset, pack_examples, pack_texts
+                   deco: _Decontam, progress: bool, may_repack: bool = True) -> SourceData:
+    """Pack one stage source into OUT/data/<stage>/<source>-<hash>/{train,val}, or reuse that folder.
+
+    A reused folder is verified first (see `_open_packed`); a damaged one is packed again where
+    `may_repack` (rank 0; the other ranks, which prepare after it, report the damage instead).
+    """
+    from ..data.pack import pack_examples, pack_texts
     from ..data.sft import encode_conversations
     from ..data.sources import iter_conversations, iter_texts
     from ..tokenizer import format_chat
@@ -352,7 +395,15 @@ def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, ou
                 "seq_len": stage.seq_len, "sft": stage.sft, "decontaminate": stage.decontaminate,
                 "val_fraction": run.val_fraction, "val_docs": run.val_docs, "cap": cap, "seed": run.seed})
     folder = out / "data" / stage.name / f"{src.name}-{key[:12]}"
-    if not (folder / "info.json").is_file():
+    packed = None
+    if (folder / "info.json").is_file():
+        try:
+            packed = _open_packed(folder, tokenizer, stage.sft)
+        except SmallCoderError as e:
+            if not may_repack:
+                raise
+            print(f"warning: the packed data in {folder} is damaged ({e}); packing it again", file=sys.stderr)
+    if packed is None:
         what = "conversations" if stage.sft else "documents"
         print(f"packing stage {stage.name}: {src.name} ({src.spec.display_label}) -> {folder}", file=sys.stderr)
         split_seed = f"{run.seed}:{stage.name}:{src.name}"
@@ -393,24 +444,20 @@ def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, ou
             info = {"source": src.spec.display_label, what: index["totals"].get("documents"),
                     "heldout": len(held), "records": index["totals"]["records"], "tokens": index["totals"]["tokens"]}
             (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-    train_ds = TokenDataset(folder / "train", tokenizer)
-    val_ds = TokenDataset(folder / "val", tokenizer)
-    heldout = []
-    if stage.sft:
-        with open(folder / "heldout.jsonl", encoding="utf-8") as f:
-            heldout = [json.loads(line) for line in f if line.strip()]
-    return SourceData(src.name, src.weight, folder, train_ds, val_ds, heldout)
+        packed = _open_packed(folder, tokenizer, stage.sft)
+    return SourceData(src.name, src.weight, folder, *packed)
 
 
 def prepare_stage(stage: StageSpec, tokenizer: Any, tok_hash: str, out: Path, run: Any, deco: _Decontam,
-                  max_steps: int | None, progress: bool) -> StageData:
+                  max_steps: int | None, progress: bool, may_repack: bool = True) -> StageData:
     """Every source of the stage packed, and the stage's step count.
 
     Steps = ceil(tokens / expected real tokens per step): global_batch_tokens for packed data; for
     SFT, global batch x the mixture's mean record length (records are shorter than seq_len and
     padding is not counted). `max_steps` caps it (debug runs), the schedule spanning the capped run.
     """
-    sources = [prepare_source(stage, s, tokenizer, tok_hash, out, run, deco, progress) for s in stage.sources]
+    sources = [prepare_source(stage, s, tokenizer, tok_hash, out, run, deco, progress, may_repack)
+               for s in stage.sources]
     if stage.sft:
         mean = sum(s.weight * s.train.num_tokens / max(len(s.train), 1) for s in sources)
         per_step = stage.global_batch * mean
@@ -532,15 +579,18 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------
 
-    def _check_out(self, info: Any) -> None:
-        """Refuse a fresh run into a used OUT; with --force clear the run's outputs (not the data cache)."""
+    def _run_record(self) -> dict[str, Any]:
+        return json.loads(json.dumps({"recipe": self.recipe.raw, "max_steps": self.max_steps}, default=str))
+
+    def _check_out(self) -> None:
+        """Refuse a fresh run into a used OUT, or a resume with another recipe; changes nothing
+        (with --force the old outputs are only deleted by `_claim_out`, once everything is ready)."""
         out = self.out
-        used = out.exists() and any(out.iterdir())
-        run_record = {"recipe": self.recipe.raw, "max_steps": self.max_steps}
+        used = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
         if self.resume and used and (out / RUN_FILE).exists():
-            saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-            if _key(saved) != _key(json.loads(json.dumps(run_record, default=str))):
-                diff = _first_difference(saved, json.loads(json.dumps(run_record, default=str)))
+            saved = read_run_record(out / RUN_FILE)
+            if _key(saved) != _key(self._run_record()):
+                diff = _first_difference(saved, self._run_record())
                 raise SmallCoderError(f"{out / RUN_FILE}: the run in {out} used a different recipe or --max-steps "
                                       f"({diff}); resume with the same recipe and --set options, or use a new --out")
             return
@@ -549,17 +599,21 @@ class Trainer:
                                   "it, or --force to start over (checkpoints there are then deleted)")
         if used and self.resume and not list_checkpoints(out) and not self.force:
             raise SmallCoderError(f"{out}: --resume, but the folder holds no run ({RUN_FILE} is missing)")
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if self.force:
-                for name in (CKPT_DIR, "final"):
-                    shutil.rmtree(out / name, ignore_errors=True)
-                for p in out.glob("stage-*"):
-                    shutil.rmtree(p, ignore_errors=True)
-                for name in (METRICS_FILE, PLOT_FILE, EOS_FILE, RUN_FILE):
-                    with contextlib.suppress(FileNotFoundError):
-                        (out / name).unlink()
-            atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=1, default=str) + "\n")
+
+    def _claim_out(self, start_over: bool) -> None:
+        """Write run.json; with --force first delete the previous run's outputs (not the data and
+        tokenizer caches). Runs on rank 0 after the data, the tokenizer and the model are ready, so a
+        run that cannot start never deletes anything."""
+        out = self.out
+        if start_over:
+            for name in (CKPT_DIR, "final"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for p in out.glob("stage-*"):
+                shutil.rmtree(p, ignore_errors=True)
+            for name in (METRICS_FILE, PLOT_FILE, EOS_FILE, RUN_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
+        atomic_write_text(out / RUN_FILE, json.dumps(self._run_record(), indent=1) + "\n")
 
     def _build_optimizer(self, model: torch.nn.Module, stage: StageSpec) -> torch.optim.Optimizer:
         from .distributed import unwrap
@@ -643,6 +697,7 @@ class Trainer:
         optim = self._optimizer_tensors(model, optimizer)
         if self.info.is_main:
             folder = self.out / CKPT_DIR / checkpoint_name(state["global_step"])
+            self._check_finite(sd, folder)
             if folder.exists():  # a resumed run reached an existing checkpoint again: keep the old one
                 log.warning("%s exists already; not overwriting it", folder)
             else:
@@ -671,6 +726,7 @@ class Trainer:
 
         sd = full_state_dict(model, self.info)
         if self.info.is_main and not (folder / "config.json").exists():
+            self._check_finite(sd, folder)
             with torch.device("meta"):
                 shell = SmallCoder(self.config)
             load_model_weights(shell, sd, torch.float32, source="training state")
@@ -680,11 +736,39 @@ class Trainer:
     # -- metrics -------------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl: strict JSON, a non-finite number written as null."""
         if not self.info.is_main:
             return
-        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        path = self.out / METRICS_FILE
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(clean, allow_nan=False) + "\n")
+                f.flush()
+        except OSError as e:
+            raise SmallCoderError(f"{path}: could not write it ({write_error(e) or e})") from None
+
+    def _diverged(self, si: int, k: int, data: StageData, loss: float, grad_norm: float, times: int,
+                  stage_end: bool, what: str = "loss") -> str:
+        """The one-line error of a run whose loss (or gradient norm) stopped being finite."""
+        patience = self.recipe.run.nonfinite_patience
+        ckpts = list_checkpoints(self.out)
+        why = (f"{times} step(s) in a row, more than run.nonfinite_patience = {patience}" if times > patience
+               else "and a stage may not end on a skipped step")
+        if what != "loss":
+            why = "after the update"
+        return (f"training diverged at step {k + 1} of stage {data.spec.name!r} ({data.steps} steps): {what} "
+                f"{loss:g}, gradient norm {grad_norm:g}, not finite ({why}); nothing was saved from the diverged "
+                f"state (newest checkpoint: {ckpts[-1][1] if ckpts else 'none'}); lower stages.{si}.lr "
+                f"(now {data.spec.lr:g}) or raise run.nonfinite_patience")
+
+    @staticmethod
+    def _check_finite(sd: dict[str, torch.Tensor], folder: Path) -> None:
+        """Never write non-finite weights as a checkpoint or model folder."""
+        bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise SmallCoderError(f"{folder}: not written: weight {bad} holds non-finite values (the training "
+                                  "diverged); lower the learning rate")
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -758,17 +842,21 @@ class Trainer:
         self.info = info = init_distributed(run.device)
         if info.device.type == "cpu":
             keep_freed_memory()
+        held = contextlib.ExitStack()  # the run lock on OUT, released however the run ends
         try:
-            # rank 0 alone checks and claims OUT; the others learn the verdict
+            # rank 0 alone locks and checks OUT (the run, not each rank, excludes other runs); the
+            # others learn the verdict
             error = None
             if info.is_main:
                 try:
-                    self._check_out(info)
+                    held.enter_context(folder_lock(self.out, "training run"))
+                    self._check_out()
                 except SmallCoderError as e:
                     error = str(e)
             error = broadcast_object(error, info)
             if error:
                 raise SmallCoderError(error)
+            start_over = self.force and not (self.resume and (self.out / RUN_FILE).exists())
             torch.manual_seed(run.seed)
             random.seed(run.seed)
             np.random.seed(run.seed % 2**32)
@@ -782,7 +870,7 @@ class Trainer:
             tok_hash = tokenizer_hash(self.tokenizer)
             deco = _Decontam()
             stages = [prepare_stage(s, self.tokenizer, tok_hash, self.out, run, deco, self.max_steps,
-                                    self.progress and info.is_main) for s in recipe.stages]
+                                    self.progress and info.is_main, may_repack=info.is_main) for s in recipe.stages]
             if info.is_main:
                 barrier(info)
                 print(f"tokenizer and data ready in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
@@ -804,7 +892,7 @@ class Trainer:
             state: dict[str, Any] = {"version": STATE_VERSION, "stage": 0, "step_in_stage": 0, "global_step": 0,
                                      "tokens": 0, "loader": None, "rng": None, "stage_results": []}
             resume_from = None
-            if self.resume:
+            if self.resume and not start_over:
                 chosen = None
                 if info.is_main:  # rank 0 picks the checkpoint and moves damaged ones aside
                     found, bad = find_resume_checkpoint(self.out)
@@ -851,6 +939,16 @@ class Trainer:
                 self._load_optimizer(model, optimizer, resume_from)
                 if state.get("rng"):
                     set_rng_state(state["rng"])
+            # everything that can refuse this run has run: only now may --force delete the old outputs
+            error = None
+            if info.is_main:
+                try:
+                    self._claim_out(start_over)
+                except SmallCoderError as e:
+                    error = str(e)
+            error = broadcast_object(error, info)
+            if error:
+                raise SmallCoderError(error)
 
             if self.peak_tflops is not None:
                 peak, peak_src = self.peak_tflops * 1e12, f"--peak-tflops {self.peak_tflops:g}"
@@ -895,6 +993,7 @@ class Trainer:
                 win_loss = win_count = win_tokens = 0.0
                 win_steps, win_t0 = 0, time.perf_counter()
                 last_train = last_val = None
+                nonfinite = 0  # steps in a row whose loss or gradient norm was not finite (their updates skipped)
                 while state["step_in_stage"] < data.steps:
                     k = state["step_in_stage"]
                     lr = lr_at(k, data.steps, peak=st.lr, min_lr=st.min_lr, schedule=st.schedule,
@@ -906,36 +1005,56 @@ class Trainer:
                     local = accumulate_gradients(model, self.forward, step, info, self._autocast)
                     clip = st.grad_clip if st.grad_clip > 0 else float("inf")
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-                    optimizer.step()
+                    step_loss = all_reduce_sum(local, info) / denom  # the same on every rank, as grad_norm
+                    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                    if finite:
+                        optimizer.step()
+                        nonfinite = 0
+                    else:  # no update: the weights stay those of the last finite step
+                        nonfinite += 1
                     optimizer.zero_grad(set_to_none=True)
-                    step_loss = all_reduce_sum(local, info) / denom
                     state["step_in_stage"] += 1
                     state["global_step"] += 1
                     state["tokens"] += step.tokens
-                    win_loss += step_loss * step.num_loss_tokens
-                    win_count += step.num_loss_tokens
+                    if finite:
+                        win_loss += step_loss * step.num_loss_tokens
+                        win_count += step.num_loss_tokens
                     win_tokens += step.tokens
                     win_steps += 1
                     bar.update(1)
                     stage_end = state["step_in_stage"] == data.steps
                     g_step = state["global_step"]
+                    if not finite:
+                        self._log({"step": g_step, "stage": st.name, "event": "nonfinite", "loss": step_loss,
+                                   "grad_norm": grad_norm})
+                        if nonfinite > run.nonfinite_patience or stage_end:
+                            raise SmallCoderError(self._diverged(si, k, data, step_loss, grad_norm, nonfinite,
+                                                                 stage_end))
+                        if info.is_main:
+                            bar.write(f"warning: step {g_step}: loss {step_loss:g}, gradient norm {grad_norm:g}; "
+                                      f"skipped its update ({nonfinite} in a row, run.nonfinite_patience = "
+                                      f"{run.nonfinite_patience})", file=sys.stderr)
                     val = None
                     if stage_end or (run.eval_every and g_step % run.eval_every == 0):
                         val = last_val = self._val_loss(model, data)
+                        if not math.isfinite(val):
+                            raise SmallCoderError(self._diverged(si, k, data, val, grad_norm, 1, stage_end,
+                                                                 what="validation loss"))
                     if stage_end or (run.log_every and g_step % run.log_every == 0) or val is not None:
                         dt = time.perf_counter() - win_t0
                         tps = win_tokens / dt if dt > 0 else 0.0
-                        last_train = win_loss / max(win_count, 1.0)
+                        last_train = win_loss / win_count if win_count else last_train
                         rec = {"step": g_step, "stage": st.name, "stage_step": state["step_in_stage"],
-                               "tokens": state["tokens"], "loss": round(last_train, 6), "lr": lr,
+                               "tokens": state["tokens"], "loss": None if not win_count else round(last_train, 6),
+                               "lr": lr,
                                "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tps, 1)}
                         if val is not None:
                             rec["val_loss"] = round(val, 6)
                         if peak:
                             rec["mfu"] = round(tps * fpt / peak, 5)
                         self._log(rec)
-                        bar.set_postfix_str(f"{st.name} loss {last_train:.3f} lr {lr:.2e} {tps:,.0f} tok/s",
-                                            refresh=False)
+                        shown = "-" if last_train is None else f"{last_train:.3f}"
+                        bar.set_postfix_str(f"{st.name} loss {shown} lr {lr:.2e} {tps:,.0f} tok/s", refresh=False)
                         win_loss = win_count = win_tokens = 0.0
                         win_steps, win_t0 = 0, time.perf_counter()
                     if stage_end:
@@ -950,7 +1069,7 @@ class Trainer:
                             bar.write(f"stage {st.name} done: {data.steps} steps, train loss {last_train:.4f}, "
                                       f"val loss {last_val:.4f}", file=sys.stderr)
                         break
-                    elif run.checkpoint_every and g_step % run.checkpoint_every == 0:
+                    elif run.checkpoint_every and g_step % run.checkpoint_every == 0 and nonfinite == 0:
                         self._save_checkpoint(model, optimizer, {**state, "loader": loader.state_dict(),
                                                                  "rng": rng_state()})
             bar.close()
@@ -970,6 +1089,7 @@ class Trainer:
             return TrainResult(self.out, final, results, time.perf_counter() - t_start, eos_share,
                                state["global_step"])
         finally:
+            held.close()
             shutdown(info)
 
     def _plot(self) -> None:
@@ -981,6 +1101,8 @@ class Trainer:
             plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         except ImportError as e:
             print(f"note: no loss plot ({e}); pip install matplotlib", file=sys.stderr)
+        except (OSError, SmallCoderError) as e:  # the plot is a convenience: a full disk fails elsewhere
+            print(f"note: no loss plot ({write_error(e) or e})", file=sys.stderr)
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

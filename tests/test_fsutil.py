@@ -1,0 +1,224 @@
+"""fsutil: folder replacement that a crash at any line leaves with the old or the new folder, the
+recovery of leftovers, one-line errors for refused writes and file paths, and the run lock."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from smallcoder import fsutil
+from smallcoder.errors import SmallCoderError
+
+OLD = {"a.txt": "old a", "b.txt": "old b"}
+NEW = {"a.txt": "new a", "c.txt": "new c", "d.txt": "new d"}
+TRACED = (str(Path(fsutil.__file__).resolve()), str(Path(__import__("shutil").__file__).resolve()))
+
+
+def _write(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def _state(folder: Path) -> str:
+    """'old', 'new', 'missing' or a description of anything else under the target name."""
+    if not os.path.lexists(folder):
+        return "missing"
+    files = {p.name: p.read_text() for p in folder.iterdir()}
+    return "old" if files == OLD else "new" if files == NEW else f"mixed {sorted(files)}"
+
+
+def _leftovers(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir() if p.name != target.name)
+
+
+def _crash_at_line(target: Path, k: int, exchange: bool) -> bool:
+    """Replace `target` with NEW in a forked child that `os._exit`s at its k-th traced line
+    (fsutil and shutil); True when the child crashed, False when it finished."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 3
+        try:
+            if not exchange:
+                fsutil._exchange = lambda a, b: False
+            count = 0
+
+            def tracer(frame, event, arg):
+                nonlocal count
+                if frame.f_code.co_filename not in TRACED:
+                    return None
+                if event == "line":
+                    count += 1
+                    if count == k:
+                        os._exit(9)
+                return tracer
+
+            sys.settrace(tracer)
+            threading.settrace(tracer)
+            with fsutil.atomic_folder(target, overwrite=True) as tmp:
+                _write(tmp, NEW)
+            sys.settrace(None)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 9), f"child failed at line {k} (exit {code})"
+    return code == 9
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+@pytest.mark.parametrize("start", ["old", "missing"])
+def test_crash_at_every_line_leaves_old_or_new(tmp_path, exchange, start):
+    """Crash the replacement at each line it runs: the target holds the old or the new folder at
+    once (with rename-exchange), or after the recovery that the next use runs (two renames)."""
+    if exchange and fsutil._renameat2() is None:
+        pytest.skip("no renameat2 here")
+    target = tmp_path / "out"
+    seen_after = set()
+    k = 0
+    while True:
+        k += 1
+        assert k < 5000, "the replacement never finished"
+        fsutil.shutil.rmtree(target, ignore_errors=True)
+        if start == "old":
+            _write(target, OLD)
+        crashed = _crash_at_line(target, k, exchange)
+        now = _state(target)
+        if exchange or start == "missing":
+            assert now in (start, "new"), f"crash at line {k}: target is {now}"
+        fsutil.recover_folder(target)
+        after = _state(target)
+        assert after in (start, "new"), f"crash at line {k}: after recovery the target is {after}"
+        assert _leftovers(target) == [], f"crash at line {k}: leftovers {_leftovers(target)}"
+        seen_after.add(after)
+        if not crashed:
+            assert after == "new"
+            break
+    assert seen_after == {start, "new"} and k > 10  # the crashes did hit both sides of the commit
+
+
+def test_interrupted_two_rename_replacement_is_restored_on_next_use(tmp_path):
+    """The state a crash between the fallback's two renames leaves: the next atomic_folder (or a
+    reader's recover_folder) puts the old folder back before anything else happens."""
+    target = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    _write(tmp_path / f".out.old-{dead}", OLD)
+    _write(tmp_path / f".out.tmp-{dead}", NEW)
+    with (
+        pytest.raises(SmallCoderError, match="not empty"),
+        fsutil.atomic_folder(target),  # no overwrite: the restored old folder is kept
+    ):
+        pass
+    assert _state(target) == "old" and _leftovers(target) == []
+
+
+def test_leftovers_of_a_live_process_are_left_alone(tmp_path):
+    target = tmp_path / "out"
+    with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE) as p:
+        _write(tmp_path / f".out.tmp-{p.pid}", NEW)
+        fsutil.recover_folder(target)
+        assert _leftovers(target) == [f".out.tmp-{p.pid}"]
+        p.stdin.close()
+    fsutil.recover_folder(target)
+    assert _leftovers(target) == []
+
+
+def test_failed_exchange_keeps_the_old_folder(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    _write(target, OLD)
+
+    def refuse(a, b):
+        raise OSError(errno.EIO, "Input/output error", str(a))
+
+    monkeypatch.setattr(fsutil, "_exchange", refuse)
+    with (
+        pytest.raises(SmallCoderError, match=r"out: could not write it \(Input/output error"),
+        fsutil.atomic_folder(target, overwrite=True) as tmp,
+    ):
+        _write(tmp, NEW)
+    assert _state(target) == "old" and _leftovers(target) == []
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["OSError", "library-error"])
+def test_disk_full_is_one_line_and_keeps_the_old_folder(tmp_path, wrapped):
+    target = tmp_path / "out"
+    _write(target, OLD)
+    with (
+        pytest.raises(SmallCoderError, match="out: could not write it .No space left on device"),
+        fsutil.atomic_folder(target, overwrite=True) as tmp,
+    ):
+        (tmp / "a.txt").write_text("half")
+        if wrapped:  # what safetensors and tokenizers raise
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # noqa: TRY002
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "a.txt"))
+    assert _state(target) == "old" and _leftovers(target) == []
+    with (
+        pytest.raises(SmallCoderError, match="could not write it .Disk quota"),
+        fsutil.atomic_path(tmp_path / "f.json"),
+    ):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    assert not list(tmp_path.glob(".f.json*"))
+    with pytest.raises(ValueError), fsutil.atomic_folder(target, overwrite=True):  # other errors pass unchanged
+        raise ValueError("x")
+
+
+def test_a_path_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file" / "sub", tmp_path / "file" / "sub" / "deeper"):
+        with (
+            pytest.raises(SmallCoderError, match=r"cannot create the folder: .*file is a file, not a folder"),
+            fsutil.atomic_folder(path),
+        ):
+            pass
+        with pytest.raises(SmallCoderError, match="is a file, not a folder"):
+            fsutil.atomic_write_text(path / "x.json", "{}")
+    with pytest.raises(SmallCoderError, match="is a file, not a folder"):
+        fsutil.make_folder(tmp_path / "file")
+
+
+def test_folder_lock_excludes_a_second_holder_and_dies_with_its_process(tmp_path):
+    folder = tmp_path / "run"
+    code = ("import sys; from smallcoder.fsutil import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'training run'):\n"
+            "    print('locked', flush=True); sys.stdin.read()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(fsutil.__file__).parents[1])}
+    with subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env) as holder:
+        assert holder.stdout.readline().strip() == "locked"
+        with (
+            pytest.raises(SmallCoderError, match=rf"another training run is using this folder \(pid {holder.pid} "),
+            fsutil.folder_lock(folder, "training run"),
+        ):
+            pass
+        holder.kill()  # a crashed holder does not block the next run
+    with (
+        fsutil.folder_lock(folder, "training run"), pytest.raises(SmallCoderError, match=f"pid {os.getpid()} "),
+        fsutil.folder_lock(folder, "training run"),  # a second open file is a second holder
+    ):
+        pass
+
+
+def test_readers_restore_an_interrupted_replacement_first(tmp_path, micro_checkpoint, small_tokenizer):
+    """`load` and `TokenDataset` put back a folder that a crash between the two renames left as
+    .NAME.old-PID, before they read it."""
+    import shutil
+
+    from smallcoder import load
+    from smallcoder.data.pack import TokenDataset, pack_texts
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    shutil.copytree(micro_checkpoint, tmp_path / f".model.old-{dead}")
+    model, _ = load(tmp_path / "model")
+    assert model.config.hidden_size == 64 and _leftovers(tmp_path / "model") == []
+    pack_texts(["def f(): return 1"] * 20, small_tokenizer, tmp_path / f".pack.old-{dead}", seq_len=8,
+               progress=False)
+    assert len(TokenDataset(tmp_path / "pack")) > 0
