@@ -754,18 +754,43 @@ def _health(running: Running, source: str) -> int:
         return client.get(f"{running.url}/health").status_code
 
 
-def test_idle_half_requests_of_one_client_cannot_starve_others(loaded):
-    limits = ServeLimits(max_connections=6, max_connections_per_client=4, header_timeout=600)
+def _busy(running: Running, source: str) -> socket.socket:
+    """A connection in the middle of a request: its head is in (the server asked for the body with
+    100 Continue), the body never comes."""
+    port = int(running.url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Expect: 100-continue\r\nContent-Length: 100\r\n\r\n")
+    data = b""
+    while b"100 Continue" not in data:
+        chunk = s.recv(4096)
+        assert chunk, data
+        data += chunk
+    return s
+
+
+def test_idle_half_requests_cannot_starve_anyone(loaded):
+    """Idle half-requests make room for newer connections (the oldest is closed with 408), so even a
+    /health probe from the attacker's own address is answered; connections in the middle of a
+    request are never evicted, and only when all are busy is a newcomer refused (429 / 503)."""
+    limits = ServeLimits(max_connections=6, max_connections_per_client=4, header_timeout=600, body_timeout=600)
     running = _start_guarded(Engine(*loaded, max_batch=2), limits)
     socks = _half_requests(running, 10)
     try:
-        for s in socks[4:]:  # over the per-client limit: answered 429 and closed at once
-            assert _reply_then_closed(s).startswith(b"HTTP/1.1 429")
-        for other in ("127.0.0.2", "127.0.0.3"):  # other clients are served while those four stay open
-            assert _health(running, other) == 200
-        more = _half_requests(running, 3, source="127.0.0.4")  # another client fills the total (6)
-        socks += more
-        assert _reply_then_closed(more[-1]).startswith(b"HTTP/1.1 503")
+        for s in socks[:6]:  # the six oldest idle ones were closed to make room for the newer four
+            assert _reply_then_closed(s).startswith(b"HTTP/1.1 408")
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):  # the same client's /health too
+            assert _health(running, source) == 200
+        socks += [_busy(running, "127.0.0.5") for _ in range(4)]  # busy: they evict idle ones, not each other
+        extra = socket.create_connection(("127.0.0.1", int(running.url.rsplit(":", 1)[1])), timeout=60,
+                                         source_address=("127.0.0.5", 0))
+        socks.append(extra)
+        assert _reply_then_closed(extra).startswith(b"HTTP/1.1 429")  # four busy: no idle one of its own
+        socks += [_busy(running, "127.0.0.6") for _ in range(2)]  # the total (6) is now all busy
+        last = socket.create_connection(("127.0.0.1", int(running.url.rsplit(":", 1)[1])), timeout=60,
+                                        source_address=("127.0.0.7", 0))
+        socks.append(last)
+        assert _reply_then_closed(last).startswith(b"HTTP/1.1 503")
     finally:
         for s in socks:
             s.close()

@@ -142,8 +142,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--body-timeout", type=float, default=d.body_timeout,
                    help="seconds a request may take to send its body (then 408)")
     p.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="open connections, all clients together (more get 503)")
+                   help="open connections, all clients together (a newcomer first closes the oldest idle one; "
+                        "503 when none is idle)")
     p.add_argument("--max-connections-per-client", type=int, default=d.max_connections_per_client,
-                   help="open connections from one client address (more get 429)")
+                   help="open connections from one client address (a newcomer first closes that client's "
+                        "oldest idle one; 429 when none is idle)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
