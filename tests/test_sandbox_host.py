@@ -277,7 +277,7 @@ def test_cpu_time_decides_not_the_clock_on_a_busy_machine():
             assert n > 0
         """)
         results = run_many([work, work, "while True:\n    pass\n", "import time\ntime.sleep(600)\n"],
-                           Limits(timeout=120.0, cpu_seconds=3), workers=4)
+                           Limits(timeout=45.0, cpu_seconds=3), workers=4)
     finally:
         for h in hogs:
             h.kill()
