@@ -82,11 +82,12 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ServeLimits) -> type[
             asyncio.get_running_loop().call_later(1.0, transport.close)
 
         def _close_idle(self, reply: bytes) -> None:
-            """Evicted or timed out while waiting for a head: answer and close (frees the room now)."""
+            """Evicted or timed out while waiting for a head: its room is freed now; it gets the
+            reply and is closed politely (what it sent but the loop has not read yet must not turn
+            the close into a reset that loses the reply)."""
             self._stop_timer()
             if self._client_key is not None and not self.transport.is_closing():
-                self.transport.write(reply)
-                self.transport.close()  # uvicorn's parser has read everything sent: nothing is reset
+                self._refuse(self.transport, reply)
             self._release()
 
         def _release(self) -> None:
