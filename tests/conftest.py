@@ -30,6 +30,37 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def program(text: str, **values: object) -> str:
+    """Dedent a test program and fill @NAME@ placeholders with repr(value) (braces stay literal Python)."""
+    import textwrap
+
+    text = textwrap.dedent(text).lstrip("\n")
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", repr(value))
+    return text
+
+
+@pytest.fixture(scope="session")
+def humaneval_problems(shared_data: Path) -> list[dict]:
+    from smallcoder.eval.data import load_task_data
+
+    return load_task_data("humaneval", shared_data)
+
+
+@pytest.fixture(scope="session")
+def mbpp_records(shared_data: Path) -> list[dict]:
+    from smallcoder.eval.data import load_task_data
+
+    return load_task_data("mbpp", shared_data)
+
+
+@pytest.fixture(scope="session")
+def plus_problems(shared_data: Path) -> list[dict]:
+    from smallcoder.eval.data import load_task_data
+
+    return load_task_data("humaneval_plus", shared_data)
+
+
 @pytest.fixture(scope="session")
 def starcoder_dir(shared_data: Path) -> Path:
     path = shared_data / "tokenizers" / "starcoder"

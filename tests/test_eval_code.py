@@ -211,20 +211,6 @@ MBPP_11 = (
     'assert remove_Occ("PHP","P") == "H"\n[BEGIN]\n')
 
 
-@pytest.fixture(scope="module")
-def mbpp_records(shared_data):
-    from smallcoder.eval.data import load_task_data
-
-    return load_task_data("mbpp", shared_data)
-
-
-@pytest.fixture(scope="module")
-def humaneval_problems(shared_data):
-    from smallcoder.eval.data import load_task_data
-
-    return load_task_data("humaneval", shared_data)
-
-
 def test_mbpp_prompt_is_lm_eval_three_shot_string(mbpp_records):
     shots, test = split(mbpp_records)
     assert [s["task_id"] for s in shots] == [2, 3, 4]

@@ -13,20 +13,6 @@ from smallcoder.eval.report import write_report
 from smallcoder.eval.results import Score, TaskResult
 
 
-@pytest.fixture(scope="module")
-def plus_problems(shared_data):
-    from smallcoder.eval.data import load_task_data
-
-    return load_task_data("humaneval_plus", shared_data)
-
-
-@pytest.fixture(scope="module")
-def mbpp_records(shared_data):
-    from smallcoder.eval.data import load_task_data
-
-    return load_task_data("mbpp", shared_data)
-
-
 def _by_id(problems, *ids):
     return [p for p in problems if p["task_id"] in ids]
 

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import uuid
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import pytest
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the sandbox needs Linux", allow_module_level=True)
+
+from conftest import program
 
 from smallcoder import SmallCoderError
 from smallcoder.eval import sandbox
@@ -32,13 +33,6 @@ HOSTILE = Limits(timeout=2.0, cpu_seconds=2, memory_bytes=256 << 20, max_process
                  max_file_bytes=1 << 20, max_open_files=64, max_output_bytes=64 << 10)
 SECRET_NAME = "SMALLCODER_TEST_SECRET"
 
-
-def program(text: str, **values: object) -> str:
-    """Dedent a program and fill @NAME@ placeholders (braces stay literal Python)."""
-    text = textwrap.dedent(text).lstrip("\n")
-    for name, value in values.items():
-        text = text.replace(f"@{name}@", repr(value))
-    return text
 
 
 # ---------------------------------------------------------------------------------------------

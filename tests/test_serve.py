@@ -76,10 +76,15 @@ class Running:
         return False
 
 
-def _start(engine: Engine, limits: ServeLimits | None = None, api_key: str | None = KEY) -> Running:
+def _start(engine: Engine, limits: ServeLimits | None = None, api_key: str | None = KEY,
+           guarded: bool = False) -> Running:
+    from smallcoder.serve.app import uvicorn_config
+
     app = create_app(engine, model_name="micro", api_key=api_key, limits=limits)
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    config = (uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2) if guarded
+              else uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -716,18 +721,7 @@ def test_one_requests_sampling_failure_fails_that_request_alone(slow, ref, monke
 
 def _start_guarded(engine: Engine, limits: ServeLimits) -> Running:
     """A server started as `smallcoder serve` starts it: with the connection guard in place."""
-    from smallcoder.serve.app import uvicorn_config
-
-    app = create_app(engine, model_name="micro", api_key=None, limits=limits)
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    return Running(engine, server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}")
+    return _start(engine, limits, api_key=None, guarded=True)
 
 
 def _half_requests(running: Running, n: int, source: str = "127.0.0.1") -> list[socket.socket]:

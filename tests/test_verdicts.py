@@ -124,20 +124,6 @@ def _generic(attack: str, entry_point: str) -> str:
             f"    def {entry_point}(*args, **kwargs):\n        return {value}\n")
 
 
-@pytest.fixture(scope="module")
-def humaneval_problems(shared_data):
-    from smallcoder.eval.data import load_task_data
-
-    return load_task_data("humaneval", shared_data)
-
-
-@pytest.fixture(scope="module")
-def mbpp_records(shared_data):
-    from smallcoder.eval.data import load_task_data
-
-    return load_task_data("mbpp", shared_data)
-
-
 # ---------------------------------------------------------------- HumanEval and MBPP
 
 def test_no_generic_completion_passes_any_humaneval_task(humaneval_problems):
