@@ -273,67 +273,88 @@ def _watch(procs: list[_Proc], verdict_r: int | None, limits: Limits, start: flo
     """Pump output until every launcher exited (or a limit hit); returns (reason, verdict bytes).
 
     reason: None, "timeout", "output" (the sample printed too much) or "checker_output"."""
-    sel = selectors.DefaultSelector()
-    verdict = bytearray()  # appended to in place: a verdict may carry many megabytes
-    for p in procs:
-        for which, fd in (("stdout", p.proc.stdout.fileno()), ("stderr", p.proc.stderr.fileno()),
-                          ("status", p.status_r)):
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ, (p, which))
-        if p.pidfd is not None:
-            sel.register(p.pidfd, selectors.EVENT_READ, (p, "exit"))
-    if verdict_r is not None:
-        os.set_blocking(verdict_r, False)
-        sel.register(verdict_r, selectors.EVENT_READ, (None, "verdict"))
-    deadline = start + limits.timeout
-    reason: str | None = None
-    checker = procs[1] if len(procs) > 1 else None
+    watcher = _Watcher(procs, verdict_r, limits, start)
     try:
-        while True:
-            now = time.monotonic()
-            running = [p for p in procs if p.exited_at is None]
-            if running and now >= deadline:
-                reason = "timeout"
-                break
-            last_exit = max((p.exited_at for p in procs if p.exited_at is not None), default=None)
-            if not running and (len(sel.get_map()) == 0 or now >= last_exit + DRAIN_SECONDS):
-                break
-            wait = (deadline if running else last_exit + DRAIN_SECONDS) - now
-            if any(p.pidfd is None for p in running):
-                wait = min(wait, 0.02)
-            for key, _ in sel.select(max(wait, 0.0)):
-                p, which = key.data
-                if which == "exit":
-                    sel.unregister(key.fd)
-                    _exited(p, procs)
-                    continue
-                try:
-                    chunk = os.read(key.fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    sel.unregister(key.fd)
-                elif which == "verdict":
-                    verdict += chunk
-                    if len(verdict) > 2 * limits.max_value_bytes + (1 << 20):
-                        reason = "checker_output"
-                        break
-                elif which == "status":
-                    p.status_raw += chunk
-                else:
-                    p.out.add(which, chunk)
-            for p in running:
-                if p.pidfd is None and p.exited_at is None and p.has_exited():
-                    _exited(p, procs)
-            if procs[0].out.total > limits.max_output_bytes:
-                reason = "output"
-                break
-            if checker is not None and checker.out.total > checker.limits.max_output_bytes:
-                reason = "checker_output"
-                break
+        while (reason := watcher.step()) is None and not watcher.done():
+            pass
     finally:
-        sel.close()
-    return reason, bytes(verdict)
+        watcher.sel.close()
+    return reason, bytes(watcher.verdict)
+
+
+class _Watcher:
+    """The select loop of one run: output, status and verdict pipes, launcher exits, limits."""
+
+    def __init__(self, procs: list[_Proc], verdict_r: int | None, limits: Limits, start: float) -> None:
+        self.procs, self.limits, self.deadline = procs, limits, start + limits.timeout
+        self.verdict = bytearray()  # appended to in place: a verdict may carry many megabytes
+        self.verdict_cap = 2 * limits.max_value_bytes + (1 << 20)
+        self.sel = selectors.DefaultSelector()
+        for p in procs:
+            for which, fd in (("stdout", p.proc.stdout.fileno()), ("stderr", p.proc.stderr.fileno()),
+                              ("status", p.status_r)):
+                os.set_blocking(fd, False)
+                self.sel.register(fd, selectors.EVENT_READ, (p, which))
+            if p.pidfd is not None:
+                self.sel.register(p.pidfd, selectors.EVENT_READ, (p, "exit"))
+        if verdict_r is not None:
+            os.set_blocking(verdict_r, False)
+            self.sel.register(verdict_r, selectors.EVENT_READ, (None, "verdict"))
+
+    def _running(self) -> list[_Proc]:
+        return [p for p in self.procs if p.exited_at is None]
+
+    def _last_exit(self) -> float:
+        return max(p.exited_at for p in self.procs if p.exited_at is not None)
+
+    def done(self) -> bool:
+        """Every launcher exited and its pipes are drained (or had DRAIN_SECONDS to be)."""
+        return not self._running() and (not self.sel.get_map() or time.monotonic() >= self._last_exit() + DRAIN_SECONDS)
+
+    def step(self) -> str | None:
+        """Wait for the next events and handle them; a reason to stop, or None."""
+        running = self._running()
+        now = time.monotonic()
+        if running and now >= self.deadline:
+            return "timeout"
+        wait = (self.deadline if running else self._last_exit() + DRAIN_SECONDS) - now
+        if any(p.pidfd is None for p in running):
+            wait = min(wait, 0.02)  # no pidfd: poll for the launcher's exit
+        for key, _ in self.sel.select(max(wait, 0.0)):
+            reason = self._handle(key)
+            if reason is not None:
+                return reason
+        for p in running:
+            if p.pidfd is None and p.exited_at is None and p.has_exited():
+                _exited(p, self.procs)
+        if self.procs[0].out.total > self.limits.max_output_bytes:
+            return "output"
+        checker = self.procs[1] if len(self.procs) > 1 else None
+        if checker is not None and checker.out.total > checker.limits.max_output_bytes:
+            return "checker_output"
+        return None
+
+    def _handle(self, key: selectors.SelectorKey) -> str | None:
+        p, which = key.data
+        if which == "exit":
+            self.sel.unregister(key.fd)
+            _exited(p, self.procs)
+            return None
+        try:
+            chunk = os.read(key.fd, 65536)
+        except BlockingIOError:
+            return None
+        if not chunk:
+            self.sel.unregister(key.fd)
+        elif which == "verdict":
+            self.verdict += chunk
+            if len(self.verdict) > self.verdict_cap:
+                return "checker_output"
+        elif which == "status":
+            p.status_raw += chunk
+        else:
+            p.out.add(which, chunk)
+        return None
 
 
 def _exited(p: _Proc, procs: list[_Proc]) -> None:
