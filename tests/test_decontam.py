@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from smallcoder.cli import main
-from smallcoder.data.decontam import Decontaminator, Hit, words
+from smallcoder.data.decontam import DEFAULT_TASKS, Decontaminator, Hit, words
 from smallcoder.errors import SmallCoderError
-from smallcoder.eval.data import load_task_data
+from smallcoder.eval.data import load_task_data, load_tasks
 
 CLEAN_CODE = '''\
 import heapq
@@ -40,7 +40,7 @@ CLEAN_PROSE = ("The river rose overnight after three days of rain, and by mornin
 @pytest.fixture(scope="module")
 def deco(shared_data: Path) -> Decontaminator:
     t0 = time.perf_counter()
-    d = Decontaminator.from_benchmarks(shared_data)
+    d = Decontaminator.from_benchmarks(load_tasks(DEFAULT_TASKS, shared_data))
     print(f"\nbuilt the 13-gram index from shared data: {d.num_ngrams:,} n-grams, "
           f"{dict(d.items_per_benchmark)} items, {time.perf_counter() - t0:.2f} s")
     return d
@@ -99,15 +99,15 @@ def test_clean_documents_kept(deco: Decontaminator) -> None:
 def test_ngram_size_is_configurable(shared_data: Path, bench: dict) -> None:
     q_words = words(bench["gsm8k"][40]["question"])
     doc = "Zebra quilting xylophone " + " ".join(q_words[3:15]) + " marmalade vortex."  # 12 shared words
-    at13 = Decontaminator.from_benchmarks(shared_data, tasks=("gsm8k",), ngram=13)
-    at8 = Decontaminator.from_benchmarks(shared_data, tasks=("gsm8k",), ngram=8)
+    at13 = Decontaminator.from_benchmarks(load_tasks(("gsm8k",), shared_data), ngram=13)
+    at8 = Decontaminator.from_benchmarks(load_tasks(("gsm8k",), shared_data), ngram=8)
     assert at13.find(doc) is None
     hit = at8.find(doc)
     assert hit is not None and hit.item_id == "GSM8K/40" and len(hit.ngram.split()) == 8
 
 
 def test_filter_and_report(shared_data: Path, bench: dict) -> None:
-    d = Decontaminator.from_benchmarks(shared_data, ngram=13)
+    d = Decontaminator.from_benchmarks(load_tasks(DEFAULT_TASKS, shared_data), ngram=13)
     he, gs = bench["humaneval"][30], bench["gsm8k"][5]
     docs = [CLEAN_CODE, he["prompt"] + he["canonical_solution"], CLEAN_PROSE, "Q: " + gs["question"],
             "some notes\n" + he["prompt"]]
@@ -160,7 +160,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(SmallCoderError, match="positive integer"):
         Decontaminator(ngram=0)
     with pytest.raises(SmallCoderError, match="unknown benchmark 'mmlu'"):
-        Decontaminator.from_benchmarks(tasks=("mmlu",))
+        Decontaminator.from_benchmarks({"mmlu": []})
     with pytest.raises(SmallCoderError, match="no benchmark items"):
         Decontaminator().find("text")
 

@@ -26,15 +26,12 @@ the same inputs and tokenizer give a byte-identical pack.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import contextlib
 import hashlib
 import itertools
 import json
-import os
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import integer
 from ..errors import SmallCoderError
+from ..fsutil import atomic_folder, atomic_write_text, recover_folder
 
 FORMAT = "smallcoder-tokens"
 FORMAT_VERSION = 1
@@ -185,21 +184,14 @@ class _ShardWriter:
 
 
 def _write_index(folder: Path, index: dict[str, Any]) -> None:
-    tmp = folder / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / INDEX_FILE)
+    """index.json, written last and atomically: a folder without it is an interrupted write."""
+    atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
 
 
 def _base_index(kind: str, seq_len: int, tokenizer: Any) -> dict[str, Any]:
     return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "seq_len": seq_len,
             "dtype": "uint16", "byteorder": "little", "eos_id": int(tokenizer.eos_id),
             "vocab_size": int(tokenizer.vocab_size), "tokenizer_hash": tokenizer_hash(tokenizer)}
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SmallCoderError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _encoder(tokenizer: Any):
@@ -223,11 +215,9 @@ def pack_texts(texts: Iterable[str] | Sequence[Iterable[str]], tokenizer: Any, o
     """
     from tqdm import tqdm
 
-    from ..fsutil import atomic_folder
-
-    seq_len = _check_positive("seq_len", seq_len)
-    batch_docs = _check_positive("batch_docs", batch_docs)
-    shard_records = _check_positive("shard_records", shard_records)
+    seq_len = integer(seq_len, "seq_len")
+    batch_docs = integer(batch_docs, "batch_docs")
+    shard_records = integer(shard_records, "shard_records")
     _check_tokenizer(tokenizer)
     labels, stream = _labelled(texts, source_labels)
     encode = _encoder(tokenizer)
@@ -316,10 +306,8 @@ def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]] | Sequ
     """
     from tqdm import tqdm
 
-    from ..fsutil import atomic_folder
-
-    max_len = _check_positive("max_len", max_len)
-    shard_records = _check_positive("shard_records", shard_records)
+    max_len = integer(max_len, "max_len")
+    shard_records = integer(shard_records, "shard_records")
     _check_tokenizer(tokenizer)
     vocab = tokenizer.vocab_size
     labels, stream = _labelled(examples, source_labels)
@@ -398,8 +386,6 @@ class TokenDataset:
     def __init__(self, folder: str | Path, tokenizer: Any = None, *, verify: bool = False) -> None:
         self.folder = Path(folder)
         if not self.folder.exists():
-            from ..fsutil import recover_folder
-
             recover_folder(self.folder)  # a pack whose replacement a crash interrupted is put back first
         if not self.folder.is_dir():
             raise SmallCoderError(f"{self.folder}: no such pack folder")
@@ -536,8 +522,6 @@ class TokenDataset:
                 done[name] = {"sha256": want, "stat": signature}
                 changed = True
         if record and changed:
-            from ..fsutil import atomic_write_text
-
             with contextlib.suppress(OSError, SmallCoderError):  # a read-only pack is verified each time
                 atomic_write_text(self.folder / VERIFIED_FILE, json.dumps({"files": done}, indent=1) + "\n")
 
@@ -576,112 +560,3 @@ class TokenDataset:
     def __repr__(self) -> str:
         return (f"TokenDataset({str(self.folder)!r}, kind={self.kind!r}, records={self.num_records}, "
                 f"tokens={self.num_tokens}, seq_len={self.seq_len})")
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-
-
-def _source_label(spec: Any) -> str:
-    return str(getattr(spec, "display_label", None) or spec.label)
-
-
-def _encoded_conversations(spec: Any, tokenizer: Any, batch: int = 1024) -> Iterator[tuple[list[int], list[int]]]:
-    """(ids, loss mask) of each conversation of `spec`, encoded in parallel batches."""
-    from .sft import encode_conversations
-    from .sources import iter_conversations
-
-    conversations = iter_conversations(spec)
-    while chunk := list(itertools.islice(conversations, batch)):
-        yield from encode_conversations(chunk, tokenizer)
-
-
-def add_source_args(p: argparse.ArgumentParser) -> None:
-    """--input and the field options, shared by `data pack` and `tokenizer train`."""
-    p.add_argument("--input", action="append", required=True, metavar="SPEC",
-                   help="a .jsonl/.parquet/.txt file, a folder, hub:ORG/NAME[:CONFIG][@SPLIT], "
-                        "card:NAME or builtin:PART (repeatable)")
-    p.add_argument("--field", default=None, help="text field of the records (default: text, or the source's own)")
-    p.add_argument("--messages-field", default=None,
-                   help="conversations: field holding a list of {role, content} messages (with --sft the "
-                        "default is messages)")
-    p.add_argument("--prompt-field", default=None, help="conversations: single-turn request field ...")
-    p.add_argument("--response-field", default=None, help="... and its answer field")
-
-
-def specs_from_args(args: argparse.Namespace, sft: bool = False) -> list[Any]:
-    """Parse every --input; conversation options apply to all; with `sft` a plain source is read
-    as conversations in its `messages` field."""
-    import dataclasses
-
-    from .sources import parse_source
-
-    fields = {"field": args.field} if args.field else {}
-    conv: dict[str, str | None] = {}
-    if args.messages_field or args.prompt_field or args.response_field:
-        conv = {"messages_field": args.messages_field, "prompt_field": args.prompt_field,
-                "response_field": args.response_field}
-    specs = []
-    for text in args.input:
-        spec = parse_source(text, **fields)
-        if not conv and sft and not spec.is_sft:
-            conv = {"messages_field": "messages"}
-        if conv:
-            try:
-                spec = dataclasses.replace(spec, **{"messages_field": None, "prompt_field": None,
-                                                    "response_field": None, **conv})
-            except SmallCoderError as e:
-                raise SmallCoderError(f"--input {text}: {e}") from None
-        specs.append(spec)
-    labels = [_source_label(s) for s in specs]
-    if len(set(labels)) != len(labels):
-        raise SmallCoderError(f"--input: the same source is given twice ({', '.join(labels)})")
-    return specs
-
-
-def cmd_pack(args: argparse.Namespace) -> None:
-    from ..tokenizer import Tokenizer
-    from .sources import iter_texts
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise SmallCoderError(f"{out}: folder exists and is not empty (use --force to replace it)")
-    specs = specs_from_args(args, sft=args.sft)
-    labels = [_source_label(s) for s in specs]
-    for s, text in zip(specs, args.input):
-        if s.is_sft and not args.sft:
-            raise SmallCoderError(f"--input {text}: a conversation source; pack it with --sft")
-    tokenizer = Tokenizer.load(args.tokenizer)
-    t0 = time.perf_counter()
-    if args.sft:
-        examples = [_encoded_conversations(s, tokenizer) for s in specs]
-        index = pack_examples(examples, tokenizer, out, args.max_len, source_labels=labels, overwrite=args.force)
-    else:
-        index = pack_texts([iter_texts(s) for s in specs], tokenizer, out, args.seq_len, source_labels=labels,
-                           overwrite=args.force)
-    dt = time.perf_counter() - t0
-    t = index["totals"]
-    print(f"wrote {out}: {index['kind']}, {t['documents']:,} documents -> {t['tokens']:,} tokens in "
-          f"{t['records']:,} records of {'at most ' if args.sft else ''}{index['seq_len']} tokens, "
-          f"{len(index['shards'])} shard(s)")
-    if args.sft:
-        print(f"loss tokens {t['loss_tokens']:,}; dropped {t['dropped_over_long']:,} examples longer than "
-              f"{index['seq_len']} tokens and {t['dropped_empty']:,} empty")
-    else:
-        print(f"dropped the last {t['dropped_tail_tokens']:,} tokens (a partial record); "
-              f"skipped {t['empty_documents']:,} empty documents")
-    for s in index["sources"]:
-        print(f"  {s['label']}: {s['documents']:,} documents" + (f", {s['records']:,} kept" if "records" in s else ""))
-    rate = t.get("document_tokens", t["tokens"]) / dt if dt > 0 else float("inf")
-    print(f"{dt:.1f} s, {rate:,.0f} tokens/s")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("pack", help="tokenize a corpus into uint16 shards for training")
-    add_source_args(p)
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or Hub repo id")
-    p.add_argument("--out", required=True, help="pack folder to create")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed record")
-    p.add_argument("--sft", action="store_true", help="conversations -> variable-length records with loss masks")
-    p.add_argument("--max-len", type=int, default=1024, help="with --sft: drop examples longer than this")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=cmd_pack)
