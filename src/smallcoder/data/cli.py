@@ -32,8 +32,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("builtin", help="build the built-in corpus from this Python's standard library "
                                               "(no network)")
-    p.add_argument("--out", default=None, help="folder to create (default: "
-                                               "$SMALLCODER_HOME or ~/.cache/smallcoder/builtin-pyX.Y.Z-seedS)")
+    p.add_argument("--out", default=None, help="folder to create (default: CACHE/builtin-pyX.Y.Z-seedS, CACHE "
+                                               "being $SMALLCODER_CACHE or $SMALLCODER_HOME, else ~/.cache/smallcoder)")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated math and the SFT requests")
     p.add_argument("--math-problems", type=int, default=DEFAULT_MATH_PROBLEMS,
                    help=f"generated math problems (default {DEFAULT_MATH_PROBLEMS:,}; sft gets a quarter as many)")

@@ -202,7 +202,10 @@ def _source(d: Any, where: str, base_dir: Path) -> tuple[Any, float | None, str 
     if spec.kind in LOCAL_KINDS and not Path(str(spec.path)).exists():
         raise SmallCoderError(f"{where}: source file or folder {spec.path} does not exist")
     if weight is not None:
-        weight = WEIGHT(weight, f"{where}.weight")
+        try:
+            weight = WEIGHT(weight, "weight")
+        except FieldError as e:
+            raise e.within(where) from None
     return spec, weight, name
 
 
