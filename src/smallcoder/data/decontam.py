@@ -35,7 +35,7 @@ import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,6 @@ from ..errors import SmallCoderError
 from ..fsutil import atomic_write
 
 DEFAULT_TASKS = ("humaneval", "mbpp", "gsm8k")
-# Every benchmark whose items `_benchmark_texts` knows how to index (smallcoder.eval.data's task names).
-BENCHMARKS = ("humaneval", "humaneval_plus", "mbpp", "gsm8k", "arc_easy", "arc_challenge", "hellaswag", "wikitext2")
 MAX_REPORTED_REMOVALS = 50
 _WORD = re.compile(r"\w+")
 _WIKI_TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)
@@ -159,10 +157,10 @@ class Decontaminator:
                                   "smallcoder.eval.data.load_tasks(tasks, data_dir)")
         self = cls(ngram)
         for task, data in benchmarks.items():
-            if task not in BENCHMARKS:
+            if task not in _BENCHMARK_TEXTS:
                 raise SmallCoderError(f"unknown benchmark {task!r} for decontamination; "
-                                      f"choose from: {', '.join(BENCHMARKS)}")
-            for item_id, text in _benchmark_texts(task, data):
+                                      f"choose from: {', '.join(_BENCHMARK_TEXTS)}")
+            for item_id, text in _BENCHMARK_TEXTS[task](data):
                 self.add(task, item_id, text)
         return self
 
@@ -272,29 +270,48 @@ class Decontaminator:
         }
 
 
-def _benchmark_texts(task: str, data: list[dict] | str) -> Iterator[tuple[str, str]]:
-    """(item id, text) pairs to index for one benchmark; see the module docstring for the choice."""
-    if task in ("humaneval", "humaneval_plus"):
-        for r in data:
-            yield r["task_id"], r["prompt"] + "\n" + r["canonical_solution"]
-    elif task == "mbpp":
-        for r in data:
-            yield f"MBPP/{r['task_id']}", r["text"]
-            yield f"MBPP/{r['task_id']}", r["code"]
-    elif task == "gsm8k":
-        for i, r in enumerate(data):
-            yield f"GSM8K/{i}", r["question"]
-    elif task in ("arc_easy", "arc_challenge"):
-        for r in data:
-            yield f"ARC/{r['id']}", r["question"] + "\n" + "\n".join(r["choices"])
-    elif task == "hellaswag":
-        for i, r in enumerate(data):
-            yield f"HellaSwag/{i}", r["ctx"] + " " + r["endings"][r["label"]]
-    elif task == "wikitext2":
-        titles = list(_WIKI_TITLE.finditer(data))
-        for k, t in enumerate(titles):
-            end = titles[k + 1].start() if k + 1 < len(titles) else len(data)
-            yield f"WikiText-2/{t.group(0).strip(' =')}", data[t.start():end]
+# (item id, text) pairs to index, per benchmark; see the module docstring for the choice.
+
+def _humaneval_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for r in data:
+        yield r["task_id"], r["prompt"] + "\n" + r["canonical_solution"]
+
+
+def _mbpp_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for r in data:
+        yield f"MBPP/{r['task_id']}", r["text"]
+        yield f"MBPP/{r['task_id']}", r["code"]
+
+
+def _gsm8k_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for i, r in enumerate(data):
+        yield f"GSM8K/{i}", r["question"]
+
+
+def _arc_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for r in data:
+        yield f"ARC/{r['id']}", r["question"] + "\n" + "\n".join(r["choices"])
+
+
+def _hellaswag_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for i, r in enumerate(data):
+        yield f"HellaSwag/{i}", r["ctx"] + " " + r["endings"][r["label"]]
+
+
+def _wikitext_texts(data: str) -> Iterator[tuple[str, str]]:
+    titles = list(_WIKI_TITLE.finditer(data))
+    for k, t in enumerate(titles):
+        end = titles[k + 1].start() if k + 1 < len(titles) else len(data)
+        yield f"WikiText-2/{t.group(0).strip(' =')}", data[t.start():end]
+
+
+_BENCHMARK_TEXTS: dict[str, Callable[[Any], Iterator[tuple[str, str]]]] = {
+    "humaneval": _humaneval_texts, "humaneval_plus": _humaneval_texts, "mbpp": _mbpp_texts,
+    "gsm8k": _gsm8k_texts, "arc_easy": _arc_texts, "arc_challenge": _arc_texts,
+    "hellaswag": _hellaswag_texts, "wikitext2": _wikitext_texts,
+}
+# Every benchmark the index can read (smallcoder.eval.data's task names).
+BENCHMARKS = tuple(_BENCHMARK_TEXTS)
 
 
 # ---------------------------------------------------------------- writing

@@ -374,6 +374,24 @@ def _signature(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
+def _read_index(folder: Path) -> dict[str, Any]:
+    """The pack's index.json as a dict (a pack whose replacement a crash interrupted is put back first)."""
+    if not folder.exists():
+        recover_folder(folder)
+    if not folder.is_dir():
+        raise SmallCoderError(f"{folder}: no such pack folder")
+    path = folder / INDEX_FILE
+    if not path.exists():
+        raise SmallCoderError(f"{folder}: incomplete pack: no {INDEX_FILE} (an interrupted write?); pack it again")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmallCoderError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise SmallCoderError(f"{path}: expected a JSON object, got {type(index).__name__}")
+    return index
+
+
 class TokenDataset:
     """A pack opened read-only through `np.memmap`: `ds[i] -> (uint16 ids, uint8 loss mask or None)`.
 
@@ -385,35 +403,9 @@ class TokenDataset:
 
     def __init__(self, folder: str | Path, tokenizer: Any = None, *, verify: bool = False) -> None:
         self.folder = Path(folder)
-        if not self.folder.exists():
-            recover_folder(self.folder)  # a pack whose replacement a crash interrupted is put back first
-        if not self.folder.is_dir():
-            raise SmallCoderError(f"{self.folder}: no such pack folder")
-        path = self.folder / INDEX_FILE
-        if not path.exists():
-            raise SmallCoderError(f"{self.folder}: incomplete pack: no {INDEX_FILE} (an interrupted write?); "
-                                  "pack it again")
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SmallCoderError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(index, dict):
-            raise SmallCoderError(f"{path}: expected a JSON object, got {type(index).__name__}")
-        self.index = index
-        self._path = path
-        fmt = index.get("format")
-        if fmt != FORMAT:
-            raise SmallCoderError(f"{path}: field 'format' is {fmt!r}, expected {FORMAT!r}")
-        version = index.get("version")
-        if version != FORMAT_VERSION:
-            raise SmallCoderError(f"{path}: field 'version' is {version!r}; this smallcoder reads version "
-                                  f"{FORMAT_VERSION} (pack the data again)")
-        self.kind: str = self._field("kind", str)
-        if self.kind not in ("packed", "sft"):
-            raise SmallCoderError(f"{path}: field 'kind' is {self.kind!r}, expected 'packed' or 'sft'")
-        for field, expected in (("dtype", "uint16"), ("byteorder", "little")):
-            if index.get(field) != expected:
-                raise SmallCoderError(f"{path}: field {field!r} is {index.get(field)!r}, expected {expected!r}")
+        self._path = path = self.folder / INDEX_FILE
+        self.index = _read_index(self.folder)
+        self._check_format()
         self.seq_len: int = self._field("seq_len", int)
         self.eos_id: int = self._field("eos_id", int)
         self.vocab_size: int = self._field("vocab_size", int)
@@ -422,13 +414,7 @@ class TokenDataset:
         self.totals: dict[str, Any] = self._field("totals", dict)
         shards = self._field("shards", list)
         if tokenizer is not None:
-            mine = tokenizer_hash(tokenizer)
-            if mine != self.tokenizer_hash:
-                raise SmallCoderError(f"{path}: pack was made with tokenizer {self.tokenizer_hash}, but the given "
-                                      f"tokenizer is {mine}; pack the data again with this tokenizer")
-            if self.vocab_size != tokenizer.vocab_size:
-                raise SmallCoderError(f"{path}: field 'vocab_size' is {self.vocab_size}, but the pack's tokenizer "
-                                      f"has {tokenizer.vocab_size} tokens; the index is corrupt, pack it again")
+            self._check_tokenizer(tokenizer)
         if not 0 < self.vocab_size <= MAX_VOCAB:
             raise SmallCoderError(f"{path}: field 'vocab_size' is {self.vocab_size}, expected 1..{MAX_VOCAB}")
         self._tokens: list[np.ndarray] = []
@@ -444,6 +430,33 @@ class TokenDataset:
                                   f"but the shards hold {self.num_records}")
         if verify:
             self.verify()
+
+    def _check_format(self) -> None:
+        """format, version, kind, dtype and byte order are the ones this reader knows."""
+        index, path = self.index, self._path
+        fmt = index.get("format")
+        if fmt != FORMAT:
+            raise SmallCoderError(f"{path}: field 'format' is {fmt!r}, expected {FORMAT!r}")
+        version = index.get("version")
+        if version != FORMAT_VERSION:
+            raise SmallCoderError(f"{path}: field 'version' is {version!r}; this smallcoder reads version "
+                                  f"{FORMAT_VERSION} (pack the data again)")
+        self.kind: str = self._field("kind", str)
+        if self.kind not in ("packed", "sft"):
+            raise SmallCoderError(f"{path}: field 'kind' is {self.kind!r}, expected 'packed' or 'sft'")
+        for field, expected in (("dtype", "uint16"), ("byteorder", "little")):
+            if index.get(field) != expected:
+                raise SmallCoderError(f"{path}: field {field!r} is {index.get(field)!r}, expected {expected!r}")
+
+    def _check_tokenizer(self, tokenizer: Any) -> None:
+        """The given tokenizer is the one the pack was made with."""
+        mine = tokenizer_hash(tokenizer)
+        if mine != self.tokenizer_hash:
+            raise SmallCoderError(f"{self._path}: pack was made with tokenizer {self.tokenizer_hash}, but the given "
+                                  f"tokenizer is {mine}; pack the data again with this tokenizer")
+        if self.vocab_size != tokenizer.vocab_size:
+            raise SmallCoderError(f"{self._path}: field 'vocab_size' is {self.vocab_size}, but the pack's tokenizer "
+                                  f"has {tokenizer.vocab_size} tokens; the index is corrupt, pack it again")
 
     def _field(self, name: str, kind: type) -> Any:
         value = self.index.get(name)

@@ -61,6 +61,18 @@ class SourceSpec:
     data_dir: str | None = None    # hub: a sub-folder of the dataset repo (StarCoderData's languages)
 
     def __post_init__(self) -> None:
+        self._check_kind()
+        if bool(self.prompt_field) != bool(self.response_field):
+            raise SmallCoderError("prompt_field and response_field go together: set both or neither")
+        if self.messages_field and self.prompt_field:
+            raise SmallCoderError("set either messages_field or prompt_field/response_field, not both")
+        for key in ("split", "field", "glob"):
+            checks.text(getattr(self, key), key)
+        if self.limit is not None:
+            checks.integer(self.limit, "limit")
+
+    def _check_kind(self) -> None:
+        """What each kind needs: a path, a dataset id, a built-in part (whose sft is conversations)."""
         if self.kind not in KINDS:
             raise SmallCoderError(f"unknown source kind {self.kind!r} (use {', '.join(KINDS)})")
         if self.kind in LOCAL_KINDS and not self.path:
@@ -72,14 +84,6 @@ class SourceSpec:
                 raise SmallCoderError(f"unknown built-in part {self.name!r} (use {', '.join(BUILTIN_PARTS)})")
             if self.name == "sft" and not (self.messages_field or self.prompt_field):
                 object.__setattr__(self, "messages_field", "messages")
-        if bool(self.prompt_field) != bool(self.response_field):
-            raise SmallCoderError("prompt_field and response_field go together: set both or neither")
-        if self.messages_field and self.prompt_field:
-            raise SmallCoderError("set either messages_field or prompt_field/response_field, not both")
-        for key in ("split", "field", "glob"):
-            checks.text(getattr(self, key), key)
-        if self.limit is not None:
-            checks.integer(self.limit, "limit")
 
     @property
     def is_sft(self) -> bool:
@@ -178,33 +182,37 @@ def parse_source(text: str, **fields: Any) -> SourceSpec:
             raise SmallCoderError(f"{where}: unknown card corpus {rest!r} (known: {', '.join(CARD_CORPORA)})")
         return _with_fields(CARD_CORPORA[rest], fields, where)
     if sep and prefix == "hub":
-        ident, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "")
-        name, _, config = ident.partition(":")
-        if not name or (at and not split):
-            raise SmallCoderError(f"{where}: expected hub:ORG/NAME[:CONFIG][@SPLIT]")
-        base: dict[str, Any] = {"kind": "hub", "name": name, "config": config or None}
-        if split:
-            base["split"] = split
-        return _make(base, fields, where)
+        return _make(_hub_fields(rest, where), fields, where)
     if sep and prefix == "builtin":
         return _make({"kind": "builtin", "name": rest}, fields, where)
     if sep and prefix in LOCAL_KINDS and rest:
         return _make({"kind": prefix, "path": rest}, fields, where)
-    path = Path(text)
-    lower = text.lower()
+    return _make({"kind": _path_kind(text, where), "path": text}, fields, where)
+
+
+def _hub_fields(rest: str, where: str) -> dict[str, Any]:
+    """ORG/NAME[:CONFIG][@SPLIT] -> the hub source's fields."""
+    ident, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    name, _, config = ident.partition(":")
+    if not name or (at and not split):
+        raise SmallCoderError(f"{where}: expected hub:ORG/NAME[:CONFIG][@SPLIT]")
+    return {"kind": "hub", "name": name, "config": config or None, **({"split": split} if split else {})}
+
+
+def _path_kind(text: str, where: str) -> str:
+    """The kind of a plain path, told from its name, else from what is there."""
+    path, lower = Path(text), text.lower()
     if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
-        kind = "jsonl"
-    elif lower.endswith(".parquet"):
-        kind = "parquet"
-    elif text.endswith(("/", os.sep)) or path.is_dir():
-        kind = "files"
-    elif path.is_file() or lower.endswith((".txt", ".md", ".text")):
-        kind = "text"
-    else:
-        raise SmallCoderError(f"{where}: no such file or folder, and the kind cannot be told from the name "
-                              f"(use a .jsonl/.parquet/.txt path, a folder, hub:ORG/NAME, card:NAME, "
-                              f"builtin:PART or KIND:PATH)")
-    return _make({"kind": kind, "path": text}, fields, where)
+        return "jsonl"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return "files"
+    if path.is_file() or lower.endswith((".txt", ".md", ".text")):
+        return "text"
+    raise SmallCoderError(f"{where}: no such file or folder, and the kind cannot be told from the name "
+                          f"(use a .jsonl/.parquet/.txt path, a folder, hub:ORG/NAME, card:NAME, "
+                          f"builtin:PART or KIND:PATH)")
 
 
 def _make(base: dict[str, Any], fields: dict[str, Any], where: str) -> SourceSpec:
@@ -224,14 +232,7 @@ def source_from_dict(d: dict[str, Any], where: str, *, base_dir: str | Path | No
     """
     if not isinstance(d, dict):
         raise SmallCoderError(f"{where}: a source must be a table, got {type(d).__name__}")
-    known = set(_FIELD_NAMES) | {"source"}
-    for key, value in d.items():
-        if key not in known:
-            raise SmallCoderError(f"{where}: unknown key {key!r} (known: source, {', '.join(_FIELD_NAMES)})")
-        if key == "limit":
-            checks.integer(value, f"{where}: limit")
-        elif not isinstance(value, str):
-            raise SmallCoderError(f"{where}: {key} must be a string, got {type(value).__name__} {value!r}")
+    _check_table(d, where)
     fields = {k: v for k, v in d.items() if k != "source"}
     if fields.get("path") and base_dir is not None and not Path(fields["path"]).is_absolute():
         fields["path"] = str(Path(base_dir) / fields["path"])
@@ -245,6 +246,18 @@ def source_from_dict(d: dict[str, Any], where: str, *, base_dir: str | Path | No
     if "kind" not in d:
         raise SmallCoderError(f"{where}: a source needs kind (one of {', '.join(KINDS)}) or source = \"...\"")
     return _make({}, fields, where)
+
+
+def _check_table(d: dict[str, Any], where: str) -> None:
+    """Every key is a SourceSpec field (or `source`); limit is a count, everything else a string."""
+    known = set(_FIELD_NAMES) | {"source"}
+    for key, value in d.items():
+        if key not in known:
+            raise SmallCoderError(f"{where}: unknown key {key!r} (known: source, {', '.join(_FIELD_NAMES)})")
+        if key == "limit":
+            checks.integer(value, f"{where}: limit")
+        elif not isinstance(value, str):
+            raise SmallCoderError(f"{where}: {key} must be a string, got {type(value).__name__} {value!r}")
 
 
 def rebase_source(text: str, base_dir: str | Path | None) -> str:

@@ -189,6 +189,72 @@ def _verbs_to_third_person(text: str) -> str:
     return " ".join(words)
 
 
+_SKIPPED_SUMMARIES = ("deprecated", "internal", "helper", "obsolete", "undocumented", "xxx", "for internal use")
+
+
+def _summary(doc: str) -> str:
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def _candidate_doc(node: ast.stmt) -> str | None:
+    """The docstring of a public, undecorated, short function with a real body whose summary is a
+    sentence; None for anything else."""
+    if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.decorator_list:
+        return None
+    if node.name in ("main", "test") or node.end_lineno is None:
+        return None
+    if node.end_lineno - node.lineno + 1 > MAX_SFT_FUNCTION_LINES or not _has_real_body(node):
+        return None
+    doc = docstring(node)
+    if not doc:
+        return None
+    summary = _summary(doc)
+    if (len(summary) < 30 or len(summary.split()) < 5 or not summary[0].isalpha()
+            or summary.lower().startswith(_SKIPPED_SUMMARIES)):
+        return None
+    return doc
+
+
+def _answer_code(node: ast.FunctionDef, lines: list[str], defs: dict[str, ast.stmt], imports: dict[str, str],
+                 consts: dict[str, str]) -> str | None:
+    """The function with the imports, constants and helpers it needs, as code that parses; None
+    when it needs module state or deeper helpers (not answerable on its own) or is too long."""
+    deps = _dependencies(node, defs, imports, consts)
+    if deps is None:
+        return None
+    need_imports, need_consts, helpers = deps
+    pieces = [_segment(lines, n) for n in (*helpers, node)]
+    if any(not p for p in pieces) or sum(p.count("\n") + 1 for p in pieces) > 2 * MAX_SFT_FUNCTION_LINES:
+        return None
+    blocks = []
+    if need_imports:
+        blocks.append("\n".join(sorted(imports[n] for n in need_imports)))
+    if need_consts:
+        blocks.append("\n".join(consts[n] for n in sorted(need_consts)))
+    code = "\n\n\n".join(blocks + pieces)  # type: ignore[arg-type]
+    if not encodable(code):
+        return None
+    try:
+        ast.parse(code)
+    except SyntaxError:  # a segment cut wrongly would teach broken code: leave it out
+        return None
+    return code
+
+
+def _conversation(node: ast.FunctionDef, doc: str, code: str, rng: random.Random) -> dict[str, Any]:
+    """A request written from the signature and docstring, answered with `code`."""
+    sig = signature(node)
+    rest = doc.split("\n\n", 1)[1] if "\n\n" in doc else ""
+    clause = _that_clause(_summary(doc))
+    if clause and rng.random() < 0.5:
+        request = f"Write a Python function `{sig}` that {_verbs_to_third_person(clause)}"
+        request += f"\n\n{rest}" if rest else ""
+    else:
+        request = rng.choice(REQUEST_TEMPLATES).format(sig=sig, doc=doc)
+    answer = f"{rng.choice(ANSWER_INTROS)}\n\n```python\n{code}\n```"
+    return {"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]}
+
+
 def sft_functions(module: str, source: str, tree: ast.Module, rng: random.Random) -> list[dict[str, Any]]:
     """Request -> code conversations from the module's short, documented functions.
 
@@ -205,49 +271,11 @@ def sft_functions(module: str, source: str, tree: ast.Module, rng: random.Random
     defs.update({n.name: n for n in tree.body if isinstance(n, ast.ClassDef) and _is_plain_class(n, imports)})
     out = []
     for node in tree.body:
-        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.decorator_list:
+        doc = _candidate_doc(node)
+        if doc is None:
             continue
-        if node.name in ("main", "test") or node.end_lineno is None:
-            continue
-        if node.end_lineno - node.lineno + 1 > MAX_SFT_FUNCTION_LINES or not _has_real_body(node):
-            continue
-        doc = docstring(node)
-        if not doc:
-            continue
-        summary = " ".join(doc.split("\n\n")[0].split())
-        if (len(summary) < 30 or len(summary.split()) < 5 or not summary[0].isalpha()
-                or summary.lower().startswith(("deprecated", "internal", "helper", "obsolete", "undocumented",
-                                               "xxx", "for internal use"))):
-            continue
-        deps = _dependencies(node, defs, imports, consts)
-        if deps is None:
-            continue  # it needs module state or deeper helpers: not answerable on its own
-        need_imports, need_consts, helpers = deps
-        pieces = [_segment(lines, n) for n in (*helpers, node)]
-        if any(not p for p in pieces) or sum(p.count("\n") + 1 for p in pieces) > 2 * MAX_SFT_FUNCTION_LINES:
-            continue
-        blocks = []
-        if need_imports:
-            blocks.append("\n".join(sorted(imports[n] for n in need_imports)))
-        if need_consts:
-            blocks.append("\n".join(consts[n] for n in sorted(need_consts)))
-        code = "\n\n\n".join(blocks + pieces)  # type: ignore[arg-type]
-        if not encodable(code):
-            continue
-        try:
-            ast.parse(code)
-        except SyntaxError:  # a segment cut wrongly would teach broken code: leave it out
-            continue
-        sig = signature(node)
-        rest = doc.split("\n\n", 1)[1] if "\n\n" in doc else ""
-        clause = _that_clause(summary)
-        if clause and rng.random() < 0.5:
-            request = f"Write a Python function `{sig}` that {_verbs_to_third_person(clause)}"
-            request += f"\n\n{rest}" if rest else ""
-        else:
-            request = rng.choice(REQUEST_TEMPLATES).format(sig=sig, doc=doc)
-        answer = f"{rng.choice(ANSWER_INTROS)}\n\n```python\n{code}\n```"
-        out.append({"messages": [{"role": "user", "content": request},
-                                 {"role": "assistant", "content": answer}]})
+        assert isinstance(node, ast.FunctionDef)
+        code = _answer_code(node, lines, defs, imports, consts)
+        if code is not None:
+            out.append(_conversation(node, doc, code, rng))
     return out
-

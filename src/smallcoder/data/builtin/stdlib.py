@@ -66,6 +66,24 @@ def docstring(node: ast.AST) -> str | None:
     return None
 
 
+def _public(node: ast.stmt, kinds: tuple[type, ...]) -> bool:
+    return isinstance(node, kinds) and not node.name.startswith("_")  # type: ignore[attr-defined]
+
+
+def _class_sections(module: str, node: ast.ClassDef) -> list[str]:
+    """The class's docstring and its public methods' docstrings, as sections."""
+    sections = []
+    doc = docstring(node)
+    if doc:
+        sections.append(f"## class `{module}.{node.name}`\n\n{doc}")
+    for item in node.body:
+        if _public(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = docstring(item)
+            if doc:
+                sections.append(f"### `{node.name}.{signature(item)}`\n\n{doc}")  # type: ignore[arg-type]
+    return sections
+
+
 def prose_from_module(module: str, tree: ast.Module) -> str | None:
     """The module's docstrings (module, public classes, functions and methods) as one document."""
     sections = []
@@ -73,19 +91,12 @@ def prose_from_module(module: str, tree: ast.Module) -> str | None:
     if doc:
         sections.append(f"# The `{module}` module\n\n{doc}")
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+        if _public(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = docstring(node)
             if doc:
-                sections.append(f"## `{module}.{signature(node)}`\n\n{doc}")
-        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-            doc = docstring(node)
-            if doc:
-                sections.append(f"## class `{module}.{node.name}`\n\n{doc}")
-            for item in node.body:
-                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not item.name.startswith("_"):
-                    doc = docstring(item)
-                    if doc:
-                        sections.append(f"### `{node.name}.{signature(item)}`\n\n{doc}")
+                sections.append(f"## `{module}.{signature(node)}`\n\n{doc}")  # type: ignore[arg-type]
+        elif _public(node, (ast.ClassDef,)):
+            sections += _class_sections(module, node)  # type: ignore[arg-type]
     if not sections:
         return None
     if not sections[0].startswith("# "):
