@@ -80,7 +80,7 @@ class TokenizerSpec:
 
     def __post_init__(self) -> None:
         if self.train_on:  # the bounds come from the trainer and the token store: imported only here
-            from ..data.pack import MAX_VOCAB
+            from ..data.store import MAX_VOCAB
             from ..tokenizer_train import MIN_VOCAB_SIZE
 
             integer(self.vocab_size, "vocab_size", MIN_VOCAB_SIZE)
