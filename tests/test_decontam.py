@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from smallcoder.cli import main
-from smallcoder.data.decontam import Decontaminator, Hit, words
+from smallcoder.data.decontam import DEFAULT_TASKS, Decontaminator, Hit, words
 from smallcoder.errors import SmallCoderError
-from smallcoder.eval.data import load_task_data
+from smallcoder.eval.data import load_task_data, load_tasks
 
 CLEAN_CODE = '''\
 import heapq
@@ -40,7 +40,7 @@ CLEAN_PROSE = ("The river rose overnight after three days of rain, and by mornin
 @pytest.fixture(scope="module")
 def deco(shared_data: Path) -> Decontaminator:
     t0 = time.perf_counter()
-    d = Decontaminator.from_benchmarks(shared_data)
+    d = Decontaminator.from_benchmarks(load_tasks(DEFAULT_TASKS, shared_data))
     print(f"\nbuilt the 13-gram index from shared data: {d.num_ngrams:,} n-grams, "
           f"{dict(d.items_per_benchmark)} items, {time.perf_counter() - t0:.2f} s")
     return d
@@ -99,15 +99,15 @@ def test_clean_documents_kept(deco: Decontaminator) -> None:
 def test_ngram_size_is_configurable(shared_data: Path, bench: dict) -> None:
     q_words = words(bench["gsm8k"][40]["question"])
     doc = "Zebra quilting xylophone " + " ".join(q_words[3:15]) + " marmalade vortex."  # 12 shared words
-    at13 = Decontaminator.from_benchmarks(shared_data, tasks=("gsm8k",), ngram=13)
-    at8 = Decontaminator.from_benchmarks(shared_data, tasks=("gsm8k",), ngram=8)
+    at13 = Decontaminator.from_benchmarks(load_tasks(("gsm8k",), shared_data), ngram=13)
+    at8 = Decontaminator.from_benchmarks(load_tasks(("gsm8k",), shared_data), ngram=8)
     assert at13.find(doc) is None
     hit = at8.find(doc)
     assert hit is not None and hit.item_id == "GSM8K/40" and len(hit.ngram.split()) == 8
 
 
 def test_filter_and_report(shared_data: Path, bench: dict) -> None:
-    d = Decontaminator.from_benchmarks(shared_data, ngram=13)
+    d = Decontaminator.from_benchmarks(load_tasks(DEFAULT_TASKS, shared_data), ngram=13)
     he, gs = bench["humaneval"][30], bench["gsm8k"][5]
     docs = [CLEAN_CODE, he["prompt"] + he["canonical_solution"], CLEAN_PROSE, "Q: " + gs["question"],
             "some notes\n" + he["prompt"]]
@@ -160,7 +160,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(SmallCoderError, match="positive integer"):
         Decontaminator(ngram=0)
     with pytest.raises(SmallCoderError, match="unknown benchmark 'mmlu'"):
-        Decontaminator.from_benchmarks(tasks=("mmlu",))
+        Decontaminator.from_benchmarks({"mmlu": []})
     with pytest.raises(SmallCoderError, match="no benchmark items"):
         Decontaminator().find("text")
 
@@ -198,3 +198,103 @@ def test_cli_errors_leave_no_output(shared_data: Path, tmp_path: Path, capsys) -
     assert main(["data", "decontam", "--input", str(src), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--ngram must be a positive integer, got 0" in err and "is not a folder" in err and "is a folder" in err
+
+
+# ---- the decontaminator is handed its items; the recipe says where the trainer reads them ----------
+
+PLANTED_QUESTION = ("Marisol bakes seventeen lemon tarts every morning and sells eleven of them before the "
+                    "market closes at noon. How many tarts does she have left for the afternoon?")
+
+
+def _benchmark_folder(root: Path) -> Path:
+    """A folder in the layout of shared/data holding one made-up item per default benchmark."""
+    import gzip
+
+    he = {"task_id": "HumanEval/0", "entry_point": "planted_sum",
+          "prompt": 'def planted_sum(alpha, beta):\n    """Return alpha plus beta, both checked first."""\n',
+          "canonical_solution": "    return alpha + beta\n", "test": "def check(candidate):\n    pass\n"}
+    mbpp = {"task_id": 1, "text": "Write a function to count the purple giraffes standing in a queue.",
+            "code": "def count_giraffes(queue):\n    return len(queue)", "test_list": [], "test_setup_code": "",
+            "challenge_test_list": []}
+    for rel, rows in (("humaneval/HumanEval.jsonl.gz", [he]), ("mbpp/mbpp.jsonl", [mbpp]),
+                      ("gsm8k/test.jsonl", [{"question": PLANTED_QUESTION, "answer": "6\n#### 6"}])):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        path.write_bytes(gzip.compress(data) if rel.endswith(".gz") else data)
+    return root
+
+
+def test_from_benchmarks_takes_items_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(SmallCoderError, match=r"takes \{task name: items\}, got PosixPath; load the items"):
+        Decontaminator.from_benchmarks(tmp_path)
+    d = Decontaminator.from_benchmarks(load_tasks(DEFAULT_TASKS, _benchmark_folder(tmp_path / "bench")))
+    assert dict(d.items_per_benchmark) == {"humaneval": 1, "mbpp": 1, "gsm8k": 1}
+    assert d.find("notes: " + PLANTED_QUESTION.upper()).item_id == "GSM8K/0"
+
+
+def test_every_eval_task_can_be_indexed() -> None:
+    from smallcoder.data.decontam import BENCHMARKS
+    from smallcoder.eval.data import TASK_NAMES
+
+    assert sorted(BENCHMARKS) == sorted(TASK_NAMES)
+
+
+DECONTAM_RECIPE = """
+[model]
+tokenizer = "tok"
+hidden_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+num_key_value_heads = 2
+intermediate_size = 64
+max_position_embeddings = 64
+
+[run]
+seed = 1
+eval_batches = 1
+val_docs = 8
+benchmark_data = "bench"
+
+[[stages]]
+name = "prose"
+tokens = 256
+seq_len = 32
+global_batch_tokens = 128
+micro_batch = 2
+decontaminate = true
+[[stages.sources]]
+source = "docs.jsonl"
+"""
+
+
+def test_trainer_reads_the_benchmarks_from_the_recipe_field_not_the_working_folder(
+        tmp_path: Path, small_tokenizer, monkeypatch) -> None:
+    """run.benchmark_data names the folder (relative to the recipe); the run starts elsewhere with no
+    SMALLCODER_DATA, and the two documents holding a planted GSM8k question are not packed."""
+    import random
+
+    from smallcoder.train.recipe import load_recipe
+    from smallcoder.train.trainer import Trainer
+
+    work = tmp_path / "work"
+    _benchmark_folder(work / "bench")
+    (work / "tok").mkdir()
+    small_tokenizer.save(work / "tok")
+    rng = random.Random(0)
+    words = ["river", "stone", "lamp", "quiet", "garden", "window", "bread", "north", "paper", "cloud"]
+    docs = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)]
+    docs[5] = docs[5] + " " + PLANTED_QUESTION
+    docs[31] = PLANTED_QUESTION.lower() + " " + docs[31]
+    (work / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (work / "r.toml").write_text(DECONTAM_RECIPE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("SMALLCODER_DATA", raising=False)
+    recipe = load_recipe(work / "r.toml")
+    assert recipe.run.benchmark_dir() == work / "bench"
+    Trainer(recipe, tmp_path / "out", max_steps=1, progress=False).run()
+    (info,) = (tmp_path / "out" / "data" / "prose").glob("*/info.json")
+    kept = json.loads(info.read_text())
+    assert kept["documents"] + kept["heldout"] == 38

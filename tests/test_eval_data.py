@@ -184,3 +184,23 @@ def test_offline_error_with_real_datasets(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert str(tmp_path / "data" / "arc" / "ARC-Easy-Test.jsonl") in r.stdout
     assert "allenai/ai2_arc (ARC-Easy)" in r.stdout
+
+
+def test_benchmark_files_are_read_by_the_shared_jsonl_reader(tmp_path):
+    """Evaluation reads JSONL through smallcoder.jsonl (not the training-data package): the same
+    one-line errors naming file, line and field, a lone surrogate included."""
+    path = tmp_path / "gsm8k" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "bad \\ud800 text", "answer": "#### 2"}\n')
+    with pytest.raises(SmallCoderError, match=rf"^{path}: line 2: field 'question' holds a lone UTF-16 surrogate"):
+        load_task_data("gsm8k", tmp_path)
+    path.write_text('{"question": "q", "answer": "#### 1"}\n{"question": \n')
+    with pytest.raises(SmallCoderError, match=rf"^{path}: line 2: invalid JSON"):
+        load_task_data("gsm8k", tmp_path)
+    from smallcoder.jsonl import read_jsonl
+
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n{"b": [1, {"c": "\\udc00"}]}\n')
+    rows = read_jsonl(path)
+    assert next(rows) == (1, {"a": 1})
+    with pytest.raises(SmallCoderError, match=r"line 3: field 'b\[1\]\.c' holds a lone UTF-16 surrogate \\udc00"):
+        next(rows)

@@ -222,3 +222,85 @@ def test_readers_restore_an_interrupted_replacement_first(tmp_path, micro_checkp
     pack_texts(["def f(): return 1"] * 20, small_tokenizer, tmp_path / f".pack.old-{dead}", seq_len=8,
                progress=False)
     assert len(TokenDataset(tmp_path / "pack")) > 0
+
+
+# ---- one rule for "never write over a used folder", one cache root ----------------------------------
+
+
+def test_every_writer_refuses_a_used_folder_in_the_same_words(tmp_path, capsys):
+    """The library (atomic_folder, the built-in corpus) and the commands (data builtin, data pack,
+    tokenizer train) say the same line, before any slow work; the folder is left as it was."""
+    from smallcoder.cli import main
+    from smallcoder.data import builtin
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    rule = f"{used}: exists and is not an empty folder (it holds keep.txt); will not write over a folder that is not empty"
+    for write in (lambda: fsutil.refuse_used_folder(used),
+                  lambda: fsutil.atomic_folder(used).__enter__(),
+                  lambda: builtin.build_builtin(used, math_problems=1, progress=False)):
+        with pytest.raises(SmallCoderError) as e:
+            write()
+        assert str(e.value) == f"{rule} (use --force / overwrite=True to replace it)"
+    for argv in (["data", "builtin", "--out", str(used)],
+                 ["data", "pack", "--input", "builtin:code", "--tokenizer", str(tmp_path / "no-tok"), "--out", str(used)],
+                 ["tokenizer", "train", "--input", "builtin:code", "--vocab-size", "300", "--out", str(used)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("smallcoder: error: ") and rule in err and "\n" not in err.strip(), argv
+    assert [p.name for p in used.iterdir()] == ["keep.txt"]
+    fsutil.refuse_used_folder(used, ignore={"keep.txt"})  # e.g. a run folder's own lock file
+    fsutil.refuse_used_folder(used, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SmallCoderError, match="file: exists and is not a folder"):
+        fsutil.refuse_used_folder(tmp_path / "file", overwrite=True)
+
+
+def test_one_cache_root_for_every_cache(tmp_path, monkeypatch):
+    """$SMALLCODER_CACHE, else $SMALLCODER_HOME (the built-in corpus's documented name), else
+    $XDG_CACHE_HOME/smallcoder, else ~/.cache/smallcoder; the corpus, kernels and EvalPlus ground
+    truth all follow it."""
+    from smallcoder import kernels
+    from smallcoder.data import builtin
+    from smallcoder.eval import humanevalplus
+
+    for name in ("SMALLCODER_CACHE", "SMALLCODER_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    expected = tmp_path / "user" / ".cache" / "smallcoder"
+    for name, value in ((None, None), ("XDG_CACHE_HOME", "xdg"), ("SMALLCODER_HOME", "home"),
+                        ("SMALLCODER_CACHE", "cache")):
+        if name:
+            monkeypatch.setenv(name, str(tmp_path / value))
+            expected = tmp_path / value / ("smallcoder" if name == "XDG_CACHE_HOME" else "")
+        assert fsutil.cache_root() == expected
+        assert builtin.default_builtin_dir(3).parent == expected
+        assert kernels.library_path().parent == expected
+        assert humanevalplus._cache_folder().parent == expected / "evalplus"
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_the_loss_plot_is_written_through_the_shared_atomic_writer(tmp_path, monkeypatch, wrapped):
+    """A failed or disk-full PNG write leaves the previous loss.png whole and no temp file beside it."""
+    import json
+
+    import matplotlib.figure
+
+    from smallcoder.train.plot import plot_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "loss": 5.0 - i / 10, "tokens": 100 * i, "stage": "a"}) + "\n"
+                               for i in range(1, 6)))
+    out = plot_metrics(metrics, tmp_path / "loss.png")
+    before = out.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def full(self, fname, **kw):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise RuntimeError("No space left on device (os error 28)") if wrapped else OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    with pytest.raises(SmallCoderError, match=r"loss\.png: could not write it \(No space left on device"):
+        plot_metrics(metrics, out)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]

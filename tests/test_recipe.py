@@ -183,3 +183,97 @@ def test_cosine_schedule_and_warmup_fraction():
     with pytest.raises(SmallCoderError):
         warmup_steps(1.5, 10)
     assert lr_at(0, 1, peak=peak, min_lr=low, warmup=0, decay=0.0) == peak
+
+
+# ---- every field's bound lives with its spec --------------------------------------------------------
+
+
+@pytest.mark.parametrize("override,field,value", [
+    ("run.seed=-3", "run.seed", "-3"),
+    ("run.keep_last=0", "run.keep_last", "0"),
+    ("run.eval_every=-1", "run.eval_every", "-1"),
+    ("run.val_fraction=0.7", "run.val_fraction", "0.7"),
+    ("run.val_docs=true", "run.val_docs", "True"),
+    ('run.dtype="fp8"', "run.dtype", "fp8"),
+    ('run.device="tpu"', "run.device", "tpu"),
+    ('run.strategy="zero3"', "run.strategy", "zero3"),
+    ("run.compile=1", "run.compile", "1"),
+    ("stages.0.seq_len=1", "stages[0].seq_len", "1"),
+    ("stages.0.micro_batch=0", "stages[0].micro_batch", "0"),
+    ("stages.0.decay=1.5", "stages[0].decay", "1.5"),
+    ("stages.0.lr=0", "stages[0].lr", "0"),
+    ("stages.0.weight_decay=-0.1", "stages[0].weight_decay", "-0.1"),
+    ("stages.0.grad_clip=nan", "stages[0].grad_clip", "nan"),
+    ('stages.0.sft="yes"', "stages[0].sft", "yes"),
+    ("stages.0.warmup=-2", "stages[0].warmup", "-2"),
+    ("stages.0.min_lr=1.0", "stages[0].min_lr", "1.0"),
+    ('stages.0.name="a b"', "stages[0].name", "a b"),
+    ("stages.0.sources.1.weight=0", "stages[0].sources[1].weight", "0"),
+])
+def test_each_bad_field_names_file_field_and_value(tmp_path, override, field, value):
+    path = _write(tmp_path, BASE)
+    with pytest.raises(SmallCoderError) as e:
+        load_recipe(path, [override])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {field}: "), msg
+    assert value in msg and "\n" not in msg
+
+
+def test_specs_check_their_fields_when_built_in_code():
+    from smallcoder.train.specs import RunSpec, StageSource, StageSpec
+
+    with pytest.raises(SmallCoderError, match=r"^keep_last must be a positive integer, got 0$"):
+        RunSpec(keep_last=0)
+    with pytest.raises(SmallCoderError, match=r"^dtype must be one of float32, bfloat16, got 'fp16'$"):
+        RunSpec(dtype="fp16")
+    with pytest.raises(SmallCoderError, match=r"^weight must be a number > 0, got -1$"):
+        StageSource("a", None, -1)
+    src = StageSource("a", None, 1)
+    assert isinstance(src.weight, float)
+    with pytest.raises(SmallCoderError, match=r"^min_lr: 0.5 is above lr 0.1$"):
+        StageSpec("s", (src,), 100, seq_len=8, global_batch_tokens=16, micro_batch=1, lr=0.1, min_lr=0.5)
+    with pytest.raises(SmallCoderError, match=r"^sources: weights must sum to 1, got 2"):
+        StageSpec("s", (src, StageSource("b", None, 1)), 100, seq_len=8, global_batch_tokens=16, micro_batch=1)
+    with pytest.raises(SmallCoderError, match=r"^sources\[1\]\.name: 'a' is used twice"):
+        StageSpec("s", (StageSource("a", None, 0.5), StageSource("a", None, 0.5)), 100, seq_len=8,
+                  global_batch_tokens=16, micro_batch=1)
+
+
+def test_benchmark_data_is_a_recipe_field(tmp_path, monkeypatch):
+    """Where decontamination reads the benchmarks: "auto" (SMALLCODER_DATA, else ../shared/data),
+    "hub", or a folder named relative to the recipe, whatever the working folder is."""
+    path = _write(tmp_path, BASE)
+    (tmp_path / "bench").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("SMALLCODER_DATA", str(tmp_path / "tok"))
+    run = load_recipe(path).run
+    assert run.benchmark_data == "auto" and run.benchmark_dir() == tmp_path / "tok"
+    assert load_recipe(path, ["run.benchmark_data=bench"]).run.benchmark_dir() == tmp_path / "bench"
+    assert load_recipe(path, ["run.benchmark_data=hub"]).run.benchmark_dir() is None
+    with pytest.raises(SmallCoderError) as e:
+        load_recipe(path, ["run.benchmark_data=missing"])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: run.benchmark_data: ") and "missing" in msg and "no such folder" in msg
+
+
+def test_recipes_load_with_the_tomli_backport_where_tomllib_is_missing():
+    """Python 3.10 has no tomllib: the recipe module then uses `tomli` (a dependency there)."""
+    import subprocess
+    import sys
+
+    from smallcoder.train import recipe
+
+    code = ("import sys\n"
+            "try:\n    import tomllib as parser\nexcept ModuleNotFoundError:\n    import tomli as parser\n"
+            "sys.modules['tomli'] = parser\n"     # the backport: the same API as tomllib
+            "sys.modules['tomllib'] = None\n"     # what Python 3.10 lacks
+            "from smallcoder.train import recipe\n"
+            "assert recipe.tomllib is parser, recipe.tomllib\n"
+            "print(len(recipe.load_recipe(recipe.packaged_recipe('tiny')).stages))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
+    pyproject = recipe.tomllib.loads((RECIPES.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["requires-python"] == ">=3.10"
+    assert "tomli>=2; python_version < '3.11'" in pyproject["project"]["dependencies"]

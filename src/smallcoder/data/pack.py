@@ -1,4 +1,4 @@
-"""The token store: tokenized training data as memory-mappable uint16 shards (`smallcoder data pack`).
+"""Packing: tokenized training data written into the token store (`smallcoder.data.store`).
 
 One format serves pretraining and SFT. A pack is a folder:
 
@@ -22,19 +22,16 @@ since cutting one would lose the answer's final EOS that the card's "EOS fix" al
 
 The folder is built in a temporary sibling and renamed into place, and holds no timestamps, so
 the same inputs and tokenizer give a byte-identical pack.
+
+Reading a pack is `smallcoder.data.store.TokenDataset` (also importable from here).
 """
 
 from __future__ import annotations
 
-import argparse
-import bisect
-import contextlib
 import hashlib
 import itertools
 import json
-import os
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -42,42 +39,24 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import integer
 from ..errors import SmallCoderError
+from ..fsutil import atomic_folder, atomic_write_text
+from .store import (  # noqa: F401 - TokenDataset and the constants are the store's; named here for packers too
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MASK_DTYPE,
+    MAX_VOCAB,
+    OFFSET_DTYPE,
+    TOKEN_DTYPE,
+    VERIFIED_FILE,
+    TokenDataset,
+    tokenizer_hash,
+)
 
-FORMAT = "smallcoder-tokens"
-FORMAT_VERSION = 1
-INDEX_FILE = "index.json"
-VERIFIED_FILE = "verified.json"
-TOKEN_DTYPE = np.dtype("<u2")
-MASK_DTYPE = np.dtype("u1")
-OFFSET_DTYPE = np.dtype("<i8")
-MAX_VOCAB = int(np.iinfo(np.uint16).max) + 1  # ids 0..65535 fit uint16
 SHARD_RECORDS = 262_144  # 512 MiB of tokens per shard at seq_len 1024
 DEFAULT_SOURCE = "texts"
-_FILE_KINDS = {"tokens": TOKEN_DTYPE, "mask": MASK_DTYPE, "offsets": OFFSET_DTYPE}
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 of the canonical JSON of what decides token ids (model, added tokens, pre-tokenizer).
-
-    Only those parts are hashed, with keys sorted and BPE merges in one form, so saving and
-    loading a tokenizer, or a `tokenizers` release that writes other fields, keeps the hash.
-    """
-    backend = getattr(tokenizer, "backend", tokenizer)
-    data = json.loads(backend.to_str())
-    model = dict(data.get("model") or {})
-    if "merges" in model:
-        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
-    keep_model = ("type", "vocab", "merges", "unk_token", "continuing_subword_prefix", "end_of_word_suffix",
-                  "byte_fallback")
-    canonical = {
-        "model": {k: model.get(k) for k in keep_model},
-        "added_tokens": sorted([t["id"], t["content"], bool(t.get("special"))] for t in data.get("added_tokens", [])),
-        "normalizer": data.get("normalizer"),
-        "pre_tokenizer": data.get("pre_tokenizer"),
-    }
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
@@ -185,21 +164,14 @@ class _ShardWriter:
 
 
 def _write_index(folder: Path, index: dict[str, Any]) -> None:
-    tmp = folder / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / INDEX_FILE)
+    """index.json, written last and atomically: a folder without it is an interrupted write."""
+    atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
 
 
 def _base_index(kind: str, seq_len: int, tokenizer: Any) -> dict[str, Any]:
     return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "seq_len": seq_len,
             "dtype": "uint16", "byteorder": "little", "eos_id": int(tokenizer.eos_id),
             "vocab_size": int(tokenizer.vocab_size), "tokenizer_hash": tokenizer_hash(tokenizer)}
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SmallCoderError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _encoder(tokenizer: Any):
@@ -223,11 +195,9 @@ def pack_texts(texts: Iterable[str] | Sequence[Iterable[str]], tokenizer: Any, o
     """
     from tqdm import tqdm
 
-    from ..fsutil import atomic_folder
-
-    seq_len = _check_positive("seq_len", seq_len)
-    batch_docs = _check_positive("batch_docs", batch_docs)
-    shard_records = _check_positive("shard_records", shard_records)
+    seq_len = integer(seq_len, "seq_len")
+    batch_docs = integer(batch_docs, "batch_docs")
+    shard_records = integer(shard_records, "shard_records")
     _check_tokenizer(tokenizer)
     labels, stream = _labelled(texts, source_labels)
     encode = _encoder(tokenizer)
@@ -316,10 +286,8 @@ def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]] | Sequ
     """
     from tqdm import tqdm
 
-    from ..fsutil import atomic_folder
-
-    max_len = _check_positive("max_len", max_len)
-    shard_records = _check_positive("shard_records", shard_records)
+    max_len = integer(max_len, "max_len")
+    shard_records = integer(shard_records, "shard_records")
     _check_tokenizer(tokenizer)
     vocab = tokenizer.vocab_size
     labels, stream = _labelled(examples, source_labels)
@@ -378,310 +346,3 @@ def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]] | Sequ
         })
         _write_index(tmp, index)
     return index
-
-
-def _signature(path: Path) -> list[int]:
-    """What changes whenever a file's bytes may have: size, mtime, ctime (not settable by users), inode."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
-class TokenDataset:
-    """A pack opened read-only through `np.memmap`: `ds[i] -> (uint16 ids, uint8 loss mask or None)`.
-
-    Opening checks the index (format, version, kind), that every shard exists with the size the
-    index gives, SFT offsets, and with `tokenizer` given that it is the one the pack was made
-    with. `verify=True` (or `.verify()`) also re-hashes every file, which reads it all.
-    Returned arrays are read-only views into the files.
-    """
-
-    def __init__(self, folder: str | Path, tokenizer: Any = None, *, verify: bool = False) -> None:
-        self.folder = Path(folder)
-        if not self.folder.exists():
-            from ..fsutil import recover_folder
-
-            recover_folder(self.folder)  # a pack whose replacement a crash interrupted is put back first
-        if not self.folder.is_dir():
-            raise SmallCoderError(f"{self.folder}: no such pack folder")
-        path = self.folder / INDEX_FILE
-        if not path.exists():
-            raise SmallCoderError(f"{self.folder}: incomplete pack: no {INDEX_FILE} (an interrupted write?); "
-                                  "pack it again")
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SmallCoderError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(index, dict):
-            raise SmallCoderError(f"{path}: expected a JSON object, got {type(index).__name__}")
-        self.index = index
-        self._path = path
-        fmt = index.get("format")
-        if fmt != FORMAT:
-            raise SmallCoderError(f"{path}: field 'format' is {fmt!r}, expected {FORMAT!r}")
-        version = index.get("version")
-        if version != FORMAT_VERSION:
-            raise SmallCoderError(f"{path}: field 'version' is {version!r}; this smallcoder reads version "
-                                  f"{FORMAT_VERSION} (pack the data again)")
-        self.kind: str = self._field("kind", str)
-        if self.kind not in ("packed", "sft"):
-            raise SmallCoderError(f"{path}: field 'kind' is {self.kind!r}, expected 'packed' or 'sft'")
-        for field, expected in (("dtype", "uint16"), ("byteorder", "little")):
-            if index.get(field) != expected:
-                raise SmallCoderError(f"{path}: field {field!r} is {index.get(field)!r}, expected {expected!r}")
-        self.seq_len: int = self._field("seq_len", int)
-        self.eos_id: int = self._field("eos_id", int)
-        self.vocab_size: int = self._field("vocab_size", int)
-        self.tokenizer_hash: str = self._field("tokenizer_hash", str)
-        self.sources: list[dict[str, Any]] = self._field("sources", list)
-        self.totals: dict[str, Any] = self._field("totals", dict)
-        shards = self._field("shards", list)
-        if tokenizer is not None:
-            mine = tokenizer_hash(tokenizer)
-            if mine != self.tokenizer_hash:
-                raise SmallCoderError(f"{path}: pack was made with tokenizer {self.tokenizer_hash}, but the given "
-                                      f"tokenizer is {mine}; pack the data again with this tokenizer")
-            if self.vocab_size != tokenizer.vocab_size:
-                raise SmallCoderError(f"{path}: field 'vocab_size' is {self.vocab_size}, but the pack's tokenizer "
-                                      f"has {tokenizer.vocab_size} tokens; the index is corrupt, pack it again")
-        if not 0 < self.vocab_size <= MAX_VOCAB:
-            raise SmallCoderError(f"{path}: field 'vocab_size' is {self.vocab_size}, expected 1..{MAX_VOCAB}")
-        self._tokens: list[np.ndarray] = []
-        self._masks: list[np.ndarray] = []
-        self._offsets: list[np.ndarray] = []
-        self._starts = [0]
-        for i, shard in enumerate(shards):
-            self._open_shard(i, shard)
-        self.num_records = self._starts[-1]
-        self.num_tokens = int(sum(len(t) for t in self._tokens))
-        if self.totals.get("records") not in (None, self.num_records):
-            raise SmallCoderError(f"{path}: field 'totals.records' is {self.totals.get('records')}, "
-                                  f"but the shards hold {self.num_records}")
-        if verify:
-            self.verify()
-
-    def _field(self, name: str, kind: type) -> Any:
-        value = self.index.get(name)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise SmallCoderError(f"{self._path}: field {name!r} is {value!r}, expected a {kind.__name__}")
-        return value
-
-    def _open_shard(self, i: int, shard: Any) -> None:
-        where = f"{self._path}: shards[{i}]"
-        try:
-            files, records, num_tokens = shard["files"], int(shard["records"]), int(shard["num_tokens"])
-            names = {k: files[k] for k in (("tokens", "mask", "offsets") if self.kind == "sft" else ("tokens",))}
-        except (KeyError, TypeError, ValueError) as e:
-            raise SmallCoderError(f"{where}: malformed shard entry ({e!r})") from None
-        expected_len = {"tokens": num_tokens, "mask": num_tokens, "offsets": records + 1}
-        arrays = {}
-        for key, name in names.items():
-            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-                raise SmallCoderError(f"{where}: field 'files.{key}' is {name!r}, not a file name in the pack")
-            file = self.folder / name
-            if not file.is_file():
-                raise SmallCoderError(f"{file}: shard file is missing")
-            dtype = _FILE_KINDS[key]
-            size, want = file.stat().st_size, expected_len[key] * dtype.itemsize
-            if size != want:
-                raise SmallCoderError(f"{file}: {size:,} bytes, but {INDEX_FILE} says {want:,} "
-                                      f"({expected_len[key]:,} x {dtype.name}); the shard is truncated or corrupt")
-            arrays[key] = (np.memmap(file, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype))
-        if self.kind == "packed":
-            if num_tokens != records * self.seq_len:
-                raise SmallCoderError(f"{where}: num_tokens {num_tokens} != records {records} x seq_len {self.seq_len}")
-        else:
-            off = arrays["offsets"]
-            lengths = np.diff(off)
-            if off[0] != 0 or off[-1] != num_tokens or (lengths < 0).any() or (lengths > self.seq_len).any():
-                raise SmallCoderError(f"{self.folder / names['offsets']}: record offsets are inconsistent "
-                                      f"(start {int(off[0])}, end {int(off[-1])}, tokens {num_tokens}, "
-                                      f"max_len {self.seq_len})")
-            self._masks.append(arrays["mask"])
-            self._offsets.append(off)
-        self._tokens.append(arrays["tokens"])
-        self._starts.append(self._starts[-1] + records)
-
-    def verify(self, record: bool = False) -> None:
-        """Re-hash every shard file against the index, and check its token ids against the vocabulary.
-
-        One pass over the data: ~1 s per GB here (sha256 with SHA-NI plus the id check, the file in
-        the page cache; a cold disk is slower).
-        With `record`, files already verified are skipped while their stat signature is unchanged,
-        and newly verified ones are added to verified.json (when the folder is writable), so a
-        rerun or a resume, and the other ranks of a torchrun job, do not read the data again.
-        """
-        done = self._read_record() if record else {}
-        changed = False
-        for i, shard in enumerate(self.index["shards"]):
-            for key, name in shard["files"].items():
-                want = shard.get("sha256", {}).get(key) if isinstance(shard.get("sha256"), dict) else None
-                path = self.folder / name
-                signature = _signature(path)
-                entry = done.get(name)
-                if isinstance(entry, dict) and entry.get("sha256") == want and entry.get("stat") == signature:
-                    continue
-                h = hashlib.sha256()
-                top = 0
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        h.update(block)
-                        if key == "tokens" and len(block) >= 2:
-                            top = max(top, int(np.frombuffer(block, TOKEN_DTYPE, len(block) // 2).max()))
-                if h.hexdigest() != want:
-                    raise SmallCoderError(f"{path}: sha256 {h.hexdigest()} does not match "
-                                          f"{INDEX_FILE} shards[{i}].sha256.{key} {want}")
-                if key == "tokens" and top >= self.vocab_size:
-                    raise SmallCoderError(f"{path}: holds token id {top}, outside the vocabulary of "
-                                          f"{self.vocab_size} tokens ({INDEX_FILE}); the shard is corrupt")
-                done[name] = {"sha256": want, "stat": signature}
-                changed = True
-        if record and changed:
-            from ..fsutil import atomic_write_text
-
-            with contextlib.suppress(OSError, SmallCoderError):  # a read-only pack is verified each time
-                atomic_write_text(self.folder / VERIFIED_FILE, json.dumps({"files": done}, indent=1) + "\n")
-
-    def _read_record(self) -> dict[str, Any]:
-        try:
-            files = json.loads((self.folder / VERIFIED_FILE).read_text(encoding="utf-8"))["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return {}
-        return files if isinstance(files, dict) else {}
-
-    def __len__(self) -> int:
-        return self.num_records
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        n = self.num_records
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"TokenDataset index must be an integer, got {type(i).__name__}")
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"record {i} out of range for a pack of {n} records")
-        s = bisect.bisect_right(self._starts, i) - 1
-        j = int(i - self._starts[s])
-        if self.kind == "packed":
-            ids, mask = np.asarray(self._tokens[s][j * self.seq_len:(j + 1) * self.seq_len]), None
-        else:
-            a, b = int(self._offsets[s][j]), int(self._offsets[s][j + 1])
-            ids, mask = np.asarray(self._tokens[s][a:b]), np.asarray(self._masks[s][a:b])
-        if len(ids) and int(ids.max()) >= self.vocab_size:  # ~1 us a record; an id past the embedding would crash
-            bad = int(ids.max())
-            raise SmallCoderError(f"{self.folder / self.index['shards'][s]['files']['tokens']}: record {j} holds "
-                                  f"token id {bad}, outside the vocabulary of {self.vocab_size} tokens "
-                                  f"({INDEX_FILE}); the shard is corrupt, pack it again")
-        return ids, mask
-
-    def __repr__(self) -> str:
-        return (f"TokenDataset({str(self.folder)!r}, kind={self.kind!r}, records={self.num_records}, "
-                f"tokens={self.num_tokens}, seq_len={self.seq_len})")
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-
-
-def _source_label(spec: Any) -> str:
-    return str(getattr(spec, "display_label", None) or spec.label)
-
-
-def _encoded_conversations(spec: Any, tokenizer: Any, batch: int = 1024) -> Iterator[tuple[list[int], list[int]]]:
-    """(ids, loss mask) of each conversation of `spec`, encoded in parallel batches."""
-    from .sft import encode_conversations
-    from .sources import iter_conversations
-
-    conversations = iter_conversations(spec)
-    while chunk := list(itertools.islice(conversations, batch)):
-        yield from encode_conversations(chunk, tokenizer)
-
-
-def add_source_args(p: argparse.ArgumentParser) -> None:
-    """--input and the field options, shared by `data pack` and `tokenizer train`."""
-    p.add_argument("--input", action="append", required=True, metavar="SPEC",
-                   help="a .jsonl/.parquet/.txt file, a folder, hub:ORG/NAME[:CONFIG][@SPLIT], "
-                        "card:NAME or builtin:PART (repeatable)")
-    p.add_argument("--field", default=None, help="text field of the records (default: text, or the source's own)")
-    p.add_argument("--messages-field", default=None,
-                   help="conversations: field holding a list of {role, content} messages (with --sft the "
-                        "default is messages)")
-    p.add_argument("--prompt-field", default=None, help="conversations: single-turn request field ...")
-    p.add_argument("--response-field", default=None, help="... and its answer field")
-
-
-def specs_from_args(args: argparse.Namespace, sft: bool = False) -> list[Any]:
-    """Parse every --input; conversation options apply to all; with `sft` a plain source is read
-    as conversations in its `messages` field."""
-    import dataclasses
-
-    from .sources import parse_source
-
-    fields = {"field": args.field} if args.field else {}
-    conv: dict[str, str | None] = {}
-    if args.messages_field or args.prompt_field or args.response_field:
-        conv = {"messages_field": args.messages_field, "prompt_field": args.prompt_field,
-                "response_field": args.response_field}
-    specs = []
-    for text in args.input:
-        spec = parse_source(text, **fields)
-        if not conv and sft and not spec.is_sft:
-            conv = {"messages_field": "messages"}
-        if conv:
-            try:
-                spec = dataclasses.replace(spec, **{"messages_field": None, "prompt_field": None,
-                                                    "response_field": None, **conv})
-            except SmallCoderError as e:
-                raise SmallCoderError(f"--input {text}: {e}") from None
-        specs.append(spec)
-    labels = [_source_label(s) for s in specs]
-    if len(set(labels)) != len(labels):
-        raise SmallCoderError(f"--input: the same source is given twice ({', '.join(labels)})")
-    return specs
-
-
-def cmd_pack(args: argparse.Namespace) -> None:
-    from ..tokenizer import Tokenizer
-    from .sources import iter_texts
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise SmallCoderError(f"{out}: folder exists and is not empty (use --force to replace it)")
-    specs = specs_from_args(args, sft=args.sft)
-    labels = [_source_label(s) for s in specs]
-    for s, text in zip(specs, args.input):
-        if s.is_sft and not args.sft:
-            raise SmallCoderError(f"--input {text}: a conversation source; pack it with --sft")
-    tokenizer = Tokenizer.load(args.tokenizer)
-    t0 = time.perf_counter()
-    if args.sft:
-        examples = [_encoded_conversations(s, tokenizer) for s in specs]
-        index = pack_examples(examples, tokenizer, out, args.max_len, source_labels=labels, overwrite=args.force)
-    else:
-        index = pack_texts([iter_texts(s) for s in specs], tokenizer, out, args.seq_len, source_labels=labels,
-                           overwrite=args.force)
-    dt = time.perf_counter() - t0
-    t = index["totals"]
-    print(f"wrote {out}: {index['kind']}, {t['documents']:,} documents -> {t['tokens']:,} tokens in "
-          f"{t['records']:,} records of {'at most ' if args.sft else ''}{index['seq_len']} tokens, "
-          f"{len(index['shards'])} shard(s)")
-    if args.sft:
-        print(f"loss tokens {t['loss_tokens']:,}; dropped {t['dropped_over_long']:,} examples longer than "
-              f"{index['seq_len']} tokens and {t['dropped_empty']:,} empty")
-    else:
-        print(f"dropped the last {t['dropped_tail_tokens']:,} tokens (a partial record); "
-              f"skipped {t['empty_documents']:,} empty documents")
-    for s in index["sources"]:
-        print(f"  {s['label']}: {s['documents']:,} documents" + (f", {s['records']:,} kept" if "records" in s else ""))
-    rate = t.get("document_tokens", t["tokens"]) / dt if dt > 0 else float("inf")
-    print(f"{dt:.1f} s, {rate:,.0f} tokens/s")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("pack", help="tokenize a corpus into uint16 shards for training")
-    add_source_args(p)
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or Hub repo id")
-    p.add_argument("--out", required=True, help="pack folder to create")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed record")
-    p.add_argument("--sft", action="store_true", help="conversations -> variable-length records with loss masks")
-    p.add_argument("--max-len", type=int, default=1024, help="with --sft: drop examples longer than this")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=cmd_pack)

@@ -22,19 +22,15 @@ Documents that are empty or only whitespace are skipped in every kind.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
-import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import checks
 from ..errors import SmallCoderError
-
-log = logging.getLogger(__name__)
+from .readers import describe, file_texts, get_field, records
 
 KINDS = ("jsonl", "parquet", "text", "files", "hub", "builtin")
 LOCAL_KINDS = ("jsonl", "parquet", "text", "files")
@@ -42,11 +38,8 @@ BUILTIN_PARTS = ("prose", "code", "math", "sft")
 ROLES = ("system", "user", "assistant")
 # ShareGPT-style records ({"from": "human", "value": ...}) are common on the Hub; map them.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
-PARQUET_BATCH_ROWS = 1024
-BINARY_SNIFF_BYTES = 8192
-SKIPPED_DIRS = ("__pycache__", "node_modules")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+PARQUET_BATCH_ROWS = 1024  # rows per Parquet read (handed to the readers at each read)
+
 
 
 @dataclass(frozen=True)
@@ -68,6 +61,18 @@ class SourceSpec:
     data_dir: str | None = None    # hub: a sub-folder of the dataset repo (StarCoderData's languages)
 
     def __post_init__(self) -> None:
+        self._check_kind()
+        if bool(self.prompt_field) != bool(self.response_field):
+            raise SmallCoderError("prompt_field and response_field go together: set both or neither")
+        if self.messages_field and self.prompt_field:
+            raise SmallCoderError("set either messages_field or prompt_field/response_field, not both")
+        for key in ("split", "field", "glob"):
+            checks.text(getattr(self, key), key)
+        if self.limit is not None:
+            checks.integer(self.limit, "limit")
+
+    def _check_kind(self) -> None:
+        """What each kind needs: a path, a dataset id, a built-in part (whose sft is conversations)."""
         if self.kind not in KINDS:
             raise SmallCoderError(f"unknown source kind {self.kind!r} (use {', '.join(KINDS)})")
         if self.kind in LOCAL_KINDS and not self.path:
@@ -79,17 +84,6 @@ class SourceSpec:
                 raise SmallCoderError(f"unknown built-in part {self.name!r} (use {', '.join(BUILTIN_PARTS)})")
             if self.name == "sft" and not (self.messages_field or self.prompt_field):
                 object.__setattr__(self, "messages_field", "messages")
-        if bool(self.prompt_field) != bool(self.response_field):
-            raise SmallCoderError("prompt_field and response_field go together: set both or neither")
-        if self.messages_field and self.prompt_field:
-            raise SmallCoderError("set either messages_field or prompt_field/response_field, not both")
-        for key in ("split", "field", "glob"):
-            value = getattr(self, key)
-            if not isinstance(value, str) or not value:
-                raise SmallCoderError(f"{key} must be a non-empty string, got {value!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
-                                       or self.limit < 1):
-            raise SmallCoderError(f"limit must be a positive integer, got {self.limit!r}")
 
     @property
     def is_sft(self) -> bool:
@@ -188,33 +182,37 @@ def parse_source(text: str, **fields: Any) -> SourceSpec:
             raise SmallCoderError(f"{where}: unknown card corpus {rest!r} (known: {', '.join(CARD_CORPORA)})")
         return _with_fields(CARD_CORPORA[rest], fields, where)
     if sep and prefix == "hub":
-        ident, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "")
-        name, _, config = ident.partition(":")
-        if not name or (at and not split):
-            raise SmallCoderError(f"{where}: expected hub:ORG/NAME[:CONFIG][@SPLIT]")
-        base: dict[str, Any] = {"kind": "hub", "name": name, "config": config or None}
-        if split:
-            base["split"] = split
-        return _make(base, fields, where)
+        return _make(_hub_fields(rest, where), fields, where)
     if sep and prefix == "builtin":
         return _make({"kind": "builtin", "name": rest}, fields, where)
     if sep and prefix in LOCAL_KINDS and rest:
         return _make({"kind": prefix, "path": rest}, fields, where)
-    path = Path(text)
-    lower = text.lower()
+    return _make({"kind": _path_kind(text, where), "path": text}, fields, where)
+
+
+def _hub_fields(rest: str, where: str) -> dict[str, Any]:
+    """ORG/NAME[:CONFIG][@SPLIT] -> the hub source's fields."""
+    ident, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    name, _, config = ident.partition(":")
+    if not name or (at and not split):
+        raise SmallCoderError(f"{where}: expected hub:ORG/NAME[:CONFIG][@SPLIT]")
+    return {"kind": "hub", "name": name, "config": config or None, **({"split": split} if split else {})}
+
+
+def _path_kind(text: str, where: str) -> str:
+    """The kind of a plain path, told from its name, else from what is there."""
+    path, lower = Path(text), text.lower()
     if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
-        kind = "jsonl"
-    elif lower.endswith(".parquet"):
-        kind = "parquet"
-    elif text.endswith(("/", os.sep)) or path.is_dir():
-        kind = "files"
-    elif path.is_file() or lower.endswith((".txt", ".md", ".text")):
-        kind = "text"
-    else:
-        raise SmallCoderError(f"{where}: no such file or folder, and the kind cannot be told from the name "
-                              f"(use a .jsonl/.parquet/.txt path, a folder, hub:ORG/NAME, card:NAME, "
-                              f"builtin:PART or KIND:PATH)")
-    return _make({"kind": kind, "path": text}, fields, where)
+        return "jsonl"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return "files"
+    if path.is_file() or lower.endswith((".txt", ".md", ".text")):
+        return "text"
+    raise SmallCoderError(f"{where}: no such file or folder, and the kind cannot be told from the name "
+                          f"(use a .jsonl/.parquet/.txt path, a folder, hub:ORG/NAME, card:NAME, "
+                          f"builtin:PART or KIND:PATH)")
 
 
 def _make(base: dict[str, Any], fields: dict[str, Any], where: str) -> SourceSpec:
@@ -234,15 +232,7 @@ def source_from_dict(d: dict[str, Any], where: str, *, base_dir: str | Path | No
     """
     if not isinstance(d, dict):
         raise SmallCoderError(f"{where}: a source must be a table, got {type(d).__name__}")
-    known = set(_FIELD_NAMES) | {"source"}
-    for key, value in d.items():
-        if key not in known:
-            raise SmallCoderError(f"{where}: unknown key {key!r} (known: source, {', '.join(_FIELD_NAMES)})")
-        if key == "limit":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SmallCoderError(f"{where}: limit must be a positive integer, got {value!r}")
-        elif not isinstance(value, str):
-            raise SmallCoderError(f"{where}: {key} must be a string, got {type(value).__name__} {value!r}")
+    _check_table(d, where)
     fields = {k: v for k, v in d.items() if k != "source"}
     if fields.get("path") and base_dir is not None and not Path(fields["path"]).is_absolute():
         fields["path"] = str(Path(base_dir) / fields["path"])
@@ -256,6 +246,18 @@ def source_from_dict(d: dict[str, Any], where: str, *, base_dir: str | Path | No
     if "kind" not in d:
         raise SmallCoderError(f"{where}: a source needs kind (one of {', '.join(KINDS)}) or source = \"...\"")
     return _make({}, fields, where)
+
+
+def _check_table(d: dict[str, Any], where: str) -> None:
+    """Every key is a SourceSpec field (or `source`); limit is a count, everything else a string."""
+    known = set(_FIELD_NAMES) | {"source"}
+    for key, value in d.items():
+        if key not in known:
+            raise SmallCoderError(f"{where}: unknown key {key!r} (known: source, {', '.join(_FIELD_NAMES)})")
+        if key == "limit":
+            checks.integer(value, f"{where}: limit")
+        elif not isinstance(value, str):
+            raise SmallCoderError(f"{where}: {key} must be a string, got {type(value).__name__} {value!r}")
 
 
 def rebase_source(text: str, base_dir: str | Path | None) -> str:
@@ -272,194 +274,7 @@ def rebase_source(text: str, base_dir: str | Path | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Readers
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
-
-
-def _get_field(record: dict[str, Any], field: str, where: str) -> Any:
-    """record[field]; a dotted name ("question.stem") walks nested objects when no key has the dot."""
-    if field in record:
-        return record[field]
-    value: Any = record
-    for part in field.split("."):
-        if not isinstance(value, dict) or part not in value:
-            fields = ", ".join(map(str, record)) or "none"
-            raise SmallCoderError(f"{where}: field {field!r} is missing (fields: {fields})")
-        value = value[part]
-    return value
-
-
-def _local_files(spec: SourceSpec, suffixes: tuple[str, ...]) -> list[Path]:
-    path = Path(str(spec.path))
-    if not path.exists():
-        raise SmallCoderError(f"{path}: no such file or folder (source {spec.display_label})")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.name.lower().endswith(suffixes) and not _hidden(p.relative_to(path)))
-    if not files:
-        raise SmallCoderError(f"{path}: folder holds no {' / '.join('*' + s for s in suffixes)} files "
-                              f"(source {spec.display_label})")
-    return files
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") or part in SKIPPED_DIRS for part in rel.parts)
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL(.gz) file; errors name file and line."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    offset = 0
-    with opener(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            where = f"{path}: line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SmallCoderError(f"{where}: invalid UTF-8 at byte offset {offset + e.start} "
-                                      f"(byte {raw[e.start:e.start + 1]!r})") from None
-            offset += len(raw)
-            if lineno == 1:
-                line = line.lstrip("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SmallCoderError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise SmallCoderError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if _SURROGATE_ESCAPE.search(line):  # cheap pre-filter: only lines with a \uD800-\uDFFF escape
-                _check_surrogates(record, where, "")
-            yield lineno, record
-
-
-def _check_surrogates(value: Any, where: str, path: str) -> None:
-    """Refuse a lone UTF-16 surrogate (a `\\ud800` escape without its pair): no UTF-8 text holds one,
-    so the tokenizer, the decontaminator's writer and every file written later would fail on it."""
-    if isinstance(value, str):
-        m = _SURROGATE.search(value)
-        if m:
-            raise SmallCoderError(f"{where}: field {path or '(top level)'!r} holds a lone UTF-16 surrogate "
-                                  f"\\u{ord(m.group()):04x} at character {m.start()} (a JSON escape without its "
-                                  "pair, not valid Unicode text); fix or drop that record")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_surrogates(k, where, path)
-            _check_surrogates(v, where, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_surrogates(v, where, f"{path}[{i}]")
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    for lineno, record in read_jsonl(path):
-        yield f"{path}: line {lineno}", record
-
-
-def _parquet_records(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SmallCoderError(f"{path}: reading Parquet needs pyarrow: pip install 'smallcoder[data]'") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, ...
-        raise SmallCoderError(f"{path}: not a readable Parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise SmallCoderError(f"{path}: field {missing[0]!r} is missing (fields: {', '.join(names)})")
-    row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-        for record in batch.to_pylist():
-            row += 1
-            yield f"{path}: row {row}", record
-
-
-def _hub_records(spec: SourceSpec) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import datasets
-    except ImportError:
-        raise SmallCoderError(f"source {spec.display_label}: reading Hub datasets needs the datasets library: "
-                              f"pip install 'smallcoder[data]'") from None
-    from datasets.exceptions import DatasetNotFoundError
-
-    ident = spec.name + (f" (config {spec.config})" if spec.config else "")
-    try:
-        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, data_dir=spec.data_dir,
-                                   streaming=True)
-    except ConnectionError as e:
-        raise SmallCoderError(f"hub dataset {ident}: the Hugging Face Hub could not be reached ({e}); "
-                              f"check the network, or unset HF_HUB_OFFLINE/HF_DATASETS_OFFLINE") from None
-    except DatasetNotFoundError as e:
-        raise SmallCoderError(f"hub dataset {ident}: not found or not accessible ({e}); gated datasets need "
-                              f"their terms accepted on huggingface.co and `hf auth login`") from None
-    except (ValueError, FileNotFoundError) as e:  # unknown config / split / data_dir
-        raise SmallCoderError(f"hub dataset {ident}, split {spec.split!r}: {e}") from None
-    for row, record in enumerate(ds, 1):
-        yield f"hub dataset {ident} split {spec.split}: row {row}", record
-
-
-def _records(spec: SourceSpec, fields: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(location, record) pairs from a field-based source, in a deterministic order."""
-    if spec.kind == "jsonl":
-        for path in _local_files(spec, (".jsonl", ".jsonl.gz", ".json", ".ndjson")):
-            yield from _jsonl_records(path)
-    elif spec.kind == "parquet":
-        columns = sorted({f.split(".")[0] if "." in f else f for f in fields})
-        for path in _local_files(spec, (".parquet",)):
-            yield from _parquet_records(path, columns)
-    elif spec.kind == "hub":
-        yield from _hub_records(spec)
-    elif spec.kind == "builtin":
-        from .builtin import ensure_builtin
-
-        folder = ensure_builtin(spec.path)
-        yield from _jsonl_records(folder / f"{spec.name}.jsonl")
-    else:
-        raise SmallCoderError(f"source {spec.display_label}: a {spec.kind} source has no fields "
-                              f"(conversations need jsonl, parquet, hub or builtin)")
-
-
-def _decode_text(data: bytes, path: Path) -> str:
-    try:
-        return data.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise SmallCoderError(f"{path}: invalid UTF-8 at byte offset {e.start} (line {line})") from None
-
-
-def _file_texts(spec: SourceSpec) -> Iterator[str]:
-    path = Path(str(spec.path))
-    if not path.exists():
-        raise SmallCoderError(f"{path}: no such file or folder (source {spec.display_label})")
-    if spec.kind == "text":
-        if path.is_dir():
-            raise SmallCoderError(f"{path}: is a folder; a text source is one file (use kind files for a folder)")
-        yield _decode_text(path.read_bytes(), path)
-        return
-    if path.is_file():
-        yield _decode_text(path.read_bytes(), path)
-        return
-    skipped = 0
-    for f in sorted(p for p in path.glob(spec.glob) if p.is_file() and not _hidden(p.relative_to(path))):
-        data = f.read_bytes()
-        if b"\0" in data[:BINARY_SNIFF_BYTES]:
-            skipped += 1
-            continue
-        try:
-            yield data.decode("utf-8").lstrip("\ufeff")
-        except UnicodeDecodeError:
-            skipped += 1
-    if skipped:
-        log.warning("%s: skipped %d binary or non-UTF-8 file(s)", path, skipped)
+# Documents and conversations
 
 
 def iter_texts(spec: SourceSpec) -> Iterator[str]:
@@ -469,7 +284,7 @@ def iter_texts(spec: SourceSpec) -> Iterator[str]:
                               f"read it with iter_conversations")
     count = 0
     if spec.kind in ("text", "files"):
-        texts: Iterator[str] = _file_texts(spec)
+        texts: Iterator[str] = file_texts(spec)
     else:
         texts = _field_texts(spec)
     for text in texts:
@@ -485,10 +300,10 @@ def iter_texts(spec: SourceSpec) -> Iterator[str]:
 
 
 def _field_texts(spec: SourceSpec) -> Iterator[str]:
-    for where, record in _records(spec, [spec.field]):
-        value = _get_field(record, spec.field, where)
+    for where, record in records(spec, [spec.field], PARQUET_BATCH_ROWS):
+        value = get_field(record, spec.field, where)
         if not isinstance(value, str):
-            raise SmallCoderError(f"{where}: field {spec.field!r} must be a string, got {_describe(value)}")
+            raise SmallCoderError(f"{where}: field {spec.field!r} must be a string, got {describe(value)}")
         yield value
 
 
@@ -496,19 +311,19 @@ def _conversation(value: Any, where: str, field: str) -> list[dict[str, str]]:
     """Validate a messages list; keep role and content only, drop empty system turns."""
     if not isinstance(value, list) or not value:
         raise SmallCoderError(f"{where}: field {field!r} must be a non-empty list of messages, "
-                              f"got {_describe(value)}")
+                              f"got {describe(value)}")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise SmallCoderError(f"{where}: {field}[{i}] must be an object with role and content, "
-                                  f"got {_describe(m)}")
+                                  f"got {describe(m)}")
         role = m.get("role", m.get("from"))
         content = m.get("content", m.get("value"))
         role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise SmallCoderError(f"{where}: {field}[{i}]: bad role {role!r} (use system, user or assistant)")
         if not isinstance(content, str):
-            raise SmallCoderError(f"{where}: {field}[{i}]: content must be a string, got {_describe(content)}")
+            raise SmallCoderError(f"{where}: {field}[{i}]: content must be a string, got {describe(content)}")
         if role == "system" and not content.strip():
             continue
         out.append({"role": role, "content": content})
@@ -531,15 +346,15 @@ def iter_conversations(spec: SourceSpec) -> Iterator[list[dict[str, str]]]:
                               f"or prompt_field and response_field")
     count = 0
     fields = [spec.messages_field] if spec.messages_field else [spec.prompt_field, spec.response_field]
-    for where, record in _records(spec, [f for f in fields if f]):
+    for where, record in records(spec, [f for f in fields if f], PARQUET_BATCH_ROWS):
         if spec.messages_field:
-            messages = _conversation(_get_field(record, spec.messages_field, where), where, spec.messages_field)
+            messages = _conversation(get_field(record, spec.messages_field, where), where, spec.messages_field)
         else:
             pair = []
             for key in (spec.prompt_field, spec.response_field):
-                value = _get_field(record, str(key), where)
+                value = get_field(record, str(key), where)
                 if not isinstance(value, str):
-                    raise SmallCoderError(f"{where}: field {key!r} must be a string, got {_describe(value)}")
+                    raise SmallCoderError(f"{where}: field {key!r} must be a string, got {describe(value)}")
                 pair.append(value)
             if not pair[0].strip() or not pair[1].strip():
                 continue

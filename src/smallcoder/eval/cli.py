@@ -91,7 +91,7 @@ def _data_dir(args: argparse.Namespace) -> Path | None:
         if not path.is_dir():
             raise SmallCoderError(f"--data-dir {path}: no such folder")
         return path
-    from ..cli import default_data_dir
+    from ..paths import default_data_dir
 
     return default_data_dir()
 

@@ -85,6 +85,12 @@ def load_task_data(task: str, data_dir: str | Path | None = None) -> list[dict] 
     return _load_from_hub(task, local)
 
 
+def load_tasks(tasks: Iterable[str], data_dir: str | Path | None = None) -> dict[str, list[dict] | str]:
+    """`{task: load_task_data(task, data_dir)}` for each task, in the given order (what
+    `smallcoder.data.decontam.Decontaminator.from_benchmarks` indexes)."""
+    return {task: load_task_data(task, data_dir) for task in tasks}
+
+
 # ---------------------------------------------------------------- local files
 
 def _open_text(path: Path):
@@ -98,7 +104,7 @@ def _open_text(path: Path):
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) pairs; a broken line is a user error naming the file and line."""
-    from ..data.sources import read_jsonl
+    from ..jsonl import read_jsonl
 
     try:
         return list(read_jsonl(path))

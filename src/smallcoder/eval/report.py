@@ -161,7 +161,7 @@ def read_samples(path: str | Path, solution_ok: bool = False) -> list[dict[str, 
     p = Path(path)
     if not p.is_file():
         raise SmallCoderError(f"--samples {p}: no such file")
-    from ..data.sources import read_jsonl
+    from ..jsonl import read_jsonl
 
     samples = []
     try:

