@@ -17,7 +17,8 @@ import torch
 
 from smallcoder.errors import SmallCoderError
 from smallcoder.train.recipe import load_recipe
-from smallcoder.train.trainer import COMPLETE, Trainer, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from smallcoder.train.runstate import COMPLETE, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from smallcoder.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,7 +341,7 @@ source = "data/chat.jsonl"
 def test_bf16_autocast_on_cpu_only_where_it_is_native(workdir, monkeypatch, capsys, native):
     """run.dtype = bfloat16 autocasts on a CPU with AVX512-BF16/AMX and falls back to fp32 (with a
     note) elsewhere; the saved weights stay fp32 either way."""
-    import smallcoder.train.trainer as trainer_mod
+    import smallcoder.train.hardware as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: native)
     calls = []

@@ -6,12 +6,12 @@ Every user error surfaces as one line, `smallcoder: error: ...`, and exit status
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import SmallCoderError
+from .paths import default_data_dir  # noqa: F401  (re-exported for the commands)
 
 # (module, group): each module defines `register(subparsers)` adding its commands to that group.
 SUBCOMMAND_MODULES = [
@@ -24,13 +24,6 @@ SUBCOMMAND_MODULES = [
     ("smallcoder.export", None),
     ("smallcoder.serve.cli", None),
 ]
-
-
-def default_data_dir() -> Path | None:
-    """$SMALLCODER_DATA, else a `shared/data` folder beside the checkout (as CI lays it out)."""
-    env = os.environ.get("SMALLCODER_DATA")
-    candidates = [Path(env)] if env else [Path.cwd().parent / "shared" / "data"]
-    return next((p for p in candidates if p.is_dir()), None)
 
 
 def _sampling(args: argparse.Namespace):
