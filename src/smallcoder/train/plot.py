@@ -7,10 +7,10 @@ step the last line written wins. A line cut short by a kill is skipped.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..fsutil import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -70,17 +70,9 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None)
     ax.set_title(title or f"{Path(metrics).parent.name}: loss by stage")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    # atomic: a temp file beside the target, then one rename
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return out

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..checks import positive_int
 from ..errors import SmallCoderError
 from ..fsutil import folder_lock
 from .context import RunContext
@@ -147,9 +148,8 @@ class Trainer:
     def __init__(self, recipe: Recipe, out: str | Path, *, resume: bool = False, force: bool = False,
                  max_steps: int | None = None, peak_tflops: float | None = None,
                  progress: bool | None = None) -> None:
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
-                                      or max_steps < 1):
-            raise SmallCoderError(f"--max-steps must be a positive integer, got {max_steps!r}")
+        if max_steps is not None:
+            positive_int(max_steps, "--max-steps")
         if peak_tflops is not None and not peak_tflops > 0:
             raise SmallCoderError(f"--peak-tflops must be positive, got {peak_tflops!r}")
         self.recipe = recipe
