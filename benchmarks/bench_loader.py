@@ -85,14 +85,15 @@ def main() -> None:
                 tokens = 0
                 for _ in range(args.steps):
                     step = loader.next_step()
-                    tokens += sum(int(mb["attention_mask"].sum()) for mb in step.micro_batches)  # this rank's
+                    tokens += step.tokens / world  # this rank's share of the global batch
                 dt = time.perf_counter() - t
                 rates[name].append((args.steps / dt, tokens / dt))
                 print(f"round {r} {name:30s} {args.steps / dt:8.1f} steps/s {tokens / dt:12,.0f} tokens/s")
 
     need = TRAINER_TOKENS_PER_S * REQUIRED_FACTOR
     print(f"\nglobal batch {args.global_batch} x {args.seq_len} tokens, micro-batch {args.micro_batch}; "
-          f"tokens/s = real (non-pad) tokens of this rank's micro-batches; medians of {args.rounds} rounds")
+          f"tokens/s = this rank's share of the global batch's real (non-pad) tokens; medians of "
+          f"{args.rounds} rounds")
     print(f"trainer (tiny preset, this CPU): {TRAINER_TOKENS_PER_S:.0f} tokens/s; "
           f"required >= {REQUIRED_FACTOR:.0f}x = {need:,.0f} tokens/s")
     for name, v in rates.items():

@@ -13,7 +13,7 @@ the trainer's `keep_freed_memory` on CPU as `smallcoder train` does (`--same-all
 glibc's defaults to both, which isolates the code). This process asks the two workers for steps in
 turn: each round times `--steps` full optimizer steps of one model then the other, the order
 flipping every round; medians over rounds are reported, with the forward / backward / optimizer
-split, and the median of the per-round ratios. FLOPs per token: the trainer's `flops_per_token`,
+split, and the median of the per-round ratios. FLOPs per token: `ModelConfig.flops_per_token` (the trainer's),
 6 * N_matmul (every Linear incl. lm_head, not the embedding lookup) + 12 * layers * hidden * seq
 (attention scores and values, fwd + bwd); MFU is against the matmul peak measured here (2048^3 fp32 on CPU, 8192^3 in --dtype on
 CUDA). bf16 runs under autocast with fp32 master weights, as the trainer does; on a CPU without
@@ -34,7 +34,6 @@ from collections.abc import Callable
 import torch
 
 from smallcoder import ModelConfig, new_model, preset
-from smallcoder.train.trainer import flops_per_token
 
 DEFAULT_SHAPE = {"tiny": (8, 512), "smallcoder-303m": (1, 1024)}
 PHASES = ("forward", "backward", "optimizer")
@@ -121,7 +120,7 @@ def run_worker(args: argparse.Namespace, config: ModelConfig, batch: int, seq: i
     """Child process: build one model, warm it up, then time one step per `step` line on stdin."""
     device = torch.device(args.device)
     if args.worker == "smallcoder" and device.type == "cpu" and not args.same_allocator:
-        from smallcoder.train.trainer import keep_freed_memory
+        from smallcoder.train.hardware import keep_freed_memory
 
         keep_freed_memory()  # what `smallcoder train` does on a CPU
     runner = build(args.worker, args, config, device)
@@ -201,7 +200,7 @@ def main() -> None:
 
     peak_dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
     peak = matmul_peak(device, peak_dtype, 2048 if device.type == "cpu" else 8192)
-    fpt = flops_per_token(config, seq)
+    fpt = config.flops_per_token(seq)
     allocator = "glibc defaults for both" if args.same_allocator else "ours keeps freed memory (as the trainer)"
     print(f"{args.preset} ({config.num_parameters / 1e6:.1f}M params), batch {batch} x {seq}, {args.dtype}, "
           f"{device}, {args.threads} threads, AdamW {args.optimizer}, compile={args.compile}, malloc: {allocator}; "

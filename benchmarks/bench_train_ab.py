@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from smallcoder import new_model, preset
 from smallcoder.data.sft import IGNORE_INDEX
-from smallcoder.train.trainer import keep_freed_memory
+from smallcoder.train.hardware import keep_freed_memory
 
 
 def main() -> None:

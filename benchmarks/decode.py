@@ -57,13 +57,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def linear_flops_per_token(cfg) -> float:
-    h, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    per_layer = qkv + cfg.num_attention_heads * cfg.head_dim * h + 3 * h * f
-    return 2.0 * L * per_layer
-
-
 class Ours:
     def __init__(self, model, tok, label):
         self.engine = Engine(model, tok, max_batch=BATCH)
@@ -181,7 +174,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    flops = linear_flops_per_token(cfg)
+    flops = 2.0 * cfg.matmul_parameters(head=False)  # the layers' matmuls per decoded token
     rows = []
     for dt, e in engines:
         decode = (NEW - 1) / max(1e-9, med[e.label, "t128"] - med[e.label, "t1"])

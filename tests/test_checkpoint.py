@@ -544,3 +544,30 @@ def test_tiny_preset_count_matches_module(micro_config):
     cfg = preset("tiny").replace(vocab_size=micro_config.vocab_size)
     with torch.device("meta"):
         assert smallcoder.SmallCoder(cfg).num_parameters() == cfg.num_parameters
+
+
+def test_flops_and_matmul_parameters_from_the_config():
+    """One formula: the trainer's MFU, bench_train and bench decode all read these."""
+    cfg = preset("smallcoder-303m")
+    assert cfg.flops_per_token(1024) == 1_811_939_328.0  # 1.81 GFLOP per trained token (trainer docstring)
+    with torch.device("meta"):
+        model = smallcoder.SmallCoder(cfg.replace(num_key_value_heads=2))
+    layers = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.startswith("model.layers."))
+    gqa = cfg.replace(num_key_value_heads=2)
+    assert gqa.matmul_parameters(head=False) == layers
+    assert gqa.matmul_parameters() == layers + model.lm_head.weight.numel()
+    assert gqa.flops_per_token(256) == 6.0 * gqa.matmul_parameters() + 12.0 * 24 * 768 * 256
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_weights_writes_what_save_writes(micro_config, small_tokenizer, tmp_path, tied):
+    """A state dict held apart from a model (the trainer's gathered weights) saves to the same
+    folder as the model it came from, so nothing is built just to hold it."""
+    model = new_model(micro_config.replace(tie_word_embeddings=tied), seed=1)
+    save(model, small_tokenizer, tmp_path / "a")
+    ckpt.save_weights(model.state_dict(), model.config, small_tokenizer, tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

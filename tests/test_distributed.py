@@ -362,3 +362,25 @@ def test_trainer_under_torchrun_matches_single_process(train_folder: Path, strat
     logs = [json.loads(line) for line in (train_folder / out / "metrics.jsonl").read_text().splitlines()]
     ref_logs = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == len(ref_logs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_resume_under_torchrun_is_bit_identical(train_folder: Path, strategy: str) -> None:
+    """A 2-process run resumed from its step-1 checkpoint (weights, AdamW state gathered from and
+    scattered back to the FSDP2 shards, loader, RNGs) ends with the uninterrupted run's weights."""
+    import shutil
+
+    if strategy == "fsdp2" and (why := _fsdp2_available()):
+        pytest.skip(why)
+    args = ["recipe.toml", "--set", f"run.strategy={strategy}", "--set", "run.checkpoint_every=1"]
+    whole, resumed = train_folder / f"whole-{strategy}", train_folder / f"resumed-{strategy}"
+    _run([*_torchrun(2), "-m", "smallcoder", "train", *args, "--out", whole.name], train_folder)
+    shutil.copytree(whole, resumed)
+    for name in ("final", "stage-base", "checkpoints/step-0000002"):
+        shutil.rmtree(resumed / name)
+    _run([*_torchrun(2), "-m", "smallcoder", "train", *args, "--out", resumed.name, "--resume"], train_folder)
+    ref, got = _final_weights(whole), _final_weights(resumed)
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    state = json.loads((resumed / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["stage"] == 1

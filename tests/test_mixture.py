@@ -1,4 +1,8 @@
-"""The mixture loader: determinism, weights, resume, rank slicing, budget, validation, real packs."""
+"""The mixture loader: determinism, weights, resume, rank slicing, token counts, validation, real packs.
+
+The loader has no token budget or iterator protocol (the trainer fixes a stage's step count
+before it starts and calls `next_step()`); collated batches carry no attention mask (padding is
+found by position), so real-token counts are checked against the records' lengths."""
 
 from __future__ import annotations
 
@@ -43,6 +47,12 @@ def _loader(components=None, **kw) -> MixtureLoader:
     return MixtureLoader(components if components is not None else _components(), **args)
 
 
+def _real_tokens(loader: MixtureLoader, step) -> int:
+    """This rank's real (non-pad) tokens in `step`: its records' lengths, cut at seq_len."""
+    datasets = {c.name: c.dataset for c in loader.components}
+    return sum(min(len(datasets[name][i][0]), loader.seq_len) for name, i in step.records)
+
+
 def _tags(step) -> list[int]:
     """The record tag of each row in this rank's micro-batches, in order."""
     return [int(row[0]) for mb in step.micro_batches for row in mb["input_ids"]]
@@ -63,11 +73,12 @@ def test_same_seed_same_batches_different_seed_different():
 
 
 def test_rows_match_records_and_batches_are_collated():
-    step = _loader().next_step()
+    loader = _loader()
+    step = loader.next_step()
     assert len(step.micro_batches) == 4 and all(mb["input_ids"].shape == (2, 16) for mb in step.micro_batches)
     assert _tags(step) == [1000 * int(name[1:]) + i for name, i in step.records]
     assert step.num_loss_tokens == sum(mb["num_loss_tokens"] for mb in step.micro_batches)
-    assert step.tokens == sum(int(mb["attention_mask"].sum()) for mb in step.micro_batches)
+    assert step.tokens == _real_tokens(loader, step)
     assert step.step == 1 and step.tokens_seen == step.tokens
 
 
@@ -125,7 +136,7 @@ def test_ranks_are_disjoint_and_together_the_global_batch():
             assert len(p.micro_batches) == 2  # 16 / 2 ranks / micro 4
             assert p.num_loss_tokens == whole.num_loss_tokens  # global on every rank
             assert p.tokens == whole.tokens
-        for key in ("input_ids", "labels", "attention_mask"):
+        for key in ("input_ids", "labels"):
             rank_rows = [mb[key] for p in parts for mb in p.micro_batches]
             whole_rows = [mb[key] for mb in whole.micro_batches]
             assert len(rank_rows) == len(whole_rows) == 4
@@ -133,13 +144,11 @@ def test_ranks_are_disjoint_and_together_the_global_batch():
         assert sum(mb["num_loss_tokens"] for p in parts for mb in p.micro_batches) == whole.num_loss_tokens
 
 
-def test_token_budget_stops_iteration():
+def test_packed_steps_count_tokens_and_trained_labels():
     comps = [Component("p", MemDataset(0, 40, "packed"), 1.0)]
-    loader = _loader(comps, token_budget=16 * 8 * 3 + 1)  # packed: 128 tokens a step, so 4 steps
-    steps = list(loader)
-    assert len(steps) == 4 and steps[-1].tokens_seen == 512 and loader.done
-    with pytest.raises(StopIteration):
-        loader.next_step()
+    loader = _loader(comps)  # packed: 128 tokens a step
+    steps = [loader.next_step() for _ in range(4)]
+    assert steps[-1].tokens_seen == 512 and loader.state_dict()["tokens_seen"] == 512
     assert all(s.num_loss_tokens == 8 * 15 for s in steps)  # packed rows train all but position 0
 
 
@@ -158,11 +167,23 @@ def test_token_budget_stops_iteration():
     (lambda: _loader(global_batch=10, micro_batch=2, world_size=2),
      "global_batch 10 is not divisible by world_size 2 x micro_batch 2 = 4"),
     (lambda: _loader(rank=2, world_size=2), "rank 2 is outside world_size 2"),
-    (lambda: _loader(token_budget=0), "token_budget must be an integer >= 1, got 0"),
 ])
 def test_validation_errors(make, pattern):
     with pytest.raises(SmallCoderError, match=pattern):
         make()
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    ({"micro_batch": 0}, "mixture loader: micro_batch must be a positive integer, got 0"),
+    ({"seq_len": 1}, "mixture loader: seq_len must be an integer >= 2, got 1"),
+    ({"seed": -1}, "mixture loader: seed must be an integer >= 0, got -1"),
+    ({"global_batch": True}, "mixture loader: global_batch must be a positive integer, got True"),
+    ({"global_batch": 8.0}, "mixture loader: global_batch must be a positive integer, got 8.0"),
+])
+def test_integer_arguments_are_checked_by_name(kw, pattern):
+    with pytest.raises(SmallCoderError, match=pattern):
+        _loader(**kw)
+    assert _loader(seed=np.int64(7)).next_step().step == 1  # numpy integers are integers
 
 
 def test_load_state_validation():
@@ -187,13 +208,13 @@ def test_load_state_validation():
 def test_real_token_datasets(tmp_path, small_tokenizer):
     """pack_texts + pack_examples -> TokenDataset -> the loader: the answer's final EOS keeps its label."""
     pack = pytest.importorskip("smallcoder.data.pack")
-    from smallcoder.data.sft import encode_conversation
+    from smallcoder.data.sft import encode_conversations
 
     seq_len = 32
     texts = [f"def f{i}(x):\n    return x + {i}\n" for i in range(60)]
     pack.pack_texts(texts, small_tokenizer, tmp_path / "pre", seq_len=seq_len, progress=False)
     convs = [[{"role": "user", "content": f"add {i}"}, {"role": "assistant", "content": f"x + {i}"}] for i in range(20)]
-    examples = [encode_conversation(c, small_tokenizer) for c in convs]
+    examples = encode_conversations(convs, small_tokenizer)
     pack.pack_examples(examples, small_tokenizer, tmp_path / "sft", max_len=seq_len, progress=False)
     pre, sft = pack.TokenDataset(tmp_path / "pre"), pack.TokenDataset(tmp_path / "sft")
     loader = MixtureLoader([Component("pre", pre, 0.5), Component("sft", sft, 0.5)], seq_len=seq_len,
@@ -203,13 +224,13 @@ def test_real_token_datasets(tmp_path, small_tokenizer):
         step = loader.next_step()
         rows = [(mb, b) for mb in step.micro_batches for b in range(mb["input_ids"].shape[0])]
         for (name, i), (mb, b) in zip(step.records, rows):
-            ids, labels, attn = mb["input_ids"][b], mb["labels"][b], mb["attention_mask"][b]
+            ids, labels = mb["input_ids"][b], mb["labels"][b]
             if name == "pre":
-                assert attn.all() and (labels == ids).all()
+                assert len(pre[i][0]) == seq_len and (labels == ids).all()
             else:
                 want_ids, want_mask = examples[i]
                 n = len(want_ids)
-                assert ids[:n].tolist() == want_ids and int(attn.sum()) == n
+                assert ids[:n].tolist() == want_ids and len(sft[i][0]) == n
                 assert labels[n - 1].item() == eos  # the closing EOS is trained ...
                 assert (labels[n:] == IGNORE_INDEX).all() and (ids[n:] == eos).all()  # ... the pads (also EOS) not
                 assert [int(x != IGNORE_INDEX) for x in labels[:n]] == want_mask

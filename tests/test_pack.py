@@ -375,7 +375,7 @@ def test_cli_pack_texts(corpus, small_tokenizer, capsys):
 
 def test_cli_pack_sft(corpus, small_tokenizer, capsys):
     from smallcoder.cli import main
-    from smallcoder.data.sft import encode_conversation
+    from smallcoder.data.sft import encode_conversations
 
     out = corpus["root"] / "sft"
     base = ["data", "pack", "--tokenizer", str(corpus["tok"]), "--out", str(out)]
@@ -383,8 +383,8 @@ def test_cli_pack_sft(corpus, small_tokenizer, capsys):
     text = capsys.readouterr().out
     ds = TokenDataset(out, small_tokenizer)
     assert ds.kind == "sft" and len(ds) == 12
-    ids, mask = encode_conversation([{"role": "user", "content": "add 3 and 3"},
-                                     {"role": "assistant", "content": "6"}], small_tokenizer)
+    ids, mask = encode_conversations([[{"role": "user", "content": "add 3 and 3"},
+                                       {"role": "assistant", "content": "6"}]], small_tokenizer)[0]
     assert ds[3][0].tolist() == ids and ds[3][1].tolist() == mask and ds[3][0][-1] == 0 and ds[3][1][-1] == 1
     assert "12 documents" in text and "loss tokens" in text
     # a text source with --sft, and a conversation source without it, are refused

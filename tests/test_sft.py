@@ -1,4 +1,9 @@
-"""SFT formatting (the card's EOS fix), collation and loss normalisation."""
+"""SFT formatting (the card's EOS fix), collation and loss normalisation.
+
+One conversation is encoded through `encode_conversations([messages], ...)[0]`, the batch
+encoder the packer uses (the one-conversation wrapper is gone); the loss denominator of a step's
+micro-batches is the sum of their collated `num_loss_tokens` (what the trainer's validation loss
+divides by; the loader's `Step.num_loss_tokens` is checked against it in test_mixture.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +12,7 @@ import pytest
 import torch
 
 from smallcoder import SmallCoderError, Tokenizer, format_chat, new_model
-from smallcoder.data.sft import (
-    IGNORE_INDEX,
-    collate,
-    count_loss_tokens,
-    encode_conversation,
-    encode_conversations,
-    loss_normalizer,
-)
+from smallcoder.data.sft import IGNORE_INDEX, collate, count_loss_tokens, encode_conversations
 
 # Contents chosen to break naive piecewise encoding: trailing newlines and spaces (a whitespace
 # run at a piece's end pre-tokenizes differently alone), leading spaces, digits, non-ASCII,
@@ -52,7 +50,7 @@ def _segments(messages) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_ids_equal_whole_string_encoding_and_mask_equals_piecewise(tok, messages):
-    ids, mask = encode_conversation(messages, tok)
+    ids, mask = encode_conversations([messages], tok)[0]
     assert ids == tok.encode(format_chat(messages, add_generation_prompt=False))
     # Piecewise: prompt pieces end with ':' and answers end with EOS, both pre-tokenizer
     # boundaries, so encoding each piece alone gives the same ids, and the mask is known per piece.
@@ -68,7 +66,7 @@ def test_ids_equal_whole_string_encoding_and_mask_equals_piecewise(tok, messages
 def test_prompt_masked_answer_and_eos_trained(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
                 {"role": "assistant", "content": "hi there"}]
-    ids, mask = encode_conversation(messages, tok)
+    ids, mask = encode_conversations([messages], tok)[0]
     trained = [i for i, m in zip(ids, mask) if m]
     masked = [i for i, m in zip(ids, mask) if not m]
     assert tok.decode(trained) == " hi there<|endoftext|>"
@@ -78,7 +76,7 @@ def test_prompt_masked_answer_and_eos_trained(tok):
 
 def test_multi_turn_trains_both_answers_and_masks_both_users(tok):
     messages = CONVERSATIONS[2]
-    ids, mask = encode_conversation(messages, tok)
+    ids, mask = encode_conversations([messages], tok)[0]
     runs, cur, cur_m = [], [], mask[0]
     for i, m in zip(ids, mask):
         if m != cur_m:
@@ -93,15 +91,15 @@ def test_multi_turn_trains_both_answers_and_masks_both_users(tok):
 
 def test_batch_encoder_matches_single(small_tokenizer):
     assert encode_conversations(CONVERSATIONS, small_tokenizer) == [
-        encode_conversation(c, small_tokenizer) for c in CONVERSATIONS]
+        encode_conversations([c], small_tokenizer)[0] for c in CONVERSATIONS]
 
 
 def test_max_len_keeps_the_first_tokens(small_tokenizer):
-    ids, mask = encode_conversation(CONVERSATIONS[1], small_tokenizer)
-    short = encode_conversation(CONVERSATIONS[1], small_tokenizer, max_len=7)
+    ids, mask = encode_conversations([CONVERSATIONS[1]], small_tokenizer)[0]
+    short = encode_conversations([CONVERSATIONS[1]], small_tokenizer, max_len=7)[0]
     assert short == (ids[:7], mask[:7])
     with pytest.raises(SmallCoderError, match="max_len must be >= 1, got 0"):
-        encode_conversation(CONVERSATIONS[1], small_tokenizer, max_len=0)
+        encode_conversations([CONVERSATIONS[1]], small_tokenizer, max_len=0)[0]
 
 
 @pytest.mark.parametrize("messages, pattern", [
@@ -114,7 +112,7 @@ def test_max_len_keeps_the_first_tokens(small_tokenizer):
 ])
 def test_bad_conversations_error(small_tokenizer, messages, pattern):
     with pytest.raises(SmallCoderError, match=pattern):
-        encode_conversation(messages, small_tokenizer)
+        encode_conversations([messages], small_tokenizer)[0]
 
 
 def _record(ids, mask=None):
@@ -128,9 +126,8 @@ def test_collate_keeps_final_eos_label_and_masks_padding_when_pad_is_eos():
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 0, 0, 0, 0]]
     assert b["labels"].tolist() == [[-100, -100, 7, 8, 0, -100, -100, -100]]
     assert b["labels"][0, 4].item() == 0  # the answer's EOS is trained, not masked like the pads after it
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
     assert b["num_loss_tokens"] == 3
-    assert all(b[k].dtype == torch.int64 for k in ("input_ids", "labels", "attention_mask"))
+    assert all(b[k].dtype == torch.int64 for k in ("input_ids", "labels"))
 
 
 def test_collate_packed_trains_every_token_and_cuts_long_records():
@@ -171,13 +168,14 @@ def test_num_loss_tokens_equals_brute_force_count():
             brute += 1 if mask is None else int(mask[t] == 1)
     assert b["num_loss_tokens"] == brute
     assert sum(count_loss_tokens(ids, mask, seq_len) for ids, mask in records) == brute
-    assert loss_normalizer([collate(records[:5], seq_len, 0), collate(records[5:], seq_len, 0)]) == brute
+    assert sum(mb["num_loss_tokens"] for mb in (collate(records[:5], seq_len, 0), collate(records[5:], seq_len, 0))) \
+        == brute
 
 
 def test_gradient_accumulation_equals_whole_batch(micro_config, small_tokenizer):
     torch.manual_seed(0)
     model = new_model(micro_config, seed=3)
-    records = [_record(*encode_conversation(c, small_tokenizer)) for c in CONVERSATIONS]
+    records = [_record(*encode_conversations([c], small_tokenizer)[0]) for c in CONVERSATIONS]
     records.append(_record(np.arange(1, 30) % small_tokenizer.vocab_size))  # a packed record
     seq_len = 64
 
@@ -191,7 +189,7 @@ def test_gradient_accumulation_equals_whole_batch(micro_config, small_tokenizer)
     assert torch.allclose(full_loss, ref, atol=1e-5)  # = the mean over trained tokens
 
     micro = [collate(records[i:i + 1], seq_len, 0) for i in range(len(records))]
-    total = loss_normalizer(micro)
+    total = sum(mb["num_loss_tokens"] for mb in micro)
     assert total == whole["num_loss_tokens"]
     model.zero_grad()
     acc = 0.0

@@ -17,7 +17,8 @@ import torch
 
 from smallcoder.errors import SmallCoderError
 from smallcoder.train.recipe import load_recipe
-from smallcoder.train.trainer import COMPLETE, Trainer, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from smallcoder.train.runstate import COMPLETE, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from smallcoder.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,6 +304,8 @@ def test_cli_train_help_and_errors(workdir):
     bad = workdir / "bad.toml"
     bad.write_text(RECIPE.format(ckpt=1, keep=1, tokens=-3))
     assert main(["train", str(bad), "--out", str(workdir / "x")]) == 2
+    assert main(["train", str(_recipe(workdir)), "--out", str(workdir / "x"), "--threads", "0"]) == 2
+    assert not (workdir / "x").exists()  # refused before anything was written
 
 
 def test_sft_only_recipe_from_an_init_checkpoint(workdir, micro_checkpoint):
@@ -340,7 +343,7 @@ source = "data/chat.jsonl"
 def test_bf16_autocast_on_cpu_only_where_it_is_native(workdir, monkeypatch, capsys, native):
     """run.dtype = bfloat16 autocasts on a CPU with AVX512-BF16/AMX and falls back to fp32 (with a
     note) elsewhere; the saved weights stay fp32 either way."""
-    import smallcoder.train.trainer as trainer_mod
+    import smallcoder.train.hardware as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: native)
     calls = []
@@ -636,3 +639,42 @@ def test_train_out_under_a_file_is_one_line(workdir, capsys, sub):
     (workdir / "file").write_text("x")
     assert _main_train([str(_recipe(workdir)), "--out", str(workdir / "file" / sub)]) == 2
     assert "is a file, not a folder" in _error_line(capsys.readouterr().err)
+
+
+def test_saving_builds_no_model_to_hold_the_weights(workdir, monkeypatch):
+    """Checkpoints, stage and final folders are written from the gathered state dict: the only
+    model a run builds is the one it trains (none on the meta device just to be saved)."""
+    from smallcoder.model import SmallCoder
+
+    built = []
+    real = SmallCoder.__init__
+
+    def spy(self, *a, **kw):
+        built.append(torch.empty(()).device.type)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(SmallCoder, "__init__", spy)
+    out = workdir / "run"
+    Trainer(load_recipe(_recipe(workdir, ckpt=1)), out, max_steps=2, progress=False).run()
+    assert len(list_checkpoints(out)) == 2 and (out / "stage-sft" / "config.json").is_file()
+    assert built == ["cpu"]
+
+
+def test_training_library_imports_no_cli_module():
+    """Dependencies run one way: smallcoder.train's library modules never import a CLI module
+    (smallcoder.cli, any *.cli); only train/cli.py, the command, may."""
+    import ast
+
+    root = REPO / "src" / "smallcoder"
+    offenders = []
+    for path in sorted((root / "train").glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.module else [a.name for a in node.names]
+                if any(n == "cli" or n.endswith(".cli") for n in names):
+                    offenders.append(f"{path.name}:{node.lineno}")
+            elif isinstance(node, ast.Import) and any(a.name.endswith(".cli") for a in node.names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []

@@ -49,11 +49,11 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise SmallCoderError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
-def _state_dict_to_save(model: SmallCoder, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _tensors_to_save(weights: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype,
+                     quantized: bool) -> dict[str, torch.Tensor]:
     sd = {}
-    quantized = is_quantized(model)
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings and not quantized:
+    for name, t in weights.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings and not quantized:
             continue  # tied: transformers re-ties it from the embedding
         keep = quantized and (t.dtype == torch.int8 or name.endswith(".weight_scale"))
         sd[name] = t.detach().to(device="cpu", dtype=t.dtype if keep else dtype).contiguous()
@@ -65,14 +65,25 @@ def save(model: SmallCoder, tokenizer: Tokenizer | None, folder: str | Path, *,
          overwrite: bool = False) -> Path:
     """Write `model` (and `tokenizer`) as a Hugging Face checkpoint folder, atomically."""
     dt = parse_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
-    sd = _state_dict_to_save(model, dt)
+    return save_weights(model.state_dict(), model.config, tokenizer, folder, dtype=dt,
+                        quantized=is_quantized(model), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer | None,
+                 folder: str | Path, *, dtype: str | torch.dtype = torch.float32, quantized: bool = False,
+                 max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
+    """Write a model's state dict (`SmallCoder.state_dict()` names) and `config` as a Hugging Face
+    checkpoint folder, atomically: `save` for weights held apart from a model (the trainer's
+    gathered DDP / FSDP2 state), so nothing has to be built just to hold them."""
+    dt = parse_dtype(dtype)
+    sd = _tensors_to_save(weights, config, dt, quantized)
     folder = Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        cfg = model.config.to_hf_dict(dtype=DTYPE_NAMES[dt])
-        if is_quantized(model):
+        cfg = config.to_hf_dict(dtype=DTYPE_NAMES[dt])
+        if quantized:
             cfg["quantization_config"] = dict(QUANT_CONFIG)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        eos = model.config.eos_token_id if tokenizer is None else tokenizer.eos_id
+        eos = config.eos_token_id if tokenizer is None else tokenizer.eos_id
         gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         total = sum(t.numel() * t.element_size() for t in sd.values())
@@ -96,7 +107,7 @@ def save(model: SmallCoder, tokenizer: Tokenizer | None, folder: str | Path, *,
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save(tmp, model_max_length=model.config.max_position_embeddings)
+            tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
     return folder
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ class FieldError(SmallCoderError):
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
 
 
 def _is_number(value: Any) -> bool:
@@ -48,7 +49,7 @@ def _is_number(value: Any) -> bool:
 def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
     """`value` when it is an int (not a bool) in [minimum, maximum] (None: unbounded)."""
     if _is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
-        return value
+        return int(value)
     if minimum is None:
         rule = "an integer" if maximum is None else f"an integer <= {maximum}"
     elif maximum is not None:

@@ -24,6 +24,17 @@ SUBCOMMAND_MODULES = [
 ]
 
 
+def set_threads(threads: int | None) -> None:
+    """--threads: torch's intra-op CPU threads (None: torch's choice, one per core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SmallCoderError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _sampling(args: argparse.Namespace):
     from .inference import SamplingParams
 

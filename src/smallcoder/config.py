@@ -76,15 +76,33 @@ class ModelConfig:
         if self.head_dim % 2:
             raise SmallCoderError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
-    @property
-    def num_parameters(self) -> int:
-        """Parameter count without building the model (embeddings counted once when tied)."""
+    # ---- sizes and costs: the one place these formulas live ------------------------------------
+
+    def matmul_parameters(self, head: bool = True) -> int:
+        """Parameters that take part in matmuls: every Linear of every layer (q, k, v, o, gate,
+        up, down) and, with `head`, lm_head (a matmul even when tied); not the embedding lookup or
+        the norms. `head=False` is what a decode step's layers multiply per token."""
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
         mlp = 3 * h * self.intermediate_size
-        layer = attn + mlp + 2 * h
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + embed + h
+        return self.num_hidden_layers * (attn + mlp) + (self.vocab_size * h if head else 0)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count without building the model (embeddings counted once when tied)."""
+        h = self.hidden_size
+        norms = self.num_hidden_layers * 2 * h + h
+        untied_embedding = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.matmul_parameters() + norms + untied_embedding
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per trained token at `seq_len`: 6 * N_matmul + 12 * layers * hidden * seq_len.
+
+        The second term is attention's QK^T and AV (forward 4 * seq * hidden per layer, x3 for
+        backward): the PaLM paper's (Chowdhery et al. 2022, appendix B) accounting. 1.81 GFLOP per
+        token for the 303M model at seq 1024.
+        """
+        return 6.0 * self.matmul_parameters() + 12.0 * self.num_hidden_layers * self.hidden_size * seq_len
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..checks import integer
 from ..errors import SmallCoderError
 from .sft import collate, count_loss_tokens
 
@@ -84,32 +85,25 @@ def _name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
 
 
-def _positive_int(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SmallCoderError(f"mixture loader: {what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 class MixtureLoader:
     """Draws weighted global batches from several record datasets; see the module docstring."""
 
     def __init__(self, components: Sequence[Component], *, seq_len: int, global_batch: int, micro_batch: int,
-                 seed: int, pad_id: int, rank: int = 0, world_size: int = 1, token_budget: int | None = None,
+                 seed: int, pad_id: int, rank: int = 0, world_size: int = 1,
                  pad_to_multiple_of: int | None = None) -> None:
-        self.seq_len = _positive_int(seq_len, "seq_len", 2)
-        self.global_batch = _positive_int(global_batch, "global_batch")
-        self.micro_batch = _positive_int(micro_batch, "micro_batch")
-        self.world_size = _positive_int(world_size, "world_size")
-        self.seed = _positive_int(seed, "seed", 0)
-        self.pad_id = _positive_int(pad_id, "pad_id", 0)
-        self.rank = _positive_int(rank, "rank", 0)
+        self.seq_len = integer(seq_len, "mixture loader: seq_len", 2)
+        self.global_batch = integer(global_batch, "mixture loader: global_batch")
+        self.micro_batch = integer(micro_batch, "mixture loader: micro_batch")
+        self.world_size = integer(world_size, "mixture loader: world_size")
+        self.seed = integer(seed, "mixture loader: seed", 0)
+        self.pad_id = integer(pad_id, "mixture loader: pad_id", 0)
+        self.rank = integer(rank, "mixture loader: rank", 0)
         if self.rank >= self.world_size:
             raise SmallCoderError(f"mixture loader: rank {rank} is outside world_size {world_size}")
         if self.global_batch % (self.world_size * self.micro_batch):
             raise SmallCoderError(
                 f"mixture loader: global_batch {global_batch} is not divisible by world_size {world_size} "
                 f"x micro_batch {micro_batch} = {self.world_size * self.micro_batch}")
-        self.token_budget = None if token_budget is None else _positive_int(token_budget, "token_budget")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.components = list(components)
         self._validate_components()
@@ -173,19 +167,9 @@ class MixtureLoader:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _CHOICE_STREAM, step])))
         return rng.choice(len(self.components), size=self.global_batch, p=self._p)
 
-    @property
-    def done(self) -> bool:
-        """True once the token budget (global tokens) is spent."""
-        return self.token_budget is not None and self.tokens_seen >= self.token_budget
-
     def next_step(self) -> Step:
-        """The next optimizer step's micro-batches for this rank; StopIteration once the budget is spent.
-
-        The step that crosses the budget is still served whole, so a run may overshoot its
-        budget by less than one global batch.
-        """
-        if self.done:
-            raise StopIteration
+        """The next optimizer step's micro-batches for this rank (the caller counts the steps: a
+        stage's length is fixed before it starts, see `train.stagedata.prepare_stage`)."""
         picks = [(int(k), self._next_index(int(k))) for k in self._draw_components(self.step)]
         per_rank = self.global_batch // self.world_size
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
@@ -208,12 +192,6 @@ class MixtureLoader:
         names = [(self.components[k].name, i) for k, i in picks[lo:hi]]
         return Step(step=self.step, micro_batches=micro, num_loss_tokens=num_loss, tokens=tokens,
                     tokens_seen=self.tokens_seen, records=names)
-
-    def __iter__(self) -> Iterator[Step]:
-        return self
-
-    def __next__(self) -> Step:
-        return self.next_step()
 
     # -- reporting and resuming ------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""SFT formatting with the model card's "EOS fix", batch collation, and loss normalisation.
+"""SFT formatting with the model card's "EOS fix", and batch collation.
 
 The card's fix: an SFT model learns to stop only if the EOS that closes each answer keeps its
 label. So the loss mask is 1 on ` {answer}<|endoftext|>` of every assistant turn (the space after
 `Assistant:` included, since the model generates it at inference) and 0 on everything else;
-padding is marked by a separate attention mask and never found by comparing ids with EOS
+padding is found by position (past each record's length) and never by comparing ids with EOS
 (StarCoder's pad id = EOS id = 0, which is how the classic bug taught models never to stop).
+Batches are right-padded and attention is causal, so real tokens never attend to the padding
+after them: no attention mask is needed.
 
 Labels are aligned with `input_ids` (HF style) and the loss shifts them; the trainer's step loss is
 `model(input_ids, labels=labels)` (`loss.next_token_loss_sum`), that is::
@@ -86,7 +88,7 @@ def encode_conversations(conversations: Iterable[Sequence[Mapping[str, str]]], t
     tokenizer's parallel batch encoder.
     """
     if max_len is not None and max_len < 1:
-        raise SmallCoderError(f"encode_conversation: max_len must be >= 1, got {max_len}")
+        raise SmallCoderError(f"encode_conversations: max_len must be >= 1, got {max_len}")
     rendered = [_render(msgs, f"conversation {i}", tokenizer.eos_token) for i, msgs in enumerate(conversations)]
     encs = tokenizer.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
     out = []
@@ -96,12 +98,6 @@ def encode_conversations(conversations: Iterable[Sequence[Mapping[str, str]]], t
             ids, mask = ids[:max_len], mask[:max_len]
         out.append((ids, mask))
     return out
-
-
-def encode_conversation(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
-                        max_len: int | None = None) -> tuple[list[int], list[int]]:
-    """One conversation's ids and loss mask (see `encode_conversations`)."""
-    return encode_conversations([messages], tokenizer, max_len)[0]
 
 
 def count_loss_tokens(ids: np.ndarray, mask: np.ndarray | None, seq_len: int) -> int:
@@ -114,14 +110,14 @@ def count_loss_tokens(ids: np.ndarray, mask: np.ndarray | None, seq_len: int) ->
 
 def collate(records: Sequence[Record], seq_len: int, pad_id: int,
             pad_to_multiple_of: int | None = None) -> dict[str, Any]:
-    """Right-pad records into a batch: `input_ids`, `labels`, `attention_mask` (B, T) int64, `num_loss_tokens`.
+    """Right-pad records into a batch: `input_ids`, `labels` (B, T) int64, and `num_loss_tokens`.
 
     T is `seq_len` by default: one fixed shape, so a compiled model never recompiles. With
     `pad_to_multiple_of`, T is the longest record rounded up to that multiple (at most
     `seq_len`), which saves compute on short SFT batches at the cost of a few shapes.
     Records longer than `seq_len` are cut. A record with mask None (packed pretraining) trains
-    every token; otherwise a label is kept where the mask is 1. Padding gets label -100 and
-    attention 0 by position, whatever the pad id is.
+    every token; otherwise a label is kept where the mask is 1. Padding gets label -100 by
+    position, whatever the pad id is.
     """
     import torch
 
@@ -139,23 +135,11 @@ def collate(records: Sequence[Record], seq_len: int, pad_id: int,
     B = len(records)
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-    attention = np.zeros((B, T), dtype=np.int64)
     for b, ((ids, mask), n) in enumerate(zip(records, lengths)):
         if mask is not None and len(mask) != len(ids):
             raise SmallCoderError(f"collate: record {b} has {len(ids)} ids but a loss mask of {len(mask)}")
         row = np.asarray(ids[:n], dtype=np.int64)
         input_ids[b, :n] = row
-        attention[b, :n] = 1
         labels[b, :n] = row if mask is None else np.where(mask[:n] != 0, row, IGNORE_INDEX)
     num = int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
-    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(attention), "num_loss_tokens": num}
-
-
-def loss_normalizer(micro_batches: Iterable[Mapping[str, Any]]) -> int:
-    """Unmasked (shifted) label count of an optimizer step's micro-batches: the loss denominator.
-
-    In multi-process training use the loader's `Step.num_loss_tokens`, which counts the whole
-    global batch on every rank.
-    """
-    return sum(int(mb["num_loss_tokens"]) for mb in micro_batches)
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels), "num_loss_tokens": num}

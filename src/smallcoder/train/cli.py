@@ -51,18 +51,14 @@ def format_stage_table(result) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from ..cli import set_threads
     from .recipe import load_recipe
     from .trainer import Trainer
 
     path = _recipe_path(args.recipe)
     recipe = load_recipe(path, args.set or [])
     out = Path(args.out) if args.out else Path("runs") / path.stem
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise SmallCoderError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = Trainer(recipe, out, resume=args.resume, force=args.force, max_steps=args.max_steps,
                      peak_tflops=args.peak_tflops).run()
     if int(os.environ.get("RANK", "0")) != 0:

@@ -36,15 +36,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import SmallCoderError
+
+T = TypeVar("T")
 
 STRATEGIES = ("ddp", "fsdp2", "none")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -266,6 +268,22 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     box = [obj if info.rank == src else None]
     dist.broadcast_object_list(box, src=src, device=info.device if info.device.type == "cuda" else None)
     return box[0]
+
+
+def from_main(info: DistInfo, fn: Callable[[], T]) -> T:
+    """`fn()` run on rank 0 alone (a check, a lock, a choice that changes OUT), its picklable
+    result on every rank; a SmallCoderError raised there is raised on every rank, so no rank
+    waits for one that has stopped."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except SmallCoderError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error), info)
+    if error:
+        raise SmallCoderError(error)
+    return result  # type: ignore[return-value]
 
 
 def barrier(info: DistInfo) -> None:
