@@ -19,7 +19,7 @@ import torch
 
 import smallcoder
 from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, format_chat
-from smallcoder.tokenizer import CHAT_TEMPLATE, EOS_TOKEN
+from smallcoder.prompts import CHAT_TEMPLATE, EOS_TOKEN
 
 gen_mod = importlib.import_module("smallcoder.inference.engine")
 sample = gen_mod.sample

@@ -81,7 +81,7 @@ def test_engine_greedy_tokens_equal_with_and_without_kernel(small_tokenizer):
     params = SamplingParams(max_new_tokens=20, stop_at_eos=False)
     prompts = [[5, 6, 7], [8] * 11, [9, 10]]
     fast = Engine(m, small_tokenizer, max_batch=2)
-    assert m.decode_kernel is not None
+    assert fast.decode_kernel is not None  # the engine's own kernel (it no longer attaches one to m)
     slow = Engine(_reference(m), small_tokenizer, use_kernel=False)
     assert slow.model.decode_kernel is None
     a, b = fast.generate(prompts, params), slow.generate(prompts, params)

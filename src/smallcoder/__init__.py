@@ -17,7 +17,7 @@ _EXPORTS = {
     "ModelConfig": "config", "preset": "config",
     "Engine": "inference", "SamplingParams": "inference", "Completion": "inference",
     "SmallCoder": "model", "KVCache": "model",
-    "Tokenizer": "tokenizer", "format_chat": "tokenizer",
+    "Tokenizer": "tokenizer", "format_chat": "prompts",
 }
 __all__ = ["SmallCoderError", *_EXPORTS]
 

@@ -22,7 +22,7 @@ from .errors import SmallCoderError
 from .fsutil import atomic_folder
 from .hub import resolve
 from .model import SmallCoder
-from .quant import QUANT_CONFIG, QUANT_METHOD, int8_skeleton, is_quantized, quantize_model
+from .quant import QUANT_CONFIG, QUANT_METHOD, declared_method, int8_skeleton, is_quantized, quantize_model
 from .tokenizer import Tokenizer
 
 DTYPES = {
@@ -255,10 +255,9 @@ def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: to
 
 def _quant_method(cfg: dict, config_path: Path) -> bool:
     """Whether config.json declares our int8 quantization (and refuse any other kind)."""
-    qc = cfg.get("quantization_config")
-    if qc is None:
+    method = declared_method(cfg)
+    if method is None:
         return False
-    method = qc.get("quant_method") if isinstance(qc, dict) else qc
     if method != QUANT_METHOD:
         raise SmallCoderError(f"{config_path}: quantization_config.quant_method {method!r} is not supported "
                               f"(SmallCoder reads {QUANT_METHOD!r})")

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checks import positive_int
 from .errors import SmallCoderError
 
 # (module, group): each module defines `register(subparsers)` adding its commands to that group.
@@ -51,6 +52,27 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads, the same for every command that runs torch on the CPU (`set_threads` applies it)."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core); fewer when the cores are shared")
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a --threads value that is not a positive integer (None: torch's default)."""
+    if threads is not None:
+        positive_int(threads, "--threads")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads to torch (checked first); None keeps torch's default."""
+    check_threads(threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 DTYPE_HELP = ("float32 | bfloat16 | float16 | int8 (weights; int8 quantizes a float checkpoint as it "
               "loads, or loads one saved by `smallcoder quantize`)")
 
@@ -87,18 +109,16 @@ def _engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .tokenizer import format_chat
+    from .prompts import AnswerStream, chat_stops, format_chat
 
     params = _sampling(args)
     engine = _engine(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    shown = str
     if args.chat:
-        prompt = format_chat(prompt)
-    first = True
+        prompt, params.stop, shown = format_chat(prompt), chat_stops(params.stop), AnswerStream()
     for piece in engine.stream(prompt, params):
-        if first and args.chat:
-            piece, first = piece.lstrip(), not piece.strip()
-        print(piece, end="", flush=True)
+        print(shown(piece), end="", flush=True)
     print()
 
 
@@ -113,11 +133,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .tokenizer import format_chat
+    from .prompts import AnswerStream, chat_stops, format_chat
 
     engine = _engine(args)
     params = _sampling(args)
     params.truncate = True
+    params.stop = chat_stops(params.stop)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"chatting with {args.model} ({args.dtype}); /reset clears the history, /quit or Ctrl-D ends")
     while True:
@@ -136,10 +157,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         print("Assistant: ", end="", flush=True)
-        answer, first = [], True
+        answer, shown = [], AnswerStream()
         for piece in engine.stream(format_chat(messages), params):
-            if first:
-                piece, first = piece.lstrip(), not piece.strip()
+            piece = shown(piece)
             answer.append(piece)
             print(piece, end="", flush=True)
         print()

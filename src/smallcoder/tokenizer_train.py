@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import SmallCoderError
-from .tokenizer import EOS_TOKEN, Tokenizer
+from .prompts import EOS_TOKEN
+from .tokenizer import Tokenizer
 
 # StarCoder's special tokens in StarCoder's id order (tokenizer_config.json of bigcode/starcoder).
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -81,7 +82,7 @@ def iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Itera
     which is the text the model will see.
     """
     from .data.sources import iter_conversations, iter_texts
-    from .tokenizer import format_chat
+    from .prompts import format_chat
 
     def texts_of(spec) -> Iterator[str]:
         if spec.is_sft:

@@ -57,12 +57,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     path = _recipe_path(args.recipe)
     recipe = load_recipe(path, args.set or [])
     out = Path(args.out) if args.out else Path("runs") / path.stem
-    if args.threads is not None:
-        import torch
+    from ..cli import set_threads
 
-        if args.threads < 1:
-            raise SmallCoderError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = Trainer(recipe, out, resume=args.resume, force=args.force, max_steps=args.max_steps,
                      peak_tflops=args.peak_tflops).run()
     if int(os.environ.get("RANK", "0")) != 0:
@@ -79,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
+    from ..cli import add_threads_arg
+
     p = subparsers.add_parser("train", help="train a model from a recipe (default: the tiny built-in curriculum)",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default=None,
@@ -93,7 +92,7 @@ def register(subparsers) -> None:
                    help="debug: at most N optimizer steps per stage (the schedule spans the shortened stage)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: known GPUs' bf16 peak, or a measured CPU peak)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_train)
 
 

@@ -45,8 +45,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import SmallCoderError
+from .recipe import STRATEGIES  # the recipe's `run.strategy` choices, defined once there
 
-STRATEGIES = ("ddp", "fsdp2", "none")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -386,7 +386,7 @@ def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, ou
     from ..data.pack import pack_examples, pack_texts
     from ..data.sft import encode_conversations
     from ..data.sources import iter_conversations, iter_texts
-    from ..tokenizer import format_chat
+    from ..prompts import format_chat
 
     cap = None
     if src.spec.kind == "hub":
@@ -805,7 +805,7 @@ class Trainer:
     def _eos_check(self, model: torch.nn.Module, data: StageData) -> dict[str, Any]:
         """Share of greedy answers to held-out SFT prompts that end with EOS within 256 new tokens."""
         from ..inference import Engine, SamplingParams
-        from ..tokenizer import format_chat
+        from ..prompts import format_chat
         from .distributed import unwrap
 
         convs = [c for s in data.sources for c in s.heldout]
