@@ -362,3 +362,10 @@ def test_trainer_under_torchrun_matches_single_process(train_folder: Path, strat
     logs = [json.loads(line) for line in (train_folder / out / "metrics.jsonl").read_text().splitlines()]
     ref_logs = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == len(ref_logs)
+
+
+def test_the_strategies_are_one_list():
+    """`run.strategy` in a recipe and `wrap_model` accept the same names: one tuple, in recipe.py."""
+    from smallcoder.train import recipe
+
+    assert D.STRATEGIES is recipe.STRATEGIES

@@ -52,7 +52,7 @@ class Engine(Scoring):
                  use_kernel: bool = True, prefix_cache: bool = True, prefill_chunk: int = 128) -> None:
         positive_int(max_batch, "max_batch")
         positive_int(prefill_chunk, "prefill_chunk")
-        self.model = model.eval()
+        self.model = model  # used as given: no train-only layers, every forward under inference_mode
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
