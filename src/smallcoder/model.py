@@ -112,7 +112,9 @@ class Positions:
 
     Made by each forward from its arguments and handed down to the layers (never kept on the cache)."""
 
-    def __init__(self, starts: torch.Tensor, T: int, cache: KVCache) -> None:
+    def __init__(self, starts: torch.Tensor, B: int, T: int, cache: KVCache) -> None:
+        if cache.batch_size != B:
+            raise ValueError(f"KV cache has {cache.batch_size} rows, input has {B}")
         if starts.shape != (cache.batch_size,):
             raise ValueError(f"starts has shape {tuple(starts.shape)}; the KV cache has {cache.batch_size} rows")
         self.tensor = starts  # (B,) int64 on the CPU
@@ -125,6 +127,14 @@ class Positions:
             raise ValueError(f"KV cache holds {cache.max_length} positions, asked for {self.end}")
         self.uniform = len(set(self.starts)) == 1
         self.index = starts.to(cache.k[0].device)
+
+    def mask(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask for queries at `position_ids` (B, T): row b's query at position p sees
+        keys 0..p of its own row. None where plain causal attention (or none) already does that."""
+        if self.uniform and (self.T == 1 or self.starts[0] == 0):
+            return None
+        k_pos = torch.arange(self.end, device=position_ids.device)
+        return (k_pos[None, None, :] <= position_ids[:, :, None])[:, None]
 
 
 class Attention(nn.Module):
@@ -257,19 +267,14 @@ class SmallCoder(nn.Module):
         if cache is None:
             position_ids = torch.arange(T, device=device).unsqueeze(0)
         else:
-            if cache.batch_size != B:
-                raise ValueError(f"KV cache has {cache.batch_size} rows, input has {B}")
             first = cache.lengths.clone() if starts is None else torch.as_tensor(starts, dtype=torch.long).cpu()
-            at = Positions(first, T, cache)
+            at = Positions(first, B, T, cache)
             logits = self._kernel_step(x, cache, at, decode_kernel)
             if logits is not None:
                 cache.lengths.copy_(first + T)
                 return logits[:, None]
             position_ids = at.index.to(device)[:, None] + torch.arange(T, device=device)
-            if not (at.uniform and (T == 1 or at.starts[0] == 0)):
-                # row b's query at position p sees keys 0..p of its own row
-                k_pos = torch.arange(at.end, device=device)
-                mask = (k_pos[None, None, :] <= position_ids[:, :, None])[:, None]
+            mask = at.mask(position_ids)
         freqs = position_ids[..., None].float() * self.inv_freq(device)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
