@@ -68,7 +68,7 @@ class Ours:
     def __init__(self, model, tok, label):
         self.engine = Engine(model, tok, max_batch=BATCH)
         self.label = label
-        self.kernel = model.decode_kernel is not None
+        self.kernel = self.engine.decode_kernel is not None or model.decode_kernel is not None
 
     def generate(self, prompts: list[list[int]], n: int) -> None:
         out = self.engine.generate(prompts, SamplingParams(max_new_tokens=n, stop_at_eos=False))

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
 
-
 def _prompt(server: Server, req: ChatRequest) -> str:
     messages = []
     for i, m in enumerate(req.messages):

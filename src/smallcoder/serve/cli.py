@@ -52,9 +52,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    require_extra("serve", ("fastapi", "uvicorn", "pydantic"), "smallcoder serve")
     from ..cli import check_threads
 
+    require_extra("serve", ("fastapi", "uvicorn", "pydantic"), "smallcoder serve")
     positive_int(args.max_batch, "--max-batch")
     check_threads(args.threads)  # before the model loads (they are set once torch is imported, below)
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
