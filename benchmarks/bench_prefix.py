@@ -16,9 +16,9 @@ import time
 import torch
 
 from smallcoder import Engine, SamplingParams, Tokenizer, load, new_model, preset
-from smallcoder.cli import default_data_dir
 from smallcoder.eval.data import load_task_data
 from smallcoder.eval.mbpp import mbpp_prompt, split
+from smallcoder.paths import default_data_dir
 
 
 def main() -> None:

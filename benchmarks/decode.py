@@ -61,7 +61,7 @@ class Ours:
     def __init__(self, model, tok, label):
         self.engine = Engine(model, tok, max_batch=BATCH)
         self.label = label
-        self.kernel = model.decode_kernel is not None
+        self.kernel = self.engine.decode_kernel is not None or model.decode_kernel is not None
 
     def generate(self, prompts: list[list[int]], n: int) -> None:
         out = self.engine.generate(prompts, SamplingParams(max_new_tokens=n, stop_at_eos=False))
@@ -208,7 +208,7 @@ def _tokenizer(tmp: Path, vocab: int):
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers
 
-    from smallcoder.cli import default_data_dir
+    from smallcoder.paths import default_data_dir
     from smallcoder.tokenizer import Tokenizer
 
     data = default_data_dir()

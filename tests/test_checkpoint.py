@@ -571,3 +571,40 @@ def test_save_weights_writes_what_save_writes(micro_config, small_tokenizer, tmp
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("field, shown", [
+    ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+    ("awq", "'awq'"),
+    ({"bits": 4}, "{'bits': 4}"),  # an object that names no method
+    ({"quant_method": None}, "{'quant_method': None}"),
+])
+def test_load_and_export_read_config_json_quantization_alike(micro_checkpoint, tmp_path, field, shown):
+    """One reading of config.json's quantization_config: loading refuses what it does not
+    support and the GGUF export refuses any quantized folder, both naming the same value."""
+    import re
+
+    from smallcoder import export
+
+    folder = tmp_path / "q"
+    shutil.copytree(micro_checkpoint, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = field
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SmallCoderError, match=re.escape(f"quantization_config.quant_method {shown} is not supported")):
+        load(folder, dtype="int8")
+    with pytest.raises(SmallCoderError, match=re.escape(f"field quantization_config ({shown}) marks a quantized")):
+        export._check_float_checkpoint(folder)
+
+
+def test_a_null_quantization_config_is_a_float_checkpoint(micro_checkpoint, tmp_path):
+    from smallcoder import export
+
+    folder = tmp_path / "f"
+    shutil.copytree(micro_checkpoint, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = None
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, _ = load(folder)
+    assert model.lm_head.weight.dtype == torch.float32
+    export._check_float_checkpoint(folder)  # no error

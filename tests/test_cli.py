@@ -264,6 +264,22 @@ def test_generate_bad_sampling_value(micro_checkpoint, capsys):
     assert "top_p must be in (0, 1]" in _error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("command", [["serve", "--model", "nowhere"], ["train"]])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_threads_are_checked_alike_by_every_command(command, value, capsys):
+    assert main([*command, "--threads", value]) == 2
+    assert _error_line(capsys.readouterr().err) == f"smallcoder: error: --threads must be a positive integer, got {value}"
+
+
+def test_export_without_the_export_extra_is_one_line(micro_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", str(micro_checkpoint), "--format", "gguf", "--out", str(out)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "gguf is not installed" in line and "pip install 'smallcoder[export]'" in line
+    assert not out.exists()
+
+
 # ---- chat --------------------------------------------------------------------------------------
 
 
@@ -323,7 +339,7 @@ def test_chat_system_survives_reset(micro_checkpoint, capsys, monkeypatch):
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
 
 
 def test_console_script_user_error(tmp_path):

@@ -384,3 +384,10 @@ def test_resume_under_torchrun_is_bit_identical(train_folder: Path, strategy: st
     assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     state = json.loads((resumed / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["stage"] == 1
+
+
+def test_the_strategies_are_one_list():
+    """`run.strategy` in a recipe and `wrap_model` accept the same names: one tuple, in specs.py."""
+    from smallcoder.train import specs
+
+    assert D.STRATEGIES is specs.STRATEGIES

@@ -26,7 +26,6 @@ from smallcoder.eval.lm_tasks import (
 )
 from smallcoder.inference import rolling_windows
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -15,7 +15,7 @@ import torch
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the 'gguf' package (pip install 'smallcoder[export]')")
 
 from smallcoder import Engine, SamplingParams, SmallCoderError, Tokenizer, export, load, new_model, save
-from smallcoder.tokenizer import CHAT_TEMPLATE
+from smallcoder.prompts import CHAT_TEMPLATE
 
 QT = gguf.GGMLQuantizationType
 OUTTYPES = {"f32": (QT.F32, gguf.LlamaFileType.ALL_F32), "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),

@@ -229,7 +229,8 @@ def test_readers_restore_an_interrupted_replacement_first(tmp_path, micro_checkp
 
 def test_every_writer_refuses_a_used_folder_in_the_same_words(tmp_path, capsys):
     """The library (atomic_folder, the built-in corpus) and the commands (data builtin, data pack,
-    tokenizer train) say the same line, before any slow work; the folder is left as it was."""
+    tokenizer train, init, quantize, train) say the same line, before any slow work (the missing
+    tokenizer or model is never reached); the folder is left as it was."""
     from smallcoder.cli import main
     from smallcoder.data import builtin
 
@@ -245,7 +246,10 @@ def test_every_writer_refuses_a_used_folder_in_the_same_words(tmp_path, capsys):
         assert str(e.value) == f"{rule} (use --force / overwrite=True to replace it)"
     for argv in (["data", "builtin", "--out", str(used)],
                  ["data", "pack", "--input", "builtin:code", "--tokenizer", str(tmp_path / "no-tok"), "--out", str(used)],
-                 ["tokenizer", "train", "--input", "builtin:code", "--vocab-size", "300", "--out", str(used)]):
+                 ["tokenizer", "train", "--input", "builtin:code", "--vocab-size", "300", "--out", str(used)],
+                 ["init", "--preset", "smallcoder-303m", "--tokenizer", str(tmp_path / "no-tok"), "--out", str(used)],
+                 ["quantize", "--model", str(tmp_path / "no-model"), "--out", str(used)],
+                 ["train", "--out", str(used)]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("smallcoder: error: ") and rule in err and "\n" not in err.strip(), argv

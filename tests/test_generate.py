@@ -19,7 +19,7 @@ import torch
 
 import smallcoder
 from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, format_chat
-from smallcoder.tokenizer import CHAT_TEMPLATE, EOS_TOKEN
+from smallcoder.prompts import CHAT_TEMPLATE, EOS_TOKEN
 
 gen_mod = importlib.import_module("smallcoder.inference.engine")
 sample = gen_mod.sample
@@ -274,6 +274,72 @@ def test_kv_cache_rows_of_different_lengths_match_unbatched_forward(model64, mic
         assert (out[row] - model64(torch.tensor([seq]))[0, -2:]).abs().max().item() < 1e-5
 
 
+@torch.inference_mode()
+def test_kv_cache_keeps_no_per_call_state(model, micro_config):
+    """The cache is storage (keys, values, each row's length); where a forward writes is that
+    forward's argument, so nothing of one call is left on the cache for the next to read."""
+    cache = KVCache(micro_config, 2, 16)
+    fields = dict(vars(cache))
+    model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache)  # uniform prefill
+    model(torch.tensor([[7], [8]]), cache=cache, starts=[3, 1])  # one token per row, rows apart
+    model(torch.tensor([[7, 9], [8, 9]]), cache=cache, starts=[0, 5])  # several, rows apart
+    assert set(vars(cache)) == set(fields) == {"k", "v", "lengths", "max_length", "batch_size"}
+    assert all(vars(cache)[name] is value for name, value in fields.items())
+    assert cache.lengths.tolist() == [2, 7]
+
+
+@torch.inference_mode()
+def test_explicit_starts_rewrite_positions_per_row(model64, micro_config):
+    """`starts` puts each row's tokens at given positions: rewriting positions (the engine's idle
+    rows, a reused prefix) gives the logits of a sequence that never held the old tokens, and
+    keys past a row's new end are never seen, whatever the row held there before."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, micro_config.vocab_size, (2, 12), generator=g)
+    cache = KVCache(micro_config, 2, 16, torch.float64)
+    model64(ids[:, :6], cache=cache)
+    model64(torch.full((2, 3), 5), cache=cache)  # junk at positions 6..8
+    assert cache.lengths.tolist() == [9, 9]
+    out = model64(ids[:, 6:10], cache=cache, starts=torch.tensor([6, 6]))
+    assert cache.lengths.tolist() == [10, 10]
+    assert (out - model64(ids[:, :10])[:, 6:10]).abs().max().item() < 1e-5
+    # row 0 goes back to position 3, row 1 continues at 10
+    extra = torch.stack([ids[0, 3:5], ids[1, 10:12]])
+    out = model64(extra, cache=cache, starts=[3, 10])
+    assert cache.lengths.tolist() == [5, 12]
+    assert (out[0] - model64(ids[:1, :5])[0, 3:5]).abs().max().item() < 1e-5
+    assert (out[1] - model64(ids[1:, :12])[0, 10:12]).abs().max().item() < 1e-5
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("call, message", [
+    (lambda m, c: m(torch.tensor([[1]]), starts=[0]), "starts= are positions in a KV cache"),
+    (lambda m, c: m(torch.tensor([[1], [2]]), cache=c, starts=[0]), r"starts has shape \(1,\); the KV cache has 2"),
+    (lambda m, c: m(torch.tensor([[1], [2]]), cache=c, starts=[0, 8]), "KV cache holds 8 positions, asked for 9"),
+    (lambda m, c: m(torch.tensor([[1], [2]]), cache=c, starts=[-1, 0]), "starts must be >= 0"),
+])
+def test_explicit_starts_are_checked(model, micro_config, call, message):
+    cache = KVCache(micro_config, 2, 8)
+    with pytest.raises(ValueError, match=message):
+        call(model, cache)
+    assert cache.lengths.tolist() == [0, 0]
+
+
+def test_engine_leaves_the_callers_model_as_it_was(micro_checkpoint):
+    """An Engine keeps what it needs (its decode kernel, its cache) to itself: the model it is
+    given, e.g. the trainer's model during its EOS check, is not changed by it."""
+    m, t = smallcoder.load(micro_checkpoint)
+    m.train()
+    attrs = dict(vars(m))
+    modes = [x.training for x in m.modules()]
+    tensors = {k: v.data_ptr() for k, v in m.state_dict().items()}
+    engine = Engine(m, t)
+    engine.generate(["def add", "for i in"], greedy(6))
+    assert m.decode_kernel is None
+    assert set(vars(m)) == set(attrs) and all(vars(m)[k] is v for k, v in attrs.items())
+    assert [x.training for x in m.modules()] == modes
+    assert {k: v.data_ptr() for k, v in m.state_dict().items()} == tensors
+
+
 # ---- batching ---------------------------------------------------------------------------------
 
 
@@ -361,7 +427,7 @@ def test_stop_string_inside_one_token(engine, tok):
 
 
 def test_earliest_stop_string_wins(engine):
-    prompt, full, (i, first, pos) = find_spanning_case(engine, 2)
+    prompt, full, (_i, first, pos) = find_spanning_case(engine, 2)
     later = next(full.text[j:j + 2] for j in range(pos + 2, len(full.text) - 1)
                  if clean(full.text[j:j + 2]) and full.text.find(full.text[j:j + 2]) == j)
     for stops in ([later, first], [first, later]):
@@ -417,7 +483,7 @@ def _sampled():
 @pytest.mark.parametrize("with_stop", [False, True], ids=["nostop", "stop"])
 def test_stream_equals_generate(engine, tok, make_params, with_stop):
     params = make_params()
-    prompt, full, (i, stop, pos) = find_spanning_case(engine, 2, params)
+    prompt, full, (_i, stop, pos) = find_spanning_case(engine, 2, params)
     if with_stop:
         params.stop = (stop, "\x00never\x00")
     pieces = list(engine.stream(prompt, params))
@@ -618,7 +684,7 @@ def test_sampling_is_not_greedy(engine):
     assert any(o != g.token_ids for o in outs)
 
 
-@pytest.mark.parametrize("extra", [dict(top_k=1), dict(top_p=1e-6)], ids=["top_k=1", "tiny top_p"])
+@pytest.mark.parametrize("extra", [{"top_k": 1}, {"top_p": 1e-6}], ids=["top_k=1", "tiny top_p"])
 def test_restricted_sampling_equals_greedy(engine, extra):
     want = [c.token_ids for c in engine.generate(PROMPTS, greedy(20))]
     for seed in (0, 1):
@@ -678,9 +744,9 @@ def test_sample_seeded_generator_is_reproducible():
     assert a[0] == a[1]
 
 
-@pytest.mark.parametrize("kw", [dict(max_new_tokens=-1), dict(max_new_tokens=1.5), dict(temperature=-0.1),
-                                dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(stop=["ok", ""]),
-                                dict(stop="")])
+@pytest.mark.parametrize("kw", [{"max_new_tokens": -1}, {"max_new_tokens": 1.5}, {"temperature": -0.1},
+                                {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"stop": ["ok", ""]},
+                                {"stop": ""}])
 def test_sampling_params_validation(kw):
     with pytest.raises(SmallCoderError):
         SamplingParams(**kw)

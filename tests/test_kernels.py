@@ -76,12 +76,46 @@ def test_kernel_is_dropped_when_the_weights_are_replaced():
     assert m.decode_kernel is None and out.dtype == torch.float64
 
 
+def test_kernel_validity_check_changes_nothing():
+    """`valid` answers whether the model still holds the kernel's tensors; dropping a stale kernel
+    is the forward's decision, not a side effect of asking."""
+    m = _model("fp32")
+    assert kernels.attach(m)
+    kernel = m.decode_kernel
+    assert kernel.valid(m)
+    m.to(torch.float64)
+    assert not kernel.valid(m) and not kernel.valid(m)
+    assert m.decode_kernel is kernel
+
+
+def test_engine_kernel_is_never_run_on_replaced_weights(small_tokenizer, monkeypatch):
+    m = _model("fp32")
+    engine = Engine(m, small_tokenizer)
+    calls = []
+    real = kernels.DecodeKernel.__call__
+
+    def counting(self, *args):
+        calls.append(self)
+        return real(self, *args)
+
+    monkeypatch.setattr(kernels.DecodeKernel, "__call__", counting)
+    params = SamplingParams(max_new_tokens=6, stop_at_eos=False)
+    engine.generate([[5, 6, 7]], params)
+    assert calls and all(k is engine.decode_kernel for k in calls)  # the engine's own kernel decoded
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)  # new tensors
+    calls.clear()
+    got = engine.generate([[5, 6, 7]], params)
+    assert not calls
+    want = Engine(m, small_tokenizer, use_kernel=False).generate([[5, 6, 7]], params)
+    assert got[0].token_ids == want[0].token_ids
+
+
 def test_engine_greedy_tokens_equal_with_and_without_kernel(small_tokenizer):
     m = _model("fp32")
     params = SamplingParams(max_new_tokens=20, stop_at_eos=False)
     prompts = [[5, 6, 7], [8] * 11, [9, 10]]
     fast = Engine(m, small_tokenizer, max_batch=2)
-    assert m.decode_kernel is not None
+    assert fast.decode_kernel is not None  # the engine's own kernel (it no longer attaches one to m)
     slow = Engine(_reference(m), small_tokenizer, use_kernel=False)
     assert slow.model.decode_kernel is None
     a, b = fast.generate(prompts, params), slow.generate(prompts, params)

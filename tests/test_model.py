@@ -18,14 +18,14 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
 # Four shapes: MHA untied like the card (smaller), GQA, tied embeddings, non-default rope_theta/eps
 # (with an explicit head_dim that differs from hidden/heads).
 SHAPES = {
-    "mha_untied": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                       intermediate_size=512, tie_word_embeddings=False),
-    "gqa": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                intermediate_size=256, tie_word_embeddings=False),
-    "tied": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
-                 intermediate_size=192, tie_word_embeddings=True),
-    "rope_eps_headdim": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                             intermediate_size=256, head_dim=48, rope_theta=500000.0, rms_norm_eps=1e-5),
+    "mha_untied": {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+                       "intermediate_size": 512, "tie_word_embeddings": False},
+    "gqa": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                "intermediate_size": 256, "tie_word_embeddings": False},
+    "tied": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 3,
+                 "intermediate_size": 192, "tie_word_embeddings": True},
+    "rope_eps_headdim": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+                             "intermediate_size": 256, "head_dim": 48, "rope_theta": 500000.0, "rms_norm_eps": 1e-5},
 }
 TOL = 1e-4
 
@@ -47,7 +47,7 @@ def pair(request, tmp_path_factory):
 
 
 def test_config_read_from_hf(pair):
-    name, hf, ours = pair
+    _name, hf, ours = pair
     c, h = ours.config, hf.config
     assert (c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == (
         h.num_key_value_heads, h.head_dim, h.tie_word_embeddings)
@@ -89,7 +89,7 @@ def test_kv_cache_decoding_matches(pair):
 
 
 def test_greedy_generation_matches_transformers(pair):
-    name, hf, ours = pair
+    _name, hf, ours = pair
     from smallcoder.tokenizer import Tokenizer  # noqa: F401  (token ids only here)
 
     prompt = torch.randint(1, 512, (1, 10), generator=torch.Generator().manual_seed(3))

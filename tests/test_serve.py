@@ -37,8 +37,8 @@ import uvicorn
 
 import smallcoder
 from smallcoder import Engine, SamplingParams, SmallCoderError, format_chat
+from smallcoder.prompts import CHAT_STOP
 from smallcoder.serve.app import create_app
-from smallcoder.serve.chat import CHAT_STOP
 from smallcoder.serve.cli import bind_socket, register
 from smallcoder.serve.limits import ServeLimits
 

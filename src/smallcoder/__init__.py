@@ -17,9 +17,23 @@ _EXPORTS = {
     "ModelConfig": "config", "preset": "config",
     "Engine": "inference", "SamplingParams": "inference", "Completion": "inference",
     "SmallCoder": "model", "KVCache": "model",
-    "Tokenizer": "tokenizer", "format_chat": "tokenizer",
+    "Tokenizer": "tokenizer", "format_chat": "prompts",
 }
-__all__ = ["SmallCoderError", *_EXPORTS]
+__all__ = [
+    "Completion",
+    "Engine",
+    "KVCache",
+    "ModelConfig",
+    "SamplingParams",
+    "SmallCoder",
+    "SmallCoderError",
+    "Tokenizer",
+    "format_chat",
+    "load",
+    "new_model",
+    "preset",
+    "save",
+]  # SmallCoderError + _EXPORTS
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,7 @@ from .errors import SmallCoderError
 from .fsutil import atomic_folder
 from .hub import resolve
 from .model import SmallCoder
-from .quant import QUANT_CONFIG, QUANT_METHOD, int8_skeleton, is_quantized, quantize_model
+from .quant import QUANT_CONFIG, QUANT_METHOD, declared_method, int8_skeleton, is_quantized, quantize_model
 from .tokenizer import Tokenizer
 
 DTYPES = {
@@ -138,7 +138,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for f in _weight_files(folder):
         try:
             with safe_open(str(f), framework="pt") as fh:
-                for name in fh.keys():
+                for name in fh.keys():  # noqa: SIM118 - a safe_open handle is not iterable
                     sd[name] = fh.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise SmallCoderError(f"{f}: truncated or corrupt safetensors file ({e})") from None
@@ -266,10 +266,9 @@ def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: to
 
 def _quant_method(cfg: dict, config_path: Path) -> bool:
     """Whether config.json declares our int8 quantization (and refuse any other kind)."""
-    qc = cfg.get("quantization_config")
-    if qc is None:
+    method = declared_method(cfg)
+    if method is None:
         return False
-    method = qc.get("quant_method") if isinstance(qc, dict) else qc
     if method != QUANT_METHOD:
         raise SmallCoderError(f"{config_path}: quantization_config.quant_method {method!r} is not supported "
                               f"(SmallCoder reads {QUANT_METHOD!r})")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +38,9 @@ class FieldError(SmallCoderError):
         return FieldError(f"{where}.{self.field}" if where else self.field, self.problem, ": ")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (True is an int to Python, never a count to us); numpy's too."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -48,7 +49,7 @@ def _is_number(value: Any) -> bool:
 
 def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
     """`value` when it is an int (not a bool) in [minimum, maximum] (None: unbounded)."""
-    if _is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+    if is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
         return int(value)
     if minimum is None:
         rule = "an integer" if maximum is None else f"an integer <= {maximum}"
@@ -81,6 +82,26 @@ def choice(value: Any, name: str, options: Sequence[Any]) -> Any:
     if value in options:
         return value
     raise FieldError(name, f"must be one of {', '.join(map(str, options))}, got {value!r}")
+
+
+def known(value: Any, what: str, options: Sequence[Any]) -> Any:
+    """`value` when it names one of `options` (a preset, a task, a format): `unknown <what> 'x';
+    choose one of: a, b`."""
+    if value in options:
+        return value
+    raise SmallCoderError(f"unknown {what} {value!r}; choose one of: {', '.join(map(str, options))}")
+
+
+def require_extra(extra: str, modules: Iterable[str], what: str) -> None:
+    """One line naming the `pip install` that fixes it when an optional dependency is missing."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise SmallCoderError(f"{what} needs the '{extra}' extra ({module} is not installed): "
+                                  f"pip install 'smallcoder[{extra}]'") from None
 
 
 def boolean(value: Any, name: str) -> bool:

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checks import integer
 from .errors import SmallCoderError
-from .paths import default_data_dir  # noqa: F401 - re-exported: the rule lives in paths.py
 
 # ("module[:function]", group): the function (default `register`) adds its commands to that group.
 SUBCOMMAND_MODULES = [
@@ -22,17 +22,6 @@ SUBCOMMAND_MODULES = [
     ("smallcoder.export", None),
     ("smallcoder.serve.cli", None),
 ]
-
-
-def set_threads(threads: int | None) -> None:
-    """--threads: torch's intra-op CPU threads (None: torch's choice, one per core)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise SmallCoderError(f"--threads must be >= 1, got {threads}")
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _sampling(args: argparse.Namespace):
@@ -53,6 +42,27 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads, the same for every command that runs torch on the CPU (`set_threads` applies it)."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core); fewer when the cores are shared")
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a --threads value that is not a positive integer (None: torch's default)."""
+    if threads is not None:
+        integer(threads, "--threads")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads to torch (checked first); None keeps torch's default."""
+    check_threads(threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 DTYPE_HELP = ("float32 | bfloat16 | float16 | int8 (weights; int8 quantizes a float checkpoint as it "
               "loads, or loads one saved by `smallcoder quantize`)")
 
@@ -66,8 +76,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_init(args: argparse.Namespace) -> None:
     from .checkpoint import new_model, save
     from .config import preset
+    from .fsutil import FORCE_HINT, refuse_used_folder
     from .tokenizer import Tokenizer
 
+    refuse_used_folder(args.out, overwrite=args.force, hint=FORCE_HINT)  # before building the model
     config = preset(args.preset)
     tokenizer = Tokenizer.load(args.tokenizer)
     if tokenizer.vocab_size != config.vocab_size:
@@ -89,24 +101,24 @@ def _engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .tokenizer import format_chat
+    from .prompts import AnswerStream, chat_stops, format_chat
 
     params = _sampling(args)
     engine = _engine(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    shown = str
     if args.chat:
-        prompt = format_chat(prompt)
-    first = True
+        prompt, params.stop, shown = format_chat(prompt), chat_stops(params.stop), AnswerStream()
     for piece in engine.stream(prompt, params):
-        if first and args.chat:
-            piece, first = piece.lstrip(), not piece.strip()
-        print(piece, end="", flush=True)
+        print(shown(piece), end="", flush=True)
     print()
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from .checkpoint import load, save
+    from .fsutil import FORCE_HINT, refuse_used_folder
 
+    refuse_used_folder(args.out, overwrite=args.force, hint=FORCE_HINT)  # before loading the model
     model, tokenizer = load(args.model, dtype="int8")
     save(model, tokenizer, args.out, overwrite=args.force)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
@@ -115,11 +127,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .tokenizer import format_chat
+    from .prompts import AnswerStream, chat_stops, format_chat
 
     engine = _engine(args)
     params = _sampling(args)
     params.truncate = True
+    params.stop = chat_stops(params.stop)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"chatting with {args.model} ({args.dtype}); /reset clears the history, /quit or Ctrl-D ends")
     while True:
@@ -138,10 +151,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         print("Assistant: ", end="", flush=True)
-        answer, first = [], True
+        answer, shown = [], AnswerStream()
         for piece in engine.stream(format_chat(messages), params):
-            if first:
-                piece, first = piece.lstrip(), not piece.strip()
+            piece = shown(piece)
             answer.append(piece)
             print(piece, end="", flush=True)
         print()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checks import known
 from .errors import SmallCoderError
 
 # Architectures whose weights and maths are exactly the Llama decoder we implement.
@@ -224,7 +225,4 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def preset(name: str) -> ModelConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise SmallCoderError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    return PRESETS[known(name, "preset", tuple(PRESETS))]

@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checks import known, require_extra
+from .config import read_config_json
 from .errors import SmallCoderError
 from .fsutil import atomic_path
+from .prompts import CHAT_TEMPLATE, FILE_SEP, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, REPO_NAME
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,13 +38,13 @@ _STARCODER_PRE = [{"type": "Digits", "individual_digits": True}, {"type": "ByteL
 _GPT2_PRE = [{"type": "ByteLevel", "use_regex": True}]
 
 # llama.cpp's FIM metadata keys and the vocabulary entries they name when the vocabulary has them.
-FIM_TOKENS = {
-    "tokenizer.ggml.fim_pre_token_id": "<fim_prefix>",
-    "tokenizer.ggml.fim_suf_token_id": "<fim_suffix>",
-    "tokenizer.ggml.fim_mid_token_id": "<fim_middle>",
-    "tokenizer.ggml.fim_pad_token_id": "<fim_pad>",
-    "tokenizer.ggml.fim_rep_token_id": "<reponame>",
-    "tokenizer.ggml.fim_sep_token_id": "<file_sep>",
+GGUF_FIM_KEYS = {
+    "tokenizer.ggml.fim_pre_token_id": FIM_PREFIX,
+    "tokenizer.ggml.fim_suf_token_id": FIM_SUFFIX,
+    "tokenizer.ggml.fim_mid_token_id": FIM_MIDDLE,
+    "tokenizer.ggml.fim_pad_token_id": FIM_PAD,
+    "tokenizer.ggml.fim_rep_token_id": REPO_NAME,
+    "tokenizer.ggml.fim_sep_token_id": FILE_SEP,
 }
 
 
@@ -103,8 +106,6 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source: str) ->
     """Write the vocabulary, merges, special ids and chat template; return the FIM ids written."""
     import gguf
 
-    from .tokenizer import CHAT_TEMPLATE
-
     tok_json = json.loads(tokenizer.backend.to_str())
     pre = _pre_tokenizer_name(tok_json, source)
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
@@ -143,7 +144,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, source: str) ->
     writer.add_add_bos_token(False)  # the model card's prompts start without BOS
     writer.add_add_eos_token(False)
     fim = {}
-    for key, text in FIM_TOKENS.items():
+    for key, text in GGUF_FIM_KEYS.items():
         tid = vocab.get(text)
         if tid is not None and tid < vocab_size:
             writer.add_uint32(key, tid)
@@ -164,16 +165,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _check_float_checkpoint(folder: Path) -> None:
     """Refuse a folder that holds int8 weights: GGUF export needs the float weights."""
+    from .quant import declared_method
+
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise SmallCoderError(f"{folder}: no config.json (give a SmallCoder / Hugging Face checkpoint folder)")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SmallCoderError(f"{cfg_file}: not valid JSON ({e})") from None
-    if isinstance(cfg, dict) and cfg.get("quantization_config") is not None:
-        method = cfg["quantization_config"]
-        method = method.get("quant_method", method) if isinstance(method, dict) else method
+    method = declared_method(read_config_json(cfg_file))
+    if method is not None:
         raise SmallCoderError(
             f"{cfg_file}: field quantization_config ({method!r}) marks a quantized checkpoint; "
             "export from the float checkpoint (GGUF export quantizes by itself, see --outtype)")
@@ -186,16 +184,11 @@ def export_gguf(model: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTY
     `outtype` is the type of the 2-D weights (f32, f16 or q8_0); norms stay F32, as llama.cpp
     expects. The file appears atomically; an existing `out` is replaced only with `overwrite`.
     """
-    outtype = str(outtype).lower()
-    if outtype not in OUTTYPES:
-        raise SmallCoderError(f"unknown --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
+    outtype = known(str(outtype).lower(), "--outtype", OUTTYPES)
     out = Path(out).expanduser()
     _check_out(out, overwrite)
-
-    try:
-        import gguf
-    except ImportError:
-        raise SmallCoderError("GGUF export needs the 'gguf' package: pip install 'smallcoder[export]'") from None
+    require_extra("export", ["gguf"], "GGUF export")
+    import gguf
     from tqdm import tqdm
 
     from .checkpoint import load
@@ -273,8 +266,7 @@ def export_gguf(model: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTY
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    if args.format not in FORMATS:
-        raise SmallCoderError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    known(args.format, "--format", FORMATS)
     path = export_gguf(args.model, args.out, args.outtype, overwrite=args.force)
     size = path.stat().st_size
     print(f"wrote {path}: GGUF ({args.outtype}), {size / 2**20:.1f} MiB")

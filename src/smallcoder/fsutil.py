@@ -178,6 +178,9 @@ def _commit(tmp: Path, target: Path) -> Path | None:
     return old
 
 
+FORCE_HINT = "use --force to replace it"  # what a command says when it refuses a used --out
+
+
 def refuse_used_folder(path: str | Path, *, overwrite: bool = False, ignore: Collection[str] = (),
                        hint: str = "use --force / overwrite=True to replace it") -> None:
     """The one "never write over what is there" rule: `path` must be absent or an empty folder

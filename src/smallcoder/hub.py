@@ -39,7 +39,7 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None,
 
         local = snapshot_download(repo_id=name, revision=revision,
                                   allow_patterns=allow_patterns or CHECKPOINT_FILES)
-    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end the same way for the user
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise SmallCoderError(
             f"{name}: no such local folder, and it could not be fetched from the Hugging Face Hub "

@@ -1,10 +1,15 @@
 """The CPU decode kernel: builds `csrc/decode.cpp` once per machine and runs decode steps with it.
 
 A decode step at batch 1 reads every weight once, so its speed is the memory bandwidth; PyTorch
-reaches ~40% of it here (a one-thread GEMV plus per-op dispatch). The C++ step keeps both cores
+reaches ~40% of it here (a one-thread GEMV plus per-op dispatch). The C++ step keeps every core
 streaming weights in one OpenMP region. It is an implementation of `SmallCoder.forward` for one
 new token per row with a KV cache and nothing else: prefill, scoring and training stay in PyTorch,
-and tests hold the two to the same logits.
+and tests hold the two to the same logits. It takes any number of rows; the forward hands it at
+most `MAX_ROWS`, where it was measured faster than PyTorch.
+
+`build(model)` makes one for a model's weights without touching the model (what an `Engine` does:
+it keeps its own and passes it to the forward); `attach(model)` sets `model.decode_kernel`, which
+the model's forward then uses by default.
 
 The library is compiled with the system C++ compiler (`$CXX`, else `g++`/`c++`) with
 `-O3 -march=native -fopenmp` into `$SMALLCODER_CACHE` (default `~/.cache/smallcoder`), keyed by the
@@ -70,7 +75,7 @@ def load_library() -> ctypes.CDLL | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 tmp.unlink(missing_ok=True)
                 raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
@@ -145,23 +150,21 @@ class DecodeKernel:
         return type(None), ()
 
     def valid(self, model: torch.nn.Module) -> bool:
-        ok = all(d.get(name) is not None and d[name].data_ptr() == ptr for d, name, ptr in self._sources)
-        if not ok:
-            model.decode_kernel = None
-        return ok
+        """Whether `model` still holds the tensors this kernel reads (a pure check: callers decide)."""
+        return all(d.get(name) is not None and d[name].data_ptr() == ptr for d, name, ptr in self._sources)
 
     def supports(self, cache, rows: int) -> bool:
         k = cache.k[0]
         return (rows <= MAX_ROWS and k.dtype == torch.float32 and k.device.type == "cpu"
                 and k.stride(3) == 1 and k.stride(2) == k.shape[3] and k.stride(1) == k.shape[2] * k.shape[3])
 
-    def __call__(self, x: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (M, V) for embeddings x (M, hidden) of one new token per cache row."""
+    def __call__(self, x: torch.Tensor, cache, starts: torch.Tensor) -> torch.Tensor:
+        """Logits (M, V) for embeddings x (M, hidden) of one new token per cache row, row m's at
+        position starts[m] (written into the cache there; the caller records the lengths)."""
         cfg = self.config
         M = x.shape[0]
-        starts = cache.begin(1)
         x = x.float().contiguous()
-        pos = starts.contiguous()
+        pos = starts.to(torch.int64).contiguous()
         ptrs = self.layer_ptrs.view(cfg.num_hidden_layers, 11)
         ptrs[:, 9:] = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in zip(cache.k, cache.v)])
         logits = torch.empty(M, cfg.vocab_size, dtype=torch.float32)
@@ -174,20 +177,28 @@ class DecodeKernel:
             self.wtype, cfg.rms_norm_eps, self.inv_freq.data_ptr(), logits.data_ptr())
         if rc != 0:
             raise ValueError(f"KV cache holds {k.shape[2]} positions, asked for {int(pos.max()) + 1}")
-        cache.end(1)
         return logits
 
 
-def attach(model: torch.nn.Module) -> bool:
-    """Give `model` the C++ decode step when the kernel builds here; returns whether it did."""
+def build(model: torch.nn.Module) -> DecodeKernel | None:
+    """A C++ decode step for `model`'s weights when the kernel builds here, else None; `model` is
+    not changed (an Engine keeps the kernel it builds)."""
     if model.lm_head.weight.device.type != "cpu":
-        return False
+        return None
     lib = load_library()
     if lib is None:
-        return False
+        return None
     try:
-        model.decode_kernel = DecodeKernel(model, lib)
+        return DecodeKernel(model, lib)
     except ValueError as e:
         print(f"smallcoder: decode kernel not used: {e}", file=sys.stderr)
-        return False
-    return True
+        return None
+
+
+def attach(model: torch.nn.Module) -> bool:
+    """Give `model` its own C++ decode step (`model.decode_kernel`, used by its forward); returns
+    whether it did."""
+    kernel = build(model)
+    if kernel is not None:
+        model.decode_kernel = kernel
+    return kernel is not None

@@ -7,12 +7,18 @@ between the two without renaming or permuting, and the arithmetic follows the sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
 from .loss import next_token_loss_sum
+
+if TYPE_CHECKING:
+    from .kernels import DecodeKernel
 
 
 class RMSNorm(nn.Module):
@@ -34,11 +40,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, one row per sequence (slot).
+    """Preallocated keys and values for every layer, one row per sequence (slot), and each row's
+    filled length.
 
-    Each row has its own filled length, so sequences of different lengths share one batch
-    without padding and a finished row can be refilled with a new sequence (continuous batching).
-    `rows(a, b)` is a view of rows a..b-1 that shares storage with this cache.
+    Storage only: where a forward puts its tokens is that forward's argument (`SmallCoder.forward`'s
+    `starts`, by default each row's length) and the forward records the lengths it leaves, so
+    rows of different lengths share one batch without padding and a finished row can be refilled
+    with a new sequence (continuous batching). `rows(a, b)` is a view of rows a..b-1 that shares
+    storage with this cache.
     """
 
     def __init__(self, config: ModelConfig | None, batch_size: int, max_length: int,
@@ -58,6 +67,18 @@ class KVCache:
         return KVCache(None, 0, 0, _views=([k[start:stop] for k in self.k], [v[start:stop] for v in self.v],
                                             self.lengths[start:stop]))
 
+    def grown(self, batch_size: int, max_length: int) -> KVCache:
+        """A cache of at least this one's rows and positions that holds this one's contents."""
+        k0 = self.k[0]
+        shape = (max(batch_size, self.batch_size), k0.shape[1], max(max_length, self.max_length), k0.shape[3])
+        k = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in self.k]
+        v = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in self.v]
+        new = KVCache(None, 0, 0, _views=(k, v, torch.zeros(shape[0], dtype=torch.long)))
+        for dst, src in zip(new.k + new.v, self.k + self.v):
+            dst[:self.batch_size, :, :self.max_length] = src
+        new.lengths[:self.batch_size] = self.lengths
+        return new
+
     @property
     def length(self) -> int:
         """Filled positions of the longest row."""
@@ -66,38 +87,54 @@ class KVCache:
     def reset(self) -> None:
         self.lengths.zero_()
 
-    def begin(self, T: int) -> torch.Tensor:
-        """Start a forward of T new tokens per row: returns each row's first position (B,)."""
-        starts = self.lengths.clone()
-        self._starts = starts.tolist()
-        if max(self._starts) + T > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions, asked for {max(self._starts) + T}")
-        self._uniform = len(set(self._starts)) == 1
-        self._index = starts.to(self.k[0].device)
-        return starts
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values (B, heads, T, head_dim) at each row's positions; return the
-        keys/values of positions 0..longest row (rows shorter than that are masked by the caller)."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values (B, heads, T, head_dim) at the positions `at` gives each row; return
+        the keys/values of positions 0..at.end-1 (rows shorter than that are masked by the caller)."""
         T = k.shape[2]
         k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
-        if self._uniform:
-            s0 = self._starts[0]
+        if at.uniform:
+            s0 = at.starts[0]
             self.k[layer][:, :, s0:s0 + T] = k
             self.v[layer][:, :, s0:s0 + T] = v
         elif T == 1:
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer][rows, :, self._index] = k[:, :, 0]
-            self.v[layer][rows, :, self._index] = v[:, :, 0]
+            self.k[layer][rows, :, at.index] = k[:, :, 0]
+            self.v[layer][rows, :, at.index] = v[:, :, 0]
         else:
-            for b, s0 in enumerate(self._starts):
+            for b, s0 in enumerate(at.starts):
                 self.k[layer][b, :, s0:s0 + T] = k[b]
                 self.v[layer][b, :, s0:s0 + T] = v[b]
-        S = max(self._starts) + T
-        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+        return self.k[layer][:, :, :at.end], self.v[layer][:, :, :at.end]
 
-    def end(self, T: int) -> None:
-        self.lengths += T
+
+class Positions:
+    """Where one forward's T new tokens go in a KV cache: row b takes positions starts[b]..starts[b]+T-1.
+
+    Made by each forward from its arguments and handed down to the layers (never kept on the cache)."""
+
+    def __init__(self, starts: torch.Tensor, B: int, T: int, cache: KVCache) -> None:
+        if cache.batch_size != B:
+            raise ValueError(f"KV cache has {cache.batch_size} rows, input has {B}")
+        if starts.shape != (cache.batch_size,):
+            raise ValueError(f"starts has shape {tuple(starts.shape)}; the KV cache has {cache.batch_size} rows")
+        self.tensor = starts  # (B,) int64 on the CPU
+        self.starts: list[int] = starts.tolist()
+        self.T = T
+        self.end = max(self.starts) + T
+        if min(self.starts) < 0:
+            raise ValueError(f"starts must be >= 0, got {self.starts}")
+        if self.end > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions, asked for {self.end}")
+        self.uniform = len(set(self.starts)) == 1
+        self.index = starts.to(cache.k[0].device)
+
+    def mask(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask for queries at `position_ids` (B, T): row b's query at position p sees
+        keys 0..p of its own row. None where plain causal attention (or none) already does that."""
+        if self.uniform and (self.T == 1 or self.starts[0] == 0):
+            return None
+        k_pos = torch.arange(self.end, device=position_ids.device)
+        return (k_pos[None, None, :] <= position_ids[:, :, None])[:, None]
 
 
 class Attention(nn.Module):
@@ -113,7 +150,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, at: Positions | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -122,7 +159,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.write(layer, k, v)
+            k, v = cache.write(layer, k, v, at)
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None and T > 1 and k.shape[2] == T,
             enable_gqa=self.n_kv != self.n_heads)
@@ -148,8 +185,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, at, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, at, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,7 +210,7 @@ class SmallCoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
-        self.decode_kernel = None  # set by kernels.attach (the Engine does it on a CPU)
+        self.decode_kernel: DecodeKernel | None = None  # set by kernels.attach; an Engine keeps its own
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # int8 keeps its own
@@ -204,47 +241,63 @@ class SmallCoder(nn.Module):
         return self._inv_freq[device]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for `input_ids` (B, T), appending to `cache` when given; with `labels`, the loss.
+                last_only: bool = False, labels: torch.Tensor | None = None, *,
+                starts: torch.Tensor | Sequence[int] | None = None,
+                decode_kernel: DecodeKernel | None = None) -> torch.Tensor:
+        """Logits for `input_ids` (B, T), written into `cache` when given; with `labels`, the loss.
 
-        Row b's tokens take positions cache.lengths[b] onwards, so rows of different lengths
-        share a batch without padding. `last_only` computes logits for the final position only.
-        `labels` (B, T) returns the summed next-token cross-entropy instead of logits, without
-        ever holding the full logits (`loss.next_token_loss_sum`): the training path.
+        Row b's tokens take positions starts[b].. (default: cache.lengths[b], i.e. appended), so
+        rows of different lengths share a batch without padding, and afterwards cache.lengths[b]
+        is starts[b] + T. `last_only` computes logits for the final position only. `labels`
+        (B, T) returns the summed next-token cross-entropy instead of logits, without ever
+        holding the full logits (`loss.next_token_loss_sum`): the training path.
+        `decode_kernel` (a `kernels.DecodeKernel` for these weights) runs one-token steps in C++;
+        by default the one `kernels.attach` gave this model, if any.
         """
         B, T = input_ids.shape
         if labels is not None and (cache is not None or last_only):
             raise ValueError("labels= computes the training loss over the whole sequence: no cache, no last_only")
         if labels is not None and not isinstance(self.lm_head, nn.Linear):
             raise ValueError(f"labels= needs a float lm_head to train; this model's is {type(self.lm_head).__name__}")
+        if cache is None and starts is not None:
+            raise ValueError("starts= are positions in a KV cache: pass cache= too")
         device = input_ids.device
         x = self.model.embed_tokens(input_ids)
-        kernel = self.decode_kernel
-        if kernel is not None and cache is not None and T == 1 and kernel.supports(cache, B) \
-                and not torch.is_grad_enabled() and kernel.valid(self):
-            return kernel(x[:, 0], cache)[:, None]  # the C++ decode step (kernels.py)
-        mask = None
+        mask = at = None
         if cache is None:
             position_ids = torch.arange(T, device=device).unsqueeze(0)
         else:
-            if cache.batch_size != B:
-                raise ValueError(f"KV cache has {cache.batch_size} rows, input has {B}")
-            starts = cache.begin(T).to(device)
-            position_ids = starts[:, None] + torch.arange(T, device=device)
-            if not (cache._uniform and (T == 1 or cache._starts[0] == 0)):
-                # row b's query at position p sees keys 0..p of its own row
-                k_pos = torch.arange(max(cache._starts) + T, device=device)
-                mask = (k_pos[None, None, :] <= position_ids[:, :, None])[:, None]
+            first = cache.lengths.clone() if starts is None else torch.as_tensor(starts, dtype=torch.long).cpu()
+            at = Positions(first, B, T, cache)
+            logits = self._kernel_step(x, cache, at, decode_kernel)
+            if logits is not None:
+                cache.lengths.copy_(first + T)
+                return logits[:, None]
+            position_ids = at.index.to(device)[:, None] + torch.arange(T, device=device)
+            mask = at.mask(position_ids)
         freqs = position_ids[..., None].float() * self.inv_freq(device)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, at, i)
         if cache is not None:
-            cache.end(T)
+            cache.lengths.copy_(first + T)
         if last_only:
             x = x[:, -1:]
         if labels is not None:
             return next_token_loss_sum(self.model.norm(x), self.lm_head.weight, labels)
         return self.lm_head(self.model.norm(x))
+
+    def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions,
+                     kernel: DecodeKernel | None) -> torch.Tensor | None:
+        """Logits (B, V) from the C++ decode step when it applies here (one new token per row, a
+        cache it can read, no autograd, weights unchanged since it was built); else None."""
+        kernel = kernel if kernel is not None else self.decode_kernel
+        if kernel is None or at.T != 1 or torch.is_grad_enabled() or not kernel.supports(cache, len(at.starts)):
+            return None
+        if not kernel.valid(self):  # tensors replaced (.to(), load_state_dict): never read stale addresses
+            if kernel is self.decode_kernel:
+                self.decode_kernel = None
+            return None
+        return kernel(x[:, 0], cache, at.tensor)

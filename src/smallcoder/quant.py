@@ -11,7 +11,8 @@ A quantized checkpoint is a normal HF folder whose linear weights are int8 `*.we
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,17 @@ from torch import nn
 QUANT_METHOD = "smallcoder-int8"
 QUANT_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "granularity": "per-output-channel",
                 "symmetric": True, "modules": "all linear layers and lm_head"}
+
+
+def declared_method(config_json: Mapping[str, Any]) -> Any:
+    """The quantization that a config.json dict declares: None when it declares none (no
+    `quantization_config`, or null); else its `quant_method`, or the field itself when that is
+    not an object naming one (shown as is in errors)."""
+    qc = config_json.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else qc
+    return qc if method is None else method
 
 
 class Int8Linear(nn.Module):

@@ -1,8 +1,5 @@
-"""Tokenizer (StarCoder BPE through the `tokenizers` library) and the card's chat format.
-
-The chat format is the model card's: `User: {request}\\nAssistant:` and the answer ends with
-`<|endoftext|>`. Earlier turns are kept as history, each answer closed by its EOS.
-"""
+"""Tokenizer: StarCoder's byte-level BPE through the `tokenizers` library, saved with the config
+files `transformers` reads (the chat template included; the format itself is in prompts.py)."""
 
 from __future__ import annotations
 
@@ -15,48 +12,9 @@ from tokenizers import Tokenizer as _Backend
 
 from .errors import SmallCoderError
 from .hub import resolve
-
-EOS_TOKEN = "<|endoftext|>"
-USER_PREFIX = "User: "
-ASSISTANT_PREFIX = "Assistant:"
-
-# The same format as a Jinja template, so `transformers`' apply_chat_template and llama.cpp agree.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}{{ eos_token }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+from .prompts import CHAT_TEMPLATE, EOS_TOKEN
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-
-
-def format_chat(messages: Sequence[dict[str, str]] | str, add_generation_prompt: bool = True,
-                eos_token: str = EOS_TOKEN) -> str:
-    """Render a conversation in the card's format (a plain string is one user turn)."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    parts = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise SmallCoderError(f"chat message {i}: must be a dict with 'role' and 'content', "
-                                  f"got {type(m).__name__}")
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(content, str):
-            raise SmallCoderError(f"chat message {i}: 'content' must be a string, got {type(content).__name__}")
-        if role == "system":
-            parts.append(f"{content}\n")
-        elif role == "user":
-            parts.append(f"{USER_PREFIX}{content}\n")
-        elif role == "assistant":
-            parts.append(f"{ASSISTANT_PREFIX} {content}{eos_token}")
-        else:
-            raise SmallCoderError(f"chat message {i}: unknown role {role!r} (use system, user or assistant)")
-    if add_generation_prompt:
-        parts.append(ASSISTANT_PREFIX)
-    return "".join(parts)
 
 
 def _token_content(value: Any) -> str | None:
@@ -104,7 +62,7 @@ class Tokenizer:
             raise SmallCoderError(f"{path}: no tokenizer.json (SmallCoder reads fast-tokenizer files only)")
         try:
             backend = _Backend.from_file(str(file))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a plain Exception for a bad file
             raise SmallCoderError(f"{file}: not a valid tokenizer.json ({e})") from None
         config: dict[str, Any] = {}
         cfg_file = file.parent / "tokenizer_config.json"

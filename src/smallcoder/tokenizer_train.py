@@ -11,8 +11,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 
+from .checks import integer
 from .errors import SmallCoderError
-from .tokenizer import EOS_TOKEN, Tokenizer
+from .prompts import EOS_TOKEN
+from .tokenizer import Tokenizer
 
 # StarCoder's special tokens in StarCoder's id order (tokenizer_config.json of bigcode/starcoder).
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -41,8 +43,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         raise SmallCoderError(f"vocab_size {vocab_size!r} is too small: it must exceed "
                               f"{len(SPECIAL_TOKENS)} special + {BYTE_ALPHABET_SIZE} byte tokens "
                               f"(at least {MIN_VOCAB_SIZE})")
-    if not isinstance(min_frequency, int) or min_frequency < 1:
-        raise SmallCoderError(f"min_frequency {min_frequency!r} must be an integer >= 1")
+    integer(min_frequency, "min_frequency")
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -75,7 +76,7 @@ def iter_inputs(specs: list, limit: int | None, counts: dict[str, int]) -> Itera
     which is the text the model will see.
     """
     from .data.sources import iter_conversations, iter_texts
-    from .tokenizer import format_chat
+    from .prompts import format_chat
 
     def texts_of(spec) -> Iterator[str]:
         if spec.is_sft:

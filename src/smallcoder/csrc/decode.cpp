@@ -1,9 +1,10 @@
-// One decode step of a Llama-style model for a few rows (batch <= 8): the whole token in one
-// OpenMP parallel region, so no per-op dispatch and both cores stream weights at once.
+// One decode step of a Llama-style model for a few rows: the whole token in one OpenMP parallel
+// region, so no per-op dispatch and every thread streams weights at once. Any row count M works;
+// kernels.py hands it at most MAX_ROWS (16) rows, the range where it measured faster than PyTorch.
 //
 // Why: at batch 1 a decode step reads every weight once and does 2 FLOPs per weight, so it is
 // bound by memory bandwidth. PyTorch's one-row matmul runs on one thread at ~40% of the bandwidth
-// here and each small op costs microseconds of dispatch; this loop keeps both cores streaming.
+// here and each small op costs microseconds of dispatch; this loop keeps every core streaming.
 // Weights are fp32, bf16, or int8 with one fp32 scale per output row; activations, the KV cache
 // and all accumulation are fp32. Plain C++ with GCC vector extensions: -march=native picks AVX2,
 // AVX-512 or NEON. The arithmetic follows model.py (fp32 RMSNorm, rotate-half RoPE, softmax).

@@ -20,9 +20,7 @@ from typing import Any
 
 from ..checks import choice, integer
 from ..errors import SmallCoderError
-from ..fsutil import refuse_used_folder
-
-FORCE_HINT = "use --force to replace it"
+from ..fsutil import FORCE_HINT, refuse_used_folder
 
 
 def register(subparsers: Any) -> None:
@@ -278,8 +276,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from ..fsutil import atomic_folder
     from ..tokenizer_train import SAMPLE_TEXT, iter_inputs, train_tokenizer
 
-    if args.limit_docs is not None and args.limit_docs < 1:
-        raise SmallCoderError(f"--limit-docs {args.limit_docs}: must be at least 1")
+    if args.limit_docs is not None:
+        integer(args.limit_docs, "--limit-docs")
     out = Path(args.out)
     refuse_used_folder(out, overwrite=args.force, hint=FORCE_HINT)
     if args.vocab_size > 65536:

@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import SmallCoderError
-from ..tokenizer import ASSISTANT_PREFIX, format_chat
+from ..labels import IGNORE_INDEX
+from ..prompts import ASSISTANT_PREFIX, format_chat
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
-
-IGNORE_INDEX = -100
 
 Record = tuple[np.ndarray, "np.ndarray | None"]
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..checks import number
 from ..cli import DTYPE_HELP
 from ..errors import SmallCoderError
 from .data import TASK_NAMES as TASKS
@@ -81,8 +82,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SmallCoderError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SmallCoderError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise SmallCoderError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.timeout is not None:
+        number(args.timeout, "--timeout (CPU seconds)", strict=True)
 
 
 def _data_dir(args: argparse.Namespace) -> Path | None:

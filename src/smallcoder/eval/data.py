@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..checks import known
 from ..errors import SmallCoderError
 
 TASK_NAMES = ("humaneval", "mbpp", "gsm8k", "wikitext2", "arc_easy", "arc_challenge", "hellaswag", "humaneval_plus")
@@ -71,8 +72,7 @@ MBPP_FIELDS = ("task_id", "text", "code", "test_list", "test_setup_code", "chall
 
 def load_task_data(task: str, data_dir: str | Path | None = None) -> list[dict] | str:
     """Return the normalized items of `task` (a str for wikitext2); see the module docstring."""
-    if task not in TASK_NAMES:
-        raise SmallCoderError(f"unknown benchmark task {task!r}; choose one of: {', '.join(TASK_NAMES)}")
+    known(task, "benchmark task", TASK_NAMES)
     local = Path(data_dir) / TASK_FILES[task] if data_dir is not None else None
     if local is not None and local.is_file():
         return _LOCAL_READERS[task](local)

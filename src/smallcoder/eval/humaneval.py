@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SmallCoderError
+from ..prompts import chat_stops, format_chat
 from .extract import EXTRACTION_RULES, defines, extract_code
 from .results import TaskResult
 from .sandbox import Check
@@ -38,14 +39,11 @@ if TYPE_CHECKING:
 
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
 BASE_STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
-CHAT_STOP = ("\nUser:",)  # a model that does not stop at EOS would start the next turn
 FORMATS = ("instruct", "base")
 
 
 def humaneval_prompt(problem: dict[str, Any], fmt: str = "instruct") -> str:
     """The text the model completes for one task."""
-    from ..tokenizer import format_chat
-
     if fmt == "base":
         return problem["prompt"]
     if fmt == "instruct":
@@ -123,7 +121,7 @@ def run_humaneval(engine: Engine, problems: Sequence[dict[str, Any]], *, n_sampl
     check_ks(ks, n_samples)
     assembly = code_format(fmt, extraction)
     prompts = [humaneval_prompt(p, fmt) for p in problems]
-    stop = BASE_STOP if fmt == "base" else CHAT_STOP
+    stop = BASE_STOP if fmt == "base" else chat_stops()  # a model that misses EOS would start a new turn
     completions, stats = generate_samples(engine, prompts, n_samples=n_samples, temperature=temperature,
                                           max_new_tokens=max_new_tokens, seed=seed, stop=stop,
                                           batch_size=batch_size, top_p=top_p, progress=progress,

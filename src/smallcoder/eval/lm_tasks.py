@@ -28,6 +28,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from ..checks import known
 from ..errors import SmallCoderError
 from .passk import proportion
 from .results import Score, TaskResult
@@ -80,9 +81,7 @@ def _argmax(values: list[float]) -> int:
 def run_multiple_choice(engine: Engine, task: str, items: list[dict], limit: int | None = None,
                         batch_size: int = 16) -> TaskResult:
     """Score ARC Easy/Challenge or HellaSwag: acc and acc_norm over the first `limit` items."""
-    if task not in MULTIPLE_CHOICE_TASKS:
-        raise SmallCoderError(f"unknown multiple-choice task {task!r}; choose one of: "
-                              f"{', '.join(MULTIPLE_CHOICE_TASKS)}")
+    known(task, "multiple-choice task", MULTIPLE_CHOICE_TASKS)
     _check_limit(limit)
     items = list(items)[:limit] if limit is not None else list(items)
     if not items:

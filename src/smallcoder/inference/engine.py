@@ -20,15 +20,20 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..checks import integer
 from ..errors import SmallCoderError
 from ..model import KVCache, SmallCoder
 from ..tokenizer import Tokenizer
 from .requests import Completion, OnPiece, Request, ScoreRequest, _Job
 from .sampling import SamplingParams, sample
 from .scoring import Scoring, TokenScore, token_scores
+
+if TYPE_CHECKING:
+    from ..kernels import DecodeKernel
 
 log = logging.getLogger("smallcoder.inference")
 
@@ -45,20 +50,21 @@ class Engine(Scoring):
 
     def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16,
                  use_kernel: bool = True, prefix_cache: bool = True, prefill_chunk: int = 128) -> None:
-        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SmallCoderError(f"{name} must be a positive integer, got {value!r}")
-        self.model = model.eval()
+        integer(max_batch, "max_batch")
+        integer(prefill_chunk, "prefill_chunk")
+        self.model = model  # used as given: no train-only layers, every forward under inference_mode
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # the engine's own C++ decode step, passed to each forward: the caller's model is not changed
+        self.decode_kernel: DecodeKernel | None = None
         if use_kernel and self.device.type == "cpu" and model.decode_kernel is None:
-            from ..kernels import attach
+            from ..kernels import build
 
-            attach(model)
-        if model.decode_kernel is not None:
+            self.decode_kernel = build(model)
+        if self.decode_kernel is not None or model.decode_kernel is not None:
             self.dtype = torch.float32  # the kernel's KV cache (prefill writes it in any dtype)
         self._queue: deque[_Job] = deque()
         self._slots: list[Request | None] = []
@@ -119,8 +125,7 @@ class Engine(Scoring):
         ids = [int(t) for t in ids]
         if len(ids) - 1 > self.context_length:
             raise SmallCoderError(f"cannot score {len(ids)} tokens: the model's context is {self.context_length}")
-        if not isinstance(top, int) or top < 0:
-            raise SmallCoderError(f"top must be a non-negative integer, got {top!r}")
+        integer(top, "top", minimum=0)
         return ScoreRequest(ids, top, start, on_piece)
 
     def _enqueue(self, job: _Job) -> None:
@@ -325,6 +330,7 @@ class Engine(Scoring):
             return
         n = active[-1][0] + 1
         cache = self._cache.rows(0, n)
+        starts = cache.lengths.clone()  # an active row continues where it is
         tokens = []
         for i in range(n):
             r = self._slots[i]
@@ -332,13 +338,14 @@ class Engine(Scoring):
                 kept = self._kept.get(i, [])
                 if len(kept) >= cache.max_length - 1:
                     kept = self._kept[i] = []
-                cache.lengths[i] = len(kept)
+                starts[i] = len(kept)
             tokens.append(r.next_token if r is not None else self.tokenizer.eos_id)
-        logits = self.model(torch.tensor(tokens, device=self.device)[:, None], cache=cache, last_only=True)[:, -1]
-        for i in range(n):
-            if self._slots[i] is None:
-                cache.lengths[i] = len(self._kept.get(i, []))
+        logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache, starts)
         self._sample_and_advance([(i, r, logits[i]) for i, r in active])
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int]) -> torch.Tensor:
+        """Last-position logits (B, V) of `ids` (B, T), row b's tokens written at starts[b].."""
+        return self.model(ids, cache=cache, last_only=True, starts=starts, decode_kernel=self.decode_kernel)[:, -1]
 
     def _score(self, job: ScoreRequest) -> None:
         try:
@@ -392,10 +399,9 @@ class Engine(Scoring):
                 for t in self._cache.k + self._cache.v:
                     t[slot, :, :reuse] = t[source, :, :reuse]
             cache = self._cache.rows(slot, slot + 1)
-            cache.lengths.fill_(reuse)
             for start in range(reuse, len(ids), chunk):
                 part = torch.tensor([ids[start:start + chunk]], device=self.device)
-                logits = self.model(part, cache=cache, last_only=True)[:, -1]
+                logits = self._forward(part, cache, [start])
         except Exception as e:  # noqa: BLE001 - only this row's cache was touched
             request.error = e
             self._finish(slot, request, "error")
@@ -413,12 +419,10 @@ class Engine(Scoring):
         if old is not None:
             rows, length = max(rows, old.batch_size), max(length, old.max_length)
         length = min(self.context_length, -(-length // 128) * 128)
-        new = KVCache(self.model.config, rows, length, self.dtype, self.device)
-        if old is not None:
-            for dst, src in zip(new.k + new.v, old.k + old.v):
-                dst[:old.batch_size, :, :old.max_length] = src
-            new.lengths[:old.batch_size] = old.lengths
-        self._cache = new
+        if old is None:
+            self._cache = KVCache(self.model.config, rows, length, self.dtype, self.device)
+        else:
+            self._cache = old.grown(rows, length)
 
     def _sample_and_advance(self, rows: list[tuple[int, Request, torch.Tensor]]) -> None:
         """Pick each row's next token and advance its text. A failure here (non-finite logits, a

@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import integer, is_int
 from ..errors import SmallCoderError
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -38,16 +35,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise SmallCoderError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        integer(self.max_new_tokens, "max_new_tokens", minimum=0)
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
             raise SmallCoderError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise SmallCoderError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise SmallCoderError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+        integer(self.top_k, "top_k", minimum=0)
+        if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise SmallCoderError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SmallCoderError("stop strings must be non-empty strings")

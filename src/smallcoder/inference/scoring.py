@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from ..checks import integer
 from ..errors import SmallCoderError
 
 if TYPE_CHECKING:
@@ -122,8 +123,7 @@ class Scoring:
         log-softmax is taken in float32 over the continuation positions only, one row at a time,
         so the extra memory beyond the model's (batch, length, vocab) logits is one row's worth.
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise SmallCoderError(f"batch_size must be a positive integer, got {batch_size!r}")
+        integer(batch_size, "batch_size")
         max_len = self.context_length
         inputs: list[list[int]] = []
         targets: list[list[int]] = []

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SmallCoderError
+from ..prompts import AnswerStream, answer_text, format_chat
 from .bridge import Batch, drain_or_cancel
 from .protocol import APIError, ChatRequest
 from .responses import DONE, batch_usage, chat_logprobs, event_stream, result_of, scored_tokens, seeded, sse, usage
@@ -16,12 +17,8 @@ from .server import Server
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-CHAT_STOP = "\nUser:"  # the card's next turn: a chat answer ends there even without EOS
-
 
 def _prompt(server: Server, req: ChatRequest) -> str:
-    from ..tokenizer import format_chat
-
     messages = []
     for i, m in enumerate(req.messages):
         content = m.content
@@ -46,7 +43,7 @@ async def chat(server: Server, request: Request) -> Any:
     max_tokens = server.max_new_tokens(value, min(server.max_tokens, server.engine.context_length - len(ids)), name)
     top = req.top(server.limits)
     n = req.choices(1, server.limits)
-    params = req.sampling_params(max_tokens, server.limits, extra_stop=(CHAT_STOP,))
+    params = req.sampling_params(max_tokens, server.limits, chat=True)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": server.model_name}
     if max_tokens == 0:  # nothing to generate
@@ -70,7 +67,7 @@ async def chat(server: Server, request: Request) -> Any:
         if lps is None:
             return None
         lps = [chat_logprobs(lp, top) for lp in lps]
-    choices = [{"index": k, "message": {"role": "assistant", "content": c.text.lstrip()}, "logprobs": lps[k],
+    choices = [{"index": k, "message": {"role": "assistant", "content": answer_text(c.text)}, "logprobs": lps[k],
                 "finish_reason": c.finish_reason} for k, c in enumerate(comps)]
     return {**base, "choices": choices, "usage": batch_usage(batch)}
 
@@ -93,14 +90,12 @@ async def _events(batch: Batch | None, n: int, prompt_tokens: int, base: dict[st
         for k in range(n):
             yield chunk(k, {}, "length")
     else:
-        started = [False] * n
+        shown = [AnswerStream() for _ in range(n)]
         async for index, piece in batch.events():
             if piece is None:
                 yield chunk(index, {}, result_of(batch.requests[index]).finish_reason)
                 continue
-            if not started[index]:  # the answer follows "Assistant:" after a space: drop it
-                piece = piece.lstrip()
-                started[index] = bool(piece)
+            piece = shown[index](piece)
             if piece:
                 yield chunk(index, {"content": piece}, None)
     if include_usage:

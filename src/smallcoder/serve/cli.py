@@ -7,6 +7,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..checks import integer, require_extra
 from ..errors import SmallCoderError
 from .limits import ServeLimits
 
@@ -50,22 +51,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _require_extra() -> None:
-    """One line naming the install command when the `serve` extra is missing."""
-    for module in ("fastapi", "uvicorn", "pydantic"):
-        try:
-            __import__(module)
-        except ImportError:
-            raise SmallCoderError(f"smallcoder serve needs the 'serve' extra ({module} is not installed): "
-                                  "pip install 'smallcoder[serve]'") from None
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
-    _require_extra()
-    if args.max_batch < 1:
-        raise SmallCoderError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.threads is not None and args.threads < 1:
-        raise SmallCoderError(f"--threads must be >= 1, got {args.threads}")
+    from ..cli import check_threads
+
+    require_extra("serve", ("fastapi", "uvicorn", "pydantic"), "smallcoder serve")
+    integer(args.max_batch, "--max-batch")
+    check_threads(args.threads)  # before the model loads (they are set once torch is imported, below)
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                          max_queue=args.max_queue, header_timeout=args.header_timeout,
                          body_timeout=args.body_timeout, max_connections=args.max_connections,
@@ -100,14 +91,12 @@ def _load(args: argparse.Namespace, limits: ServeLimits) -> tuple[Any, Any]:
     if not _is_loopback(args.host):
         log.warning("listening on %s, reachable from other machines%s", args.host,
                     "" if api_key else " WITHOUT an API key (set --api-key or SMALLCODER_API_KEY)")
-    import torch
-
     from ..checkpoint import load
+    from ..cli import set_threads
     from ..inference import Engine
     from .app import create_app
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype)
     engine = Engine(model, tokenizer, max_batch=args.max_batch)
     return create_app(engine, model_name=args.model_name or args.model, api_key=api_key, limits=limits), engine
@@ -115,7 +104,7 @@ def _load(args: argparse.Namespace, limits: ServeLimits) -> tuple[Any, Any]:
 
 def register(subparsers: Any) -> None:
     """Add the `serve` command."""
-    from ..cli import add_model_args
+    from ..cli import add_model_args, add_threads_arg
 
     d = ServeLimits()
     p = subparsers.add_parser(
@@ -128,8 +117,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--api-key", default=None,
                    help="require this key (Authorization: Bearer KEY); default: $SMALLCODER_API_KEY, else none")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, one per core); fewer when the cores are shared")
+    add_threads_arg(p)
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: --model)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (default: context length - 1)")

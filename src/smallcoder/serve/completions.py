@@ -8,10 +8,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ..prompts import FIM_TOKENS, fim_prompt
 from .bridge import Batch, drain_or_cancel
 from .protocol import APIError, CompletionRequest
 from .responses import DONE, batch_usage, event_stream, result_of, scored_tokens, seeded, sse, usage
-from .server import FIM_TOKENS, Server, fim_prompt
+from .server import Server
 
 if TYPE_CHECKING:
     from starlette.requests import Request

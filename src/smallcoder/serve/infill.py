@@ -9,10 +9,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ..prompts import FIM_TOKENS, fim_prompt
 from .bridge import Batch, drain_or_cancel
 from .protocol import APIError, InfillRequest
 from .responses import event_stream, result_of, sse
-from .server import FIM_TOKENS, Server, fim_prompt
+from .server import Server
 
 if TYPE_CHECKING:
     from starlette.requests import Request

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from ..errors import SmallCoderError
 from ..inference.sampling import SEED_RANGE, SamplingParams
+from ..prompts import chat_stops
 from .limits import MAX_JSON_DEPTH, ServeLimits
 
 
@@ -66,14 +67,15 @@ class _Sampling(_Base):
                                     f"{limits.max_stop_chars}", param="stop")
         return tuple(s for s in stops if s)  # an empty stop string would end every completion at once
 
-    def sampling_params(self, max_tokens: int, limits: ServeLimits, extra_stop: tuple[str, ...] = ()
-                        ) -> SamplingParams:
-        """The engine's parameters for this request (temperature defaults to 1, as OpenAI's)."""
+    def sampling_params(self, max_tokens: int, limits: ServeLimits, chat: bool = False) -> SamplingParams:
+        """The engine's parameters for this request (temperature defaults to 1, as OpenAI's); a
+        `chat` answer also stops where the next turn would start (`prompts.chat_stops`)."""
+        stops = self.stops(limits)
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if self.temperature is None
                                   else self.temperature, top_k=max(0, self.top_k or 0),
                                   top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed,
-                                  stop=self.stops(limits) + extra_stop, stop_at_eos=not self.ignore_eos)
+                                  stop=chat_stops(stops) if chat else stops, stop_at_eos=not self.ignore_eos)
         except SmallCoderError as e:
             raise APIError(400, str(e)) from None
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..prompts import has_fim
 from .bridge import Batch, ClientGone, drain_or_cancel
 from .limits import ServeLimits
 from .protocol import QUIET_DEFAULTS, APIError, parse_request
@@ -23,14 +24,6 @@ if TYPE_CHECKING:
     from ..inference import Engine
 
 log = logging.getLogger("smallcoder.serve")
-
-FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
-
-
-def fim_prompt(prefix: str, suffix: str, middle: str = "") -> str:
-    """StarCoder's PSM fill-in-the-middle prompt."""
-    return f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>{middle}"
-
 
 class Server:
     """The state and checks the endpoint modules (completions, chat, infill) share."""
@@ -48,7 +41,7 @@ class Server:
         self.created = int(time.time())
         self._logged_fields: set[str] = set()
         self._log_lock = threading.Lock()
-        self.has_fim = all(self.tokenizer.token_to_id(t) is not None for t in FIM_TOKENS)
+        self.has_fim = has_fim(self.tokenizer)
 
     def check_auth(self, headers: Any) -> None:
         """401 unless the request carries the API key (`Authorization: Bearer KEY` or `x-api-key`)."""

@@ -44,11 +44,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checks import known
 from ..errors import SmallCoderError
+from .specs import STRATEGIES  # the recipe's `run.strategy` choices, defined once there
 
 T = TypeVar("T")
 
-STRATEGIES = ("ddp", "fsdp2", "none")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -179,8 +180,7 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
     process holds everything anyway); under torchrun with one process fsdp2 is still applied.
     Build the optimizer from the returned model's parameters, and compile after wrapping.
     """
-    if strategy not in STRATEGIES:
-        raise SmallCoderError(f"unknown distributed strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    known(strategy, "distributed strategy", STRATEGIES)
     model = model.to(info.device)
     if strategy == "none" or info.backend is None:
         return model

@@ -48,7 +48,7 @@ def validation_loss(ctx: RunContext, data: StageData) -> float:
 def eos_check(ctx: RunContext, data: StageData) -> dict[str, Any]:
     """Share of greedy answers to held-out SFT prompts that end with EOS within 256 new tokens."""
     from ..inference import Engine, SamplingParams
-    from ..tokenizer import format_chat
+    from ..prompts import format_chat
     from .distributed import unwrap
 
     convs = [c for s in data.sources for c in s.heldout]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SmallCoderError
-from ..fsutil import LOCK_FILE, atomic_write_text
+from ..fsutil import LOCK_FILE, atomic_write_text, refuse_used_folder
 from .evaluation import EOS_FILE
 from .metrics import METRICS_FILE, PLOT_FILE
 from .runstate import CKPT_DIR, list_checkpoints
@@ -76,9 +76,10 @@ def check_out(out: Path, record: dict[str, Any], resume: bool, force: bool) -> N
             raise SmallCoderError(f"{out / RUN_FILE}: the run in {out} used a different recipe or --max-steps "
                                   f"({diff}); resume with the same recipe and --set options, or use a new --out")
         return
-    if used and not resume and not force:
-        raise SmallCoderError(f"{out}: folder exists and is not empty; pass --resume to continue the run in "
-                              "it, or --force to start over (checkpoints there are then deleted)")
+    if not resume:
+        refuse_used_folder(out, overwrite=force, ignore={LOCK_FILE},
+                           hint="pass --resume to continue the run in it, or --force to start over "
+                                "(checkpoints there are then deleted)")
     if used and resume and not list_checkpoints(out) and not force:
         raise SmallCoderError(f"{out}: --resume, but the folder holds no run ({RUN_FILE} is missing)")
 

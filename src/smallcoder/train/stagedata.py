@@ -139,7 +139,7 @@ def _pack_sft(stage: StageSpec, src: Any, tokenizer: Any, run: Any, deco: Decont
     from ..data.pack import pack_examples
     from ..data.sft import encode_conversations
     from ..data.sources import iter_conversations
-    from ..tokenizer import format_chat
+    from ..prompts import format_chat
 
     def render(conv: Any) -> str:
         return format_chat(conv, add_generation_prompt=False)

@@ -206,8 +206,9 @@ class Trainer:
         record = run_record(recipe.raw, self.max_steps)
 
         def lock_and_check() -> None:  # the run, not each rank, excludes other runs
+            check_out(self.out, record, self.resume, self.force)  # a refused OUT gets no lock file
             held.enter_context(folder_lock(self.out, "training run"))
-            check_out(self.out, record, self.resume, self.force)
+            check_out(self.out, record, self.resume, self.force)  # again, now that no other run can write
 
         from_main(info, lock_and_check)
         start_over = starts_over(self.out, self.resume, self.force)

@@ -25,10 +25,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ...checks import integer
 from ...errors import SmallCoderError
 from .probe import setup as _setup
 from .spec import STATUSES, Check, ExecResult, Limits
 from .supervise import execute
+
+DEFAULT_LIMITS = Limits()  # frozen: one shared default is safe
 
 __all__ = ["STATUSES", "Check", "ExecResult", "Limits", "protections", "run_many", "run_program"]
 
@@ -38,7 +41,7 @@ def protections() -> dict[str, bool | str]:
     return dict(_setup().report)
 
 
-def run_program(code: str, limits: Limits = Limits(), check: Check | None = None) -> ExecResult:
+def run_program(code: str, limits: Limits = DEFAULT_LIMITS, check: Check | None = None) -> ExecResult:
     """Run one program in the sandbox (graded by `check` when given); never raises for what
     the program does: a hostile program yields a non-passed result."""
     if not isinstance(code, str):
@@ -50,7 +53,7 @@ def run_program(code: str, limits: Limits = Limits(), check: Check | None = None
     return execute(_setup(), code, limits, check)[0]
 
 
-def run_many(codes: Sequence[str], limits: Limits | Sequence[Limits] = Limits(), workers: int | None = None,
+def run_many(codes: Sequence[str], limits: Limits | Sequence[Limits] = DEFAULT_LIMITS, workers: int | None = None,
              progress: bool = False, checks: Sequence[Check | None] | None = None) -> list[ExecResult]:
     """Run programs in parallel across cores; results come back in input order. `limits` and
     `checks` are one for all or one per program."""
@@ -68,8 +71,7 @@ def run_many(codes: Sequence[str], limits: Limits | Sequence[Limits] = Limits(),
         raise SmallCoderError("sandbox run_many: checks must hold one Check (or None) per program")
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SmallCoderError(f"sandbox run_many: workers must be a positive int, got {workers!r}")
+    integer(workers, "sandbox run_many: workers")
     setup = _setup()  # probe once, before the threads start
     results: list[ExecResult | None] = [None] * len(codes)
     bar = None

@@ -1,0 +1,101 @@
+"""The prompt formats a SmallCoder model is trained and run with: the card's chat format and
+StarCoder's fill-in-the-middle. Every user of them imports them from here (training data, the
+tokenizer's saved chat template, `smallcoder chat`, `generate --chat`, the server, the evaluation
+and the GGUF export), so they cannot drift apart. Standard library only.
+
+Chat: `User: {request}\\nAssistant:`; the answer follows after one space and ends with EOS, and
+earlier turns are kept as history, each answer closed by its EOS. A model that misses its EOS
+starts the next turn, so an answer also ends at `CHAT_STOP` ("\\nUser:"), and the whitespace that
+opens it is not part of it (`answer_text`, `AnswerStream`).
+
+FIM: StarCoder's prefix-suffix-middle order, `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`,
+and the model writes the middle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import SmallCoderError
+
+EOS_TOKEN = "<|endoftext|>"
+USER_PREFIX = "User: "
+ASSISTANT_PREFIX = "Assistant:"
+CHAT_STOP = "\nUser:"  # the card's next turn: a chat answer ends there even without EOS
+
+# The same format as a Jinja template, so `transformers`' apply_chat_template and llama.cpp agree.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
+FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)  # the tokens a FIM prompt is built from
+# StarCoder's other FIM-family tokens (repository-level prompts), named for runtimes such as llama.cpp
+FIM_PAD, REPO_NAME, FILE_SEP = "<fim_pad>", "<reponame>", "<file_sep>"
+
+
+def format_chat(messages: Sequence[dict[str, str]] | str, add_generation_prompt: bool = True,
+                eos_token: str = EOS_TOKEN) -> str:
+    """Render a conversation in the card's format (a plain string is one user turn)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    parts = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise SmallCoderError(f"chat message {i}: must be a dict with 'role' and 'content', "
+                                  f"got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(content, str):
+            raise SmallCoderError(f"chat message {i}: 'content' must be a string, got {type(content).__name__}")
+        if role == "system":
+            parts.append(f"{content}\n")
+        elif role == "user":
+            parts.append(f"{USER_PREFIX}{content}\n")
+        elif role == "assistant":
+            parts.append(f"{ASSISTANT_PREFIX} {content}{eos_token}")
+        else:
+            raise SmallCoderError(f"chat message {i}: unknown role {role!r} (use system, user or assistant)")
+    if add_generation_prompt:
+        parts.append(ASSISTANT_PREFIX)
+    return "".join(parts)
+
+
+def chat_stops(stops: Sequence[str] = ()) -> tuple[str, ...]:
+    """The stop strings of a chat answer: the caller's, then `CHAT_STOP` (once)."""
+    stops = tuple(stops)
+    return stops if CHAT_STOP in stops else (*stops, CHAT_STOP)
+
+
+def answer_text(text: str) -> str:
+    """A whole chat answer as shown: without the whitespace that follows "Assistant:"."""
+    return text.lstrip()
+
+
+class AnswerStream:
+    """The same for an answer that arrives in pieces: call it on each piece, in order; pieces
+    are stripped until the first one with text in it."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        return piece
+
+
+def fim_prompt(prefix: str, suffix: str, middle: str = "") -> str:
+    """StarCoder's PSM fill-in-the-middle prompt (`middle`: what the editor has of it already)."""
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{middle}"
+
+
+def has_fim(tokenizer: Any) -> bool:
+    """Whether `tokenizer` has each FIM token as a token of its own (else FIM prompts mean nothing)."""
+    return all(tokenizer.token_to_id(t) is not None for t in FIM_TOKENS)
