@@ -16,6 +16,7 @@ import torch
 
 from smallcoder import prompts
 from smallcoder.cli import main
+from smallcoder.errors import SmallCoderError
 from smallcoder.prompts import CHAT_STOP, FIM_TOKENS, AnswerStream, answer_text, chat_stops, fim_prompt, has_fim
 
 gen_mod = importlib.import_module("smallcoder.inference.engine")
@@ -114,6 +115,11 @@ def test_answer_start_is_stripped_once_whole_or_streamed():
 def test_fim_prompt_and_tokens():
     assert FIM_TOKENS == ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
     assert fim_prompt("a(", ")", "x") == "<fim_prefix>a(<fim_suffix>)<fim_middle>x"
+    assert fim_prompt("a(", ")", "x", order="spm") == "<fim_prefix><fim_suffix>)<fim_middle>a(x"
+    # SPM: a prefix that grows as the user types only appends to the prompt
+    assert fim_prompt("a(b", ")", order="spm").startswith(fim_prompt("a(", ")", order="spm"))
+    with pytest.raises(SmallCoderError, match="unknown FIM order 'mps'; choose one of: psm, spm"):
+        fim_prompt("a", "b", order="mps")
 
     class Vocab:
         def __init__(self, tokens):

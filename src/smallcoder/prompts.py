@@ -8,8 +8,13 @@ earlier turns are kept as history, each answer closed by its EOS. A model that m
 starts the next turn, so an answer also ends at `CHAT_STOP` ("\\nUser:"), and the whitespace that
 opens it is not part of it (`answer_text`, `AnswerStream`).
 
-FIM: StarCoder's prefix-suffix-middle order, `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`,
-and the model writes the middle.
+FIM (Bavarian et al. 2022, "Efficient Training of Language Models to Fill in the Middle", as
+StarCoder trains it): the model writes the middle after one of two orders of the same sentinels,
+- PSM: `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>` + middle;
+- SPM: `<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}` + middle (the paper's SPM variant that
+  StarCoder's Megatron loader uses: the middle continues the prefix directly, and a prefix that grows
+  as the user types only appends to the prompt).
+Training data, evaluation and the server build both through `fim_prompt`.
 """
 
 from __future__ import annotations
@@ -91,9 +96,17 @@ class AnswerStream:
         return piece
 
 
-def fim_prompt(prefix: str, suffix: str, middle: str = "") -> str:
-    """StarCoder's PSM fill-in-the-middle prompt (`middle`: what the editor has of it already)."""
-    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{middle}"
+FIM_ORDERS = ("psm", "spm")
+
+
+def fim_prompt(prefix: str, suffix: str, middle: str = "", order: str = "psm") -> str:
+    """The fill-in-the-middle prompt in `order` (see the module docstring); `middle` is what is
+    known of the middle already (an editor's text typed so far; a training example's whole middle)."""
+    if order == "psm":
+        return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{middle}"
+    if order == "spm":
+        return f"{FIM_PREFIX}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{prefix}{middle}"
+    raise SmallCoderError(f"unknown FIM order {order!r}; choose one of: {', '.join(FIM_ORDERS)}")
 
 
 def has_fim(tokenizer: Any) -> bool:
