@@ -678,3 +678,31 @@ def test_training_library_imports_no_cli_module():
             elif isinstance(node, ast.Import) and any(a.name.endswith(".cli") for a in node.names):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+def test_setup_returns_a_context_its_parts_work_on(workdir):
+    """`setup()` prepares everything a step needs into a RunContext, so evaluation, one
+    `train_step` and saving work on it without `run()` (they no longer read attributes that
+    only `run()` created); closing it releases OUT for the next run."""
+    from smallcoder.train.context import RunContext
+    from smallcoder.train.evaluation import validation_loss
+    from smallcoder.train.runstate import save_model_folder
+
+    out = workdir / "run"
+    trainer = Trainer(load_recipe(_recipe(workdir)), out, max_steps=2, progress=False)
+    ctx = trainer.setup()
+    try:
+        assert isinstance(ctx, RunContext) and ctx.state.global_step == 0 and len(ctx.stages) == 4
+        before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+        val = validation_loss(ctx, ctx.stages[0])
+        assert 0 < val < 20
+        loader = trainer._start_stage(ctx, 0)
+        step = trainer.train_step(ctx, loader, lr=1e-3, grad_clip=1.0)
+        assert step.finite and step.tokens > 0 and step.num_loss_tokens > 0 and step.grad_norm > 0
+        assert not _same(before, ctx.model.state_dict())  # the update was made
+        save_model_folder(ctx, out / "probe")
+        assert (out / "probe" / "config.json").is_file()
+    finally:
+        ctx.close()
+    with pytest.raises(SmallCoderError, match="not an empty folder"):  # a used OUT, not a held lock
+        Trainer(load_recipe(_recipe(workdir)), out, progress=False).setup()
