@@ -174,3 +174,14 @@ def test_no_compiler_falls_back_to_pytorch(monkeypatch, tmp_path):
         assert kernels.load_library() is None
     m = _model("fp32")
     assert not kernels.attach(m)
+
+
+def test_the_kernel_source_states_the_row_limit_kernels_py_uses():
+    """decode.cpp's header comment names the most rows kernels.py hands it; they must agree
+    (it once said 8 while the kernel took 16)."""
+    import re
+
+    header = kernels.SOURCE.read_text().split("\n\n", 1)[0]
+    stated = {int(n) for n in re.findall(r"MAX_ROWS \((\d+)\)", header)}
+    assert stated == {kernels.MAX_ROWS}
+    assert not re.search(r"batch\s*(<=|≤)\s*\d+", header)
