@@ -704,5 +704,115 @@ def test_setup_returns_a_context_its_parts_work_on(workdir):
         assert (out / "probe" / "config.json").is_file()
     finally:
         ctx.close()
-    with pytest.raises(SmallCoderError, match="not an empty folder"):  # a used OUT, not a held lock
+    # the lock is released, and a run that saved no checkpoint may simply be started again
+    Trainer(load_recipe(_recipe(workdir)), out, max_steps=1, progress=False).setup().close()
+
+
+# ---- the first hour (#17): --resume, failed starts, finished runs, metrics rows, ranks ----------
+
+
+def test_resume_where_there_is_no_run_is_refused(workdir, capsys):
+    """A mistyped --out with --resume never silently starts a new full run; --resume-or-start does,
+    and a second --resume-or-start then resumes it."""
+    path = _recipe(workdir)
+    for out in (workdir / "typo", workdir / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        assert _main_train([str(path), "--out", str(out), "--resume", "--max-steps", "1"]) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert f"{out}: --resume, but there is no run to resume there" in line and "--resume-or-start" in line
+        assert not (out / "run.json").exists() and not (out / ".lock").exists()
+    out = workdir / "relaunched"
+    assert _main_train([str(path), "--out", str(out), "--resume-or-start", "--max-steps", "1"]) == 0
+    assert (out / "final" / "config.json").is_file()
+    assert _main_train([str(path), "--out", str(out), "--resume-or-start", "--max-steps", "1"]) == 0
+    assert "resuming from" in capsys.readouterr().err
+
+
+def test_a_start_that_failed_before_saving_anything_can_be_started_again(workdir, monkeypatch):
+    """A run that fails after claiming OUT but before its first checkpoint leaves run.json (and
+    caches); the corrected rerun, even with another recipe, needs no --force, and the failed
+    attempt's metrics are gone. A run that saved a checkpoint still needs --force."""
+    import smallcoder.train.trainer as trainer_mod
+
+    path = _recipe(workdir, ckpt=50)
+    out = workdir / "run"
+
+    def broken(*a, **kw):
+        raise SmallCoderError("the loader broke")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_start_stage", broken)
+    with pytest.raises(SmallCoderError, match="the loader broke"):
+        Trainer(load_recipe(path), out, max_steps=1, progress=False).run()
+    assert (out / "run.json").is_file() and not list_checkpoints(out)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # as if a step had been logged
+    monkeypatch.undo()
+    Trainer(load_recipe(path, ["run.seed=8"]), out, max_steps=1, progress=False).run()
+    assert json.loads((out / "run.json").read_text())["recipe"]["run"]["seed"] == 8
+    assert all(r.get("loss") != 9.0 for r in _strict_lines(out / "metrics.jsonl"))
+    with pytest.raises(SmallCoderError, match="not an empty folder.*--force"):
+        Trainer(load_recipe(path, ["run.seed=9"]), out, max_steps=1, progress=False).run()
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_one_line_per_step(workdir, capsys):
+    """--resume of a run that is done says every stage is done (never "stage 5/4"); a run
+    resumed from an earlier checkpoint logs the later steps once, not twice."""
+    import shutil
+
+    path = _recipe(workdir, ckpt=1, keep=20)
+    out = workdir / "run"
+    Trainer(load_recipe(path), out, max_steps=3, progress=False).run()
+    whole = _strict_lines(out / "metrics.jsonl")
+    capsys.readouterr()
+    Trainer(load_recipe(path), out, resume=True, max_steps=3, progress=False).run()
+    err = capsys.readouterr().err
+    assert "all 4 stages are done (step 12)" in err and "stage 5/4" not in err
+    def rows(lines):  # the per-step rows, without their timings
+        return [(r["step"], r.get("stage"), r.get("loss"), r.get("val_loss")) for r in lines if "event" not in r]
+
+    done = _strict_lines(out / "metrics.jsonl")
+    assert rows(done) == rows(whole) and sum(r.get("event") == "eos_check" for r in done) == 1
+    # back to the checkpoint at step 5 (stage 2, mid-stage): the later steps are trained and logged again
+    for step, folder in list_checkpoints(out):
+        if step > 5:
+            shutil.rmtree(folder)
+    for name in ("final", "stage-code", "stage-math", "stage-sft"):
+        shutil.rmtree(out / name)
+    Trainer(load_recipe(path), out, resume=True, max_steps=3, progress=False).run()
+    again = _strict_lines(out / "metrics.jsonl")
+    # each step logged once, validation losses as uninterrupted (a train loss after the resume
+    # averages only the steps since it, so the first one may differ)
+    assert [(r[0], r[1], r[3]) for r in rows(again)] == [(r[0], r[1], r[3]) for r in rows(whole)]
+    assert sum(r.get("event") == "eos_check" for r in again) == 1
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "smallcoder-303m"])
+def test_the_shipped_recipes_split_over_1_2_and_4_ranks(recipe):
+    from smallcoder.train.recipe import packaged_recipe
+
+    r = load_recipe(packaged_recipe(recipe))
+    for world in (1, 2, 4):
+        r.check_world_size(world)
+        for st in r.stages:
+            micro = st.micro_batch_on(world)
+            assert micro <= st.micro_batch and (st.global_batch // world) % micro == 0
+
+
+def test_a_batch_that_cannot_split_over_the_ranks_is_refused_before_any_work(workdir, monkeypatch):
+    """Refused at the start of setup(), naming the field (nothing is packed, no lock, no run.json)."""
+    import smallcoder.train.distributed as D
+
+    real = D.init_distributed
+
+    def three_ranks(device):
+        info = real(device)
+        info.world_size = 3
+        return info
+
+    monkeypatch.setattr(D, "init_distributed", three_ranks)
+    out = workdir / "run"
+    with pytest.raises(SmallCoderError) as e:
         Trainer(load_recipe(_recipe(workdir)), out, progress=False).setup()
+    assert str(e.value) == (f"{workdir / 'micro.toml'}: stages[0].global_batch_tokens: 4 sequences per step "
+                            "(128 / seq_len 32) do not split evenly over 3 ranks (this run has 3 processes)")
+    assert not out.exists()

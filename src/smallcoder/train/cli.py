@@ -17,7 +17,9 @@ overrides: --set KEY=VALUE, KEY a dotted path (list items by index), VALUE a TOM
   (a bare word is a string), e.g. --set stages.0.tokens=200000 --set run.seed=3
   --set model.preset=tiny --set stages.1.sources.0.weight=0.5 --set defaults.seq_len=128
 resume: --resume continues from the newest valid checkpoint in --out (a corrupt newest one is
-  moved to checkpoints/corrupt/ with a warning and the previous one used).
+  moved to checkpoints/corrupt/ with a warning and the previous one used); it is refused where
+  --out holds no run (a mistyped folder); --resume-or-start starts one there instead.
+  A run that stopped before saving anything (no checkpoint yet) may simply be started again.
 force: --force starts over in a used --out; its checkpoints, stage-*/, final/ and metrics are
   deleted only once the new run has its data, tokenizer and model ready (the caches are kept).
 lock: a run holds --out/.lock (flock) while it runs; a second run on that folder is refused.
@@ -59,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     recipe = load_recipe(path, args.set or [])
     out = Path(args.out) if args.out else Path("runs") / path.stem
     set_threads(args.threads)
-    result = Trainer(recipe, out, resume=args.resume, force=args.force, max_steps=args.max_steps,
+    result = Trainer(recipe, out, resume=args.resume or args.resume_or_start, force=args.force,
+                     resume_or_start=args.resume_or_start, max_steps=args.max_steps,
                      peak_tflops=args.peak_tflops).run()
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -75,12 +78,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
+    from ..cli import add_threads_arg
+
     p = subparsers.add_parser("train", help="train a model from a recipe (default: the tiny built-in curriculum)",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default=None,
                    help=f"recipe TOML file or packaged recipe name (default: {DEFAULT_RECIPE})")
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest valid checkpoint (refused where --out holds no run)")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="continue the run in --out, or start one where there is none (for jobs that are relaunched)")
     p.add_argument("--force", action="store_true",
                    help="start over in a non-empty --out (deletes its checkpoints once the new run is ready; "
                         "keeps the packed-data cache)")
@@ -89,7 +97,7 @@ def register(subparsers) -> None:
                    help="debug: at most N optimizer steps per stage (the schedule spans the shortened stage)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: known GPUs' bf16 peak, or a measured CPU peak)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_train)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SmallCoderError
-from ..fsutil import write_error
+from ..fsutil import atomic_write_text, write_error
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -42,6 +42,28 @@ class MetricsLog:
                 f.flush()
         except OSError as e:
             raise SmallCoderError(f"{path}: could not write it ({write_error(e) or e})") from None
+
+    def keep_until(self, step: int) -> None:
+        """Drop the lines logged after `step`, the end-of-run EOS check's (a resumed run runs it
+        again) and a line a kill cut short: a resumed run logs the steps after its checkpoint
+        again, so each step keeps one line."""
+        path = self.out / METRICS_FILE
+        if not self.enabled or not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(record, dict) and (record.get("event") == "eos_check" or (
+                    isinstance(record.get("step"), int) and record["step"] > step)):
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            atomic_write_text(path, "".join(kept))
 
     def plot(self) -> None:
         """Redraw the loss curve; a convenience, so a failure is a note, never the run's end."""

@@ -43,7 +43,8 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
     tokens = 6_300_000_000           # token budget (SFT: answer+prompt tokens, padding excluded)
     seq_len = 1024
     global_batch_tokens = 524_288    # tokens per optimizer step = seq_len x global batch sequences
-    micro_batch = 8                  # sequences per forward/backward on one process
+    micro_batch = 8                  # sequences per forward/backward on one process (at most: under torchrun
+                                     # a rank whose share of the global batch is smaller takes its whole share)
     schedule = "wsd"                 # wsd | cosine
     warmup = 0.01                    # steps (int) or a fraction of the stage (float < 1)
     decay = 0.2                      # wsd: the final fraction that decays to min_lr

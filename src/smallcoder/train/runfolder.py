@@ -60,15 +60,34 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
     return f"{path or 'run'}: {json.dumps(a, default=str)[:80]} then, {json.dumps(b, default=str)[:80]} now"
 
 
+def saved_nothing(out: Path) -> bool:
+    """Whether OUT holds a run that stopped before it saved anything (its run.json, the data and
+    tokenizer caches, perhaps metrics; no checkpoint, stage or final model): a new start there
+    loses nothing, so it needs no --force."""
+    ckpts = out / CKPT_DIR
+    return ((out / RUN_FILE).is_file() and not (out / "final").exists() and not any(out.glob("stage-*"))
+            and not (ckpts.is_dir() and any(ckpts.iterdir())))
+
+
 def starts_over(out: Path, resume: bool, force: bool) -> bool:
-    """Whether this run replaces the previous one in OUT (--force, and not a --resume of a run that is there)."""
-    return force and not (resume and (out / RUN_FILE).exists())
+    """Whether this run replaces the previous one in OUT: --force, or a new start over a run that
+    saved nothing; never a --resume of a run that is there."""
+    if resume and (out / RUN_FILE).exists():
+        return False
+    return force or saved_nothing(out)
 
 
-def check_out(out: Path, record: dict[str, Any], resume: bool, force: bool) -> None:
-    """Refuse a fresh run into a used OUT, or a resume with another recipe; changes nothing
-    (with --force the old outputs are only deleted by `claim_out`, once everything is ready)."""
+def check_out(out: Path, record: dict[str, Any], resume: bool, force: bool, start_if_absent: bool = False) -> None:
+    """Refuse a fresh run into a used OUT, a --resume where there is no run (a mistyped --out;
+    `start_if_absent` starts one instead), or a resume with another recipe; changes nothing (with
+    --force the old outputs are only deleted by `claim_out`, once everything is ready)."""
     used = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+    if resume and not (out / RUN_FILE).exists() and not (used and list_checkpoints(out)):
+        if not start_if_absent:
+            raise SmallCoderError(f"{out}: --resume, but there is no run to resume there ({RUN_FILE} is missing); "
+                                  "check --out, or leave out --resume to start a new run (--resume-or-start "
+                                  "does either)")
+        resume = False
     if resume and used and (out / RUN_FILE).exists():
         saved = read_run_record(out / RUN_FILE)
         if digest(saved) != digest(record):
@@ -76,12 +95,10 @@ def check_out(out: Path, record: dict[str, Any], resume: bool, force: bool) -> N
             raise SmallCoderError(f"{out / RUN_FILE}: the run in {out} used a different recipe or --max-steps "
                                   f"({diff}); resume with the same recipe and --set options, or use a new --out")
         return
-    if not resume:
+    if not resume and not saved_nothing(out):
         refuse_used_folder(out, overwrite=force, ignore={LOCK_FILE},
                            hint="pass --resume to continue the run in it, or --force to start over "
                                 "(checkpoints there are then deleted)")
-    if used and resume and not list_checkpoints(out) and not force:
-        raise SmallCoderError(f"{out}: --resume, but the folder holds no run ({RUN_FILE} is missing)")
 
 
 def claim_out(out: Path, record: dict[str, Any], start_over: bool) -> None:

@@ -192,7 +192,10 @@ def load_resume_point(out: Path, model: torch.nn.Module, info: Any, n_stages: in
         return RunState(), None
     state = RunState.from_file(chosen / STATE_FILE)
     load_model_weights(model, read_weights(chosen), torch.float32, source=str(chosen))
-    if info.is_main:
+    if info.is_main and state.stage >= n_stages:
+        print(f"resuming from {chosen}: all {n_stages} stages are done (step {state.global_step}); "
+              "finishing the run (final model, EOS check)", file=sys.stderr)
+    elif info.is_main:
         print(f"resuming from {chosen} (stage {state.stage + 1}/{n_stages}, step {state.global_step})",
               file=sys.stderr)
     return state, chosen

@@ -206,6 +206,19 @@ class StageSpec:
         """Sequences per optimizer step."""
         return self.global_batch_tokens // self.seq_len
 
+    def micro_batch_on(self, world_size: int) -> int:
+        """Sequences per forward on each of `world_size` ranks: `micro_batch`, or the rank's whole
+        share of the global batch where that is smaller, so one recipe runs on 1, 2 or 4 ranks."""
+        if self.global_batch % world_size:
+            raise FieldError("global_batch_tokens", f"{self.global_batch} sequences per step ({self.global_batch_tokens}"
+                             f" / seq_len {self.seq_len}) do not split evenly over {world_size} ranks", ": ")
+        share = self.global_batch // world_size
+        micro = min(self.micro_batch, share)
+        if share % micro:
+            raise FieldError("micro_batch", f"{micro} does not divide the {share} sequences each of "
+                             f"{world_size} ranks takes per step", ": ")
+        return micro
+
 
 def _names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
@@ -223,6 +236,15 @@ class Recipe:
     run: RunSpec
     stages: tuple[StageSpec, ...]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)  # the TOML after overrides
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse, naming the field, a stage whose batch does not split over `world_size` ranks."""
+        for i, stage in enumerate(self.stages):
+            try:
+                stage.micro_batch_on(world_size)
+            except FieldError as e:
+                raise SmallCoderError(f"{self.path}: {e.within(f'stages[{i}]')} (this run has {world_size} "
+                                      "processes)") from None
 
     @property
     def max_seq_len(self) -> int:

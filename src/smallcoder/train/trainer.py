@@ -146,6 +146,7 @@ class Trainer:
     """Runs a recipe into OUT; `run()` trains every stage (resuming when asked) and returns a TrainResult."""
 
     def __init__(self, recipe: Recipe, out: str | Path, *, resume: bool = False, force: bool = False,
+                 resume_or_start: bool = False,
                  max_steps: int | None = None, peak_tflops: float | None = None,
                  progress: bool | None = None) -> None:
         if max_steps is not None:
@@ -156,6 +157,7 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self.force = force
+        self.resume_or_start = resume_or_start  # with resume: start a new run where OUT holds none
         self.max_steps = max_steps
         self.peak_tflops = peak_tflops
         self.progress = (sys.stderr.isatty() if progress is None else progress)
@@ -203,12 +205,13 @@ class Trainer:
         from .distributed import unwrap, wrap_model
 
         recipe, run = self.recipe, self.recipe.run
+        recipe.check_world_size(info.world_size)  # before any work: a torchrun that cannot split a batch
         record = run_record(recipe.raw, self.max_steps)
 
         def lock_and_check() -> None:  # the run, not each rank, excludes other runs
-            check_out(self.out, record, self.resume, self.force)  # a refused OUT gets no lock file
+            check_out(self.out, record, self.resume, self.force, self.resume_or_start)  # a refused OUT gets no lock file
             held.enter_context(folder_lock(self.out, "training run"))
-            check_out(self.out, record, self.resume, self.force)  # again, now that no other run can write
+            check_out(self.out, record, self.resume, self.force, self.resume_or_start)  # again, now that no other run can write
 
         from_main(info, lock_and_check)
         start_over = starts_over(self.out, self.resume, self.force)
@@ -248,10 +251,12 @@ class Trainer:
                   f"{config.num_hidden_layers} layers, vocab {config.vocab_size:,}); {len(stages)} stage(s), "
                   f"{sum(d.steps for d in stages):,} steps; {info.device}, {info.world_size} process(es), "
                   f"{'bf16 autocast' if autocast_bf16 else 'float32'}; MFU peak: {peak_src}", file=sys.stderr)
+        metrics = MetricsLog(self.out, info.is_main)
+        metrics.keep_until(state.global_step)  # a resumed run logs the steps after its checkpoint anew
         return RunContext(recipe=recipe, out=self.out, info=info, tokenizer=tokenizer, config=config, stages=stages,
                           model=model, forward=forward, optimizer=optimizer, state=state,
                           autocast_bf16=autocast_bf16, fsdp=fsdp, peak=peak, peak_src=peak_src,
-                          metrics=MetricsLog(self.out, info.is_main), progress=progress, held=held)
+                          metrics=metrics, progress=progress, held=held)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -327,7 +332,8 @@ class Trainer:
                 ctx.optimizer = build_optimizer(ctx.model, st, ctx.fsdp)
         set_weight_decay(ctx.optimizer, st.weight_decay)
         loader = MixtureLoader([Component(s.name, s.train, s.weight) for s in data.sources],
-                               seq_len=st.seq_len, global_batch=st.global_batch, micro_batch=st.micro_batch,
+                               seq_len=st.seq_len, global_batch=st.global_batch,
+                               micro_batch=st.micro_batch_on(ctx.info.world_size),
                                seed=stage_seed(ctx.recipe.run.seed, st), pad_id=ctx.tokenizer.eos_id,
                                rank=ctx.info.rank, world_size=ctx.info.world_size,
                                pad_to_multiple_of=SFT_PAD_MULTIPLE if st.sft else None)
