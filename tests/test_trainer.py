@@ -816,3 +816,53 @@ def test_a_batch_that_cannot_split_over_the_ranks_is_refused_before_any_work(wor
     assert str(e.value) == (f"{workdir / 'micro.toml'}: stages[0].global_batch_tokens: 4 sequences per step "
                             "(128 / seq_len 32) do not split evenly over 3 ranks (this run has 3 processes)")
     assert not out.exists()
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(workdir, monkeypatch, capsys):
+    """SIGINT (or SIGTERM) mid-run: the step in flight completes, a valid checkpoint at that step is
+    written, the command ends with exit 130 and one line naming it; --resume then finishes the run."""
+    import os
+    import signal as sig
+
+    from smallcoder.train import trainer as trainer_mod
+
+    path = _recipe(workdir, ckpt=50)
+    out = workdir / "run"
+    real = trainer_mod.Trainer.train_step
+    calls = []
+
+    def step_then_ctrl_c(self, *a, **kw):
+        result = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), sig.SIGINT)  # as a terminal's Ctrl-C arrives, during step 5
+        return result
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step_then_ctrl_c)
+    assert _main_train([str(path), "--out", str(out), "--max-steps", "3"]) == 130
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("smallcoder: ")]
+    ckpt = out / "checkpoints" / "step-0000005"
+    assert lines == [(f"smallcoder: stopped: stopped at step 5 as asked; resumable checkpoint {ckpt}; continue with: "
+                      f"smallcoder train {path} --out {out} --resume (and the same --set options)")]
+    assert "SIGINT: stopping after this step" in err and "Traceback" not in err
+    assert verify_checkpoint(ckpt) is None and len(calls) == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    monkeypatch.undo()
+    assert _main_train([str(path), "--out", str(out), "--max-steps", "3", "--resume"]) == 0
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_without_a_progress_bar_the_run_prints_progress_lines(workdir, capsys):
+    """Piped to a file there is no bar, so about LOG_LINES step lines (and every validation) go to stderr."""
+    from smallcoder.train.trainer import LOG_LINES
+
+    Trainer(load_recipe(_recipe(workdir, tokens=1536)), workdir / "run", progress=False).run()
+    import re
+
+    err = capsys.readouterr().err
+    steps = [m.groups() for m in re.finditer(r"^step (\d+)/(\d+): (\w+) loss ", err, re.MULTILINE)]
+    total = int(steps[-1][1])
+    assert {t for _, t, _ in steps} == {str(total)} and steps[-1][:2] == (str(total), str(total))
+    assert LOG_LINES // 2 <= len(steps) <= total and [s for *_, s in steps][-1] == "sft"
+    assert "EOS check: 20 held-out SFT prompts" in err

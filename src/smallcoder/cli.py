@@ -224,8 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except SmallCoderError as e:
-        print(f"smallcoder: error: {e}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", 2)  # 130: stopped as asked (Ctrl-C), not an error
+        print(f"smallcoder: {'error' if code == 2 else 'stopped'}: {e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ EOS check (does the SFT model end its answers?), written to OUT/eos_check.json."
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,9 +62,15 @@ def eos_check(ctx: RunContext, data: StageData) -> dict[str, Any]:
             refs.append(conv[last]["content"])
         if len(prompts) == EOS_CHECK_PROMPTS:
             break
+    from tqdm import tqdm
+
     core = unwrap(ctx.model)
     engine = Engine(core, ctx.tokenizer)
-    done = engine.generate(prompts, SamplingParams(max_new_tokens=EOS_CHECK_MAX_NEW, temperature=0.0))
+    print(f"EOS check: {len(prompts)} held-out SFT prompts, greedy, <= {EOS_CHECK_MAX_NEW} new tokens each",
+          file=sys.stderr, flush=True)
+    with tqdm(total=len(prompts), unit="answer", file=sys.stderr, disable=not ctx.progress, leave=False) as bar:
+        done = engine.generate(prompts, SamplingParams(max_new_tokens=EOS_CHECK_MAX_NEW, temperature=0.0),
+                               on_complete=lambda i: bar.update(1))
     core.train()
     ended = sum(c.finish_reason == "stop" for c in done)
     return {"prompts": len(prompts), "ended_with_eos": ended, "share": ended / max(len(prompts), 1),

@@ -44,6 +44,7 @@ from .context import RunContext
 from .distributed import all_reduce_sum, from_main
 from .evaluation import run_eos_check, validation_loss
 from .hardware import bf16_is_fast, device_peak_flops, keep_freed_memory, measure_cpu_peak
+from .interrupt import StopRequest, TrainingInterrupted
 from .metrics import MetricsLog, Window
 from .optim import build_optimizer, set_lr, set_weight_decay
 from .recipe import Recipe
@@ -61,6 +62,7 @@ from .runstate import (
 from .schedule import lr_at
 from .stagedata import prepare_data, stage_seed
 
+LOG_LINES = 20               # progress lines per run printed where there is no progress bar
 SFT_PAD_MULTIPLE = 64        # SFT batches are padded to their longest record, rounded up to this
 
 
@@ -162,6 +164,7 @@ class Trainer:
         self.peak_tflops = peak_tflops
         self.progress = (sys.stderr.isatty() if progress is None else progress)
         self.context: RunContext | None = None  # the last run's, once it is set up
+        self.stop = StopRequest()  # entered while the stages train
 
     @property
     def autocast_bf16(self) -> bool | None:
@@ -269,7 +272,7 @@ class Trainer:
         if state.stage > 0 and state.step_in_stage == 0:
             save_model_folder(ctx, ctx.out / f"stage-{ctx.stages[state.stage - 1].spec.name}")
         with tqdm(total=sum(d.steps for d in ctx.stages), initial=state.global_step, unit="step", file=sys.stderr,
-                  disable=not ctx.progress, dynamic_ncols=True) as bar:
+                  disable=not ctx.progress, dynamic_ncols=True) as bar, StopRequest() as self.stop:
             for si in range(state.stage, len(ctx.stages)):
                 self.train_stage(ctx, si, bar)
 
@@ -302,9 +305,24 @@ class Trainer:
             if stage_end or (run.log_every and g % run.log_every == 0) or val is not None:
                 self._log(ctx, st.name, window, lr, step.grad_norm, val, fpt, bar)
             if stage_end:
-                return self._end_stage(ctx, si, window.last_loss, last_val, bar)
+                self._end_stage(ctx, si, window.last_loss, last_val, bar)
+                return self._stop_if_asked(ctx, None)
             if run.checkpoint_every and g % run.checkpoint_every == 0 and nonfinite == 0:
                 save_checkpoint(ctx, state.to_dict(loader=loader.state_dict(), rng=rng_state()))
+            if nonfinite == 0:
+                self._stop_if_asked(ctx, loader)
+
+    def _stop_if_asked(self, ctx: RunContext, loader: Any) -> None:
+        """After a step: when asked to stop (on any rank), checkpoint here and end the run."""
+        if not self.stop.agreed(ctx.info):
+            return
+        state = ctx.state
+        if loader is not None and not any(s == state.global_step for s, _ in list_checkpoints(ctx.out)):
+            save_checkpoint(ctx, state.to_dict(loader=loader.state_dict(), rng=rng_state()))
+        saved = next(p for s, p in reversed(list_checkpoints(ctx.out)) if s == state.global_step)
+        raise TrainingInterrupted(f"stopped at step {state.global_step} as asked; resumable checkpoint {saved}; "
+                                  f"continue with: smallcoder train {ctx.recipe.path} --out {ctx.out} --resume "
+                                  "(and the same --set options)")
 
     def train_step(self, ctx: RunContext, loader: Any, lr: float, grad_clip: float) -> StepOutcome:
         """One optimizer step at `lr`: the loader's next global batch forward and backward, the
@@ -370,7 +388,14 @@ class Trainer:
             rec["mfu"] = round(tps * fpt / ctx.peak, 5)
         ctx.metrics.write(rec)
         shown = "-" if window.last_loss is None else f"{window.last_loss:.3f}"
-        bar.set_postfix_str(f"{stage} loss {shown} lr {lr:.2e} {tps:,.0f} tok/s", refresh=False)
+        text = f"{stage} loss {shown} lr {lr:.2e} {tps:,.0f} tok/s"
+        bar.set_postfix_str(text, refresh=False)
+        total = sum(d.steps for d in ctx.stages)
+        every = max(1, total // LOG_LINES)  # no bar (a file, a pipe): about LOG_LINES lines a run
+        if ctx.info.is_main and not ctx.progress and (state.global_step % every < ctx.recipe.run.log_every
+                                                       or val is not None):
+            val_text = "" if val is None else f" val {val:.3f}"
+            print(f"step {state.global_step}/{total}: {text}{val_text}", file=sys.stderr, flush=True)
 
     def _end_stage(self, ctx: RunContext, si: int, train_loss: float | None, val_loss: float | None,
                    bar: Any) -> None:
