@@ -358,3 +358,56 @@ def test_python_m_user_error(tok_dir, tmp_path):
               "--out", str(tmp_path / "x")])
     assert r.returncode == 2
     assert "unknown preset 'nope'" in _error_line(r.stderr)
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(micro_checkpoint, capsys, monkeypatch):
+    """Ctrl-C while an answer streams ends that answer (the engine's stream is closed, which
+    cancels it) and the chat goes on; the next answer is the one a fresh chat would give; each
+    answer ends with a line saying why it ended and how fast it ran."""
+    import signal
+
+    lines = iter(["first", "second"])
+
+    def fake_input(prompt=""):
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    real_stream = Engine.stream
+    pieces_seen = []
+
+    def stream(self, prompt, params=None):
+        inner = real_stream(self, prompt, params)
+        try:
+            while True:
+                piece = next(inner)
+                pieces_seen.append(piece)
+                if len(pieces_seen) == 2:  # Ctrl-C arrives during the first answer
+                    signal.raise_signal(signal.SIGINT)
+                yield piece
+        except StopIteration as end:
+            return end.value
+        finally:
+            inner.close()
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(Engine, "stream", stream)
+    assert main(["chat", "--model", str(micro_checkpoint), "--max-new-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    summaries = [x for x in captured.err.splitlines() if x.startswith("[")]
+    assert len(summaries) == 2 and summaries[0].startswith("[stopped (Ctrl-C)"), captured.err
+    assert re.match(r"\[(end of answer \(EOS\)|max-new-tokens reached); \d+ tokens(, [\d.]+ tok/s)?; "
+                    r"prompt \d+ tokens, first piece [\d.]+ s\]$", summaries[1]), summaries[1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_generate_verbose_prints_a_summary_on_stderr(micro_checkpoint, capsys):
+    assert main(["generate", "--model", str(micro_checkpoint), "--prompt", "def f(", "--max-new-tokens", "5",
+                 "--verbose"]) == 0
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"\[(end of answer \(EOS\)|max-new-tokens reached); \d+ tokens(, [\d.]+ tok/s)?; "
+                        r"prompt \d+ tokens, first piece [\d.]+ s\]\n", captured.err), captured.err
+    assert main(["generate", "--model", str(micro_checkpoint), "--prompt", "def f(", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().err == ""

@@ -105,13 +105,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     params = _sampling(args)
     engine = _engine(args)
+    from .console import stream_answer
+
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     shown = str
     if args.chat:
         prompt, params.stop, shown = format_chat(prompt), chat_stops(params.stop), AnswerStream()
-    for piece in engine.stream(prompt, params):
-        print(shown(piece), end="", flush=True)
+    answer = stream_answer(engine, prompt, params, shown)
     print()
+    if args.verbose:
+        print(answer.summary(), file=sys.stderr)
+    if answer.finish_reason == "cancelled":
+        raise KeyboardInterrupt
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -127,14 +132,24 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .prompts import AnswerStream, chat_stops, format_chat
+    from .console import line_editing
+    from .prompts import chat_stops
 
     engine = _engine(args)
     params = _sampling(args)
     params.truncate = True
     params.stop = chat_stops(params.stop)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {args.model} ({args.dtype}); /reset clears the history, /quit or Ctrl-D ends")
+    line_editing()
+    print(f"chatting with {args.model} ({args.dtype}); /reset clears the history, /quit or Ctrl-D ends, "
+          "Ctrl-C stops an answer")
+    _chat_loop(engine, params, messages, args.system)
+
+
+def _chat_loop(engine, params, messages: list[dict[str, str]], system: str | None) -> None:
+    from .console import stream_answer
+    from .prompts import AnswerStream, format_chat
+
     while True:
         try:
             line = input("\nUser: ")
@@ -144,20 +159,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if line.strip() in ("/quit", "/exit"):
             return
         if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages[:] = messages[:1] if system else []
             print("(history cleared)")
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
         print("Assistant: ", end="", flush=True)
-        answer, shown = [], AnswerStream()
-        for piece in engine.stream(format_chat(messages), params):
-            piece = shown(piece)
-            answer.append(piece)
-            print(piece, end="", flush=True)
+        answer = stream_answer(engine, format_chat(messages), params, AnswerStream())
         print()
-        messages.append({"role": "assistant", "content": "".join(answer).strip()})
+        print(answer.summary(), file=sys.stderr)
+        messages.append({"role": "assistant", "content": answer.text.strip()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep generating past EOS (time a fixed number of tokens)")
+    p.add_argument("--verbose", action="store_true",
+                   help="then, on stderr: why it ended, tokens, tokens/s, prompt tokens, time to the first piece")
     _add_sampling_args(p, max_new_tokens=256, temperature=0.0)
     p.set_defaults(func=cmd_generate)
 

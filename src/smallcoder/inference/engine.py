@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -166,8 +166,10 @@ class Engine(Scoring):
         self.run(requests)
         return [r.result() for r in requests]
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion of one prompt as text pieces, as soon as each is certain.
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
+               ) -> Generator[str, None, Completion]:
+        """Yield the completion of one prompt as text pieces, as soon as each is certain; the
+        generator's return value (StopIteration.value) is the Completion.
 
         Closing the iterator early (a client that goes away) cancels the generation."""
         pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -186,7 +188,7 @@ class Engine(Scoring):
                     yield piece
         finally:
             steps.close()
-        request.result()
+        return request.result()
 
     def token_logprobs(self, ids: Sequence[int], top: int = 0, start: int = 1) -> list[TokenScore]:
         """For each position i in [start, len(ids)): log p(ids[i] | ids[:i]) and the `top`
