@@ -411,3 +411,17 @@ def test_generate_verbose_prints_a_summary_on_stderr(micro_checkpoint, capsys):
                         r"prompt \d+ tokens, first piece [\d.]+ s\]\n", captured.err), captured.err
     assert main(["generate", "--model", str(micro_checkpoint), "--prompt", "def f(", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_help_shows_the_defaults(capsys):
+    """Every command's --help names its options' defaults (argparse alone shows none)."""
+    for argv, shown in ((["generate"], ["(default: 256)", "(default: float32)", "(default: 0.0)"]),
+                        (["chat"], ["(default: 512)", "(default: 0.2)"]),
+                        (["init"], ["(default: 0)"]),
+                        (["eval"], []), (["train"], []), (["serve"], []), (["data", "pack"], [])):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        out = capsys.readouterr().out
+        assert all(s in out for s in shown), (argv, out)
+        assert "(default: None)" not in out and "(default: False)" not in out
+        assert "default" in out, argv

@@ -479,3 +479,15 @@ def test_llama_cpp_tokenizes_the_starcoder_export_like_starcoder(starcoder_gguf,
         assert llm.token_eos() == 0 and llm.token_bos() == 0
     finally:
         llm.close()
+
+
+def test_the_gguf_name_is_the_runs_name_not_final(tmp_path):
+    """llama.cpp and LM Studio show general.name: a training run's folders are named after the run."""
+    run = tmp_path / "tiny"
+    for sub in ("final", "stage-code", "checkpoints/step-0000120", "other"):
+        (run / sub).mkdir(parents=True)
+    assert export.model_name(run / "final") == "tiny"
+    assert export.model_name(run / "stage-code") == "tiny-stage-code"
+    assert export.model_name(run / "checkpoints" / "step-0000120") == "tiny-step-0000120"
+    assert export.model_name(run / "other") == "other"
+    assert export.model_name("Beebey/smallcoder-303m") == "Beebey/smallcoder-303m"

@@ -34,11 +34,11 @@ def _sampling(args: argparse.Namespace):
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens up to this mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one each run)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
 
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, help="smallcoder-303m | tiny")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or Hub repo id")
     p.add_argument("--out", required=True, help="checkpoint folder to create")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_init)
@@ -226,7 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
         module, _, function = spec.partition(":")
         target = group_subs[group] if group else sub
         getattr(importlib.import_module(module), function or "register")(target)
+    _show_defaults(parser)
     return parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (where it has one and its help does not say it
+    already), and keeps an epilog's own line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help in `HelpFormatter`, whichever module registered it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                _show_defaults(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

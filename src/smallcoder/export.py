@@ -235,8 +235,7 @@ def export_gguf(model: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTY
 
     total_params = writer.get_total_parameter_count()[0]
     writer.add_type(gguf.GGUFType.MODEL)
-    local = Path(model).expanduser()
-    writer.add_name(name or (local.resolve().name if local.exists() else str(model)))
+    writer.add_name(name or model_name(model))
     writer.add_size_label(gguf.size_label(total_params, 0, 0, 0))
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -263,6 +262,24 @@ def export_gguf(model: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTY
         finally:
             writer.close()
     return out
+
+
+def model_name(model: str | Path) -> str:
+    """The name a runtime shows for a checkpoint: a Hub id as it is; a local folder's name, or its
+    run's name for the folders a training run writes (`runs/tiny/final` -> `tiny`,
+    `runs/tiny/stage-code` -> `tiny-stage-code`, a checkpoint `.../checkpoints/step-0000120` ->
+    `tiny-step-0000120`)."""
+    local = Path(model).expanduser()
+    if not local.exists():
+        return str(model)
+    folder = local.resolve()
+    if folder.name == "final":
+        return folder.parent.name
+    if folder.name.startswith("stage-"):
+        return f"{folder.parent.name}-{folder.name}"
+    if folder.name.startswith("step-") and folder.parent.name == "checkpoints":
+        return f"{folder.parent.parent.name}-{folder.name}"
+    return folder.name
 
 
 def cmd_export(args: argparse.Namespace) -> None:

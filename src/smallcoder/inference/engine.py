@@ -110,8 +110,8 @@ class Engine(Scoring):
             if not params.truncate:
                 raise SmallCoderError(
                     f"prompt is {len(ids)} tokens; the model's context is {ctx} tokens, so it is "
-                    f"{len(ids) - ctx + 1} token(s) too long to generate anything (pass truncate to "
-                    "keep its end)")
+                    f"{len(ids) - ctx + 1} token(s) too long to generate anything (--truncate, or "
+                    "SamplingParams(truncate=True), keeps its end)")
             ids = ids[-max(1, ctx - max(params.max_new_tokens, 1)):]
         return ids
 

@@ -89,7 +89,8 @@ def _pick_device(device: str, local_rank: int, distributed: bool) -> torch.devic
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise SmallCoderError(f"device {device!r}: this torch build sees no CUDA GPU "
-                                  f"(torch {torch.__version__}); use --device cpu")
+                                  f"(torch {torch.__version__}); train on the CPU with --set run.device=cpu (or "
+                                  "run.device = \"auto\" in the recipe)")
         if distributed:
             if name != "cuda":
                 raise SmallCoderError(f"device {device!r}: under torchrun give 'cuda' (each process takes "
