@@ -608,3 +608,19 @@ def test_a_null_quantization_config_is_a_float_checkpoint(micro_checkpoint, tmp_
     model, _ = load(folder)
     assert model.lm_head.weight.dtype == torch.float32
     export._check_float_checkpoint(folder)  # no error
+
+
+def test_an_int8_folder_is_refused_by_transformers_not_misread(micro_checkpoint, tmp_path):
+    """transformers used to load an int8 folder with only warnings (int8 tensors read as floats)
+    and generate garbage; the folder now names a model type of its own, which it refuses, while
+    smallcoder loads it as before."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = load(micro_checkpoint, dtype="int8")
+    save(model, tok, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["model_type"] == "smallcoder_int8" and cfg["architectures"] == ["SmallCoderInt8ForCausalLM"]
+    with pytest.raises((ValueError, KeyError), match="smallcoder_int8"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    again, _ = load(tmp_path / "q", dtype="int8")
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(again(ids), model(ids))

@@ -15,6 +15,7 @@ import torch
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the 'gguf' package (pip install 'smallcoder[export]')")
 
 from smallcoder import Engine, SamplingParams, SmallCoderError, Tokenizer, export, load, new_model, save
+from smallcoder.cli import main
 from smallcoder.prompts import CHAT_TEMPLATE
 
 QT = gguf.GGMLQuantizationType
@@ -354,6 +355,25 @@ def test_unsupported_pre_tokenizer_is_refused(micro_config, tmp_path):
     save(new_model(micro_config.replace(vocab_size=64)), tok, tmp_path / "ckpt")
     with pytest.raises(SmallCoderError, match=r"tokenizer\.json: field pre_tokenizer .*Whitespace"):
         export.export_gguf(tmp_path / "ckpt", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_tokenizer_without_merges_is_refused_before_anything_is_written(micro_config, tmp_path, capsys):
+    """llama.cpp refuses a GGUF whose BPE tokenizer has no merges ("cannot find tokenizer merges"):
+    the export says so in one line and writes nothing."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    backend = Backend(models.BPE(vocab={"<|endoftext|>": 0, "a": 1, "b": 2}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    (tmp_path / "tok").mkdir()
+    backend.save(str(tmp_path / "tok" / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path / "tok")
+    save(new_model(micro_config.replace(vocab_size=64)), tok, tmp_path / "ckpt")
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "the BPE tokenizer has no merges" in err and "cannot find tokenizer merges" in err and "Traceback" not in err
     assert not (tmp_path / "x.gguf").exists()
 
 

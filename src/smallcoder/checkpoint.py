@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig, read_config_json
+from .config import INT8_ARCHITECTURE, INT8_MODEL_TYPE, ModelConfig, read_config_json
 from .errors import SmallCoderError
 from .fsutil import atomic_folder
 from .hub import resolve
@@ -82,6 +82,7 @@ def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, tokenize
         cfg = config.to_hf_dict(dtype=DTYPE_NAMES[dt])
         if quantized:
             cfg["quantization_config"] = dict(QUANT_CONFIG)
+            cfg["model_type"], cfg["architectures"] = INT8_MODEL_TYPE, [INT8_ARCHITECTURE]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         eos = config.eos_token_id if tokenizer is None else tokenizer.eos_id
         gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}

@@ -17,8 +17,12 @@ from .checks import known
 from .errors import SmallCoderError
 
 # Architectures whose weights and maths are exactly the Llama decoder we implement.
-LLAMA_MODEL_TYPES = {"llama"}
-LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
+# An int8 folder (`smallcoder quantize`) names a model type of its own: transformers and other
+# Llama readers then refuse it at once, instead of loading int8 tensors as floats and
+# generating garbage with only a warning.
+INT8_MODEL_TYPE, INT8_ARCHITECTURE = "smallcoder_int8", "SmallCoderInt8ForCausalLM"
+LLAMA_MODEL_TYPES = {"llama", INT8_MODEL_TYPE}
+LLAMA_ARCHITECTURES = {"LlamaForCausalLM", INT8_ARCHITECTURE}
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "max_position_embeddings", "head_dim")
 _FLOAT_FIELDS = {"rms_norm_eps": True, "rope_theta": True, "initializer_range": False}  # name: must be > 0

@@ -66,6 +66,10 @@ def _pre_tokenizer_name(tok_json: dict[str, Any], source: str) -> str:
     if model.get("type") != "BPE":
         raise SmallCoderError(f"{source}: field model.type is {model.get('type')!r}; GGUF export handles "
                               "byte-level BPE tokenizers only")
+    if not model.get("merges"):
+        raise SmallCoderError(f"{source}: the BPE tokenizer has no merges, and llama.cpp refuses a GGUF without "
+                              "them (\"cannot find tokenizer merges\"); export a model whose tokenizer was trained "
+                              "with merges (smallcoder tokenizer train)")
     if model.get("byte_fallback") or model.get("ignore_merges"):
         raise SmallCoderError(f"{source}: BPE options byte_fallback/ignore_merges are not supported by the "
                               "GGUF export (llama.cpp's gpt2 tokenizer would tokenize differently)")
