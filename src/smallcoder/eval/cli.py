@@ -168,7 +168,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         settings["parameters"] = engine.model.num_parameters()
         for task in tasks:
             t0 = time.perf_counter()
-            result = _run_task(task, engine, data[task], args, ks, progress)
+            items = data[task]
+            count = "" if isinstance(items, str) else f" ({min(len(items), args.limit or len(items)):,} items)"
+            print(f"{task}: running{count}", file=sys.stderr, flush=True)  # a long task is never silent
+            result = _run_task(task, engine, items, args, ks, progress)
             result.settings["wall_seconds"] = round(time.perf_counter() - t0, 3)
             results.append(result)
             print(f"{task}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
