@@ -169,7 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         for task in tasks:
             t0 = time.perf_counter()
             items = data[task]
-            count = "" if isinstance(items, str) else f" ({min(len(items), args.limit or len(items)):,} items)"
+            whole = isinstance(items, str) or task == "mbpp"  # text, or records of every split
+            count = "" if whole else f" ({min(len(items), args.limit or len(items)):,} items)"
             print(f"{task}: running{count}", file=sys.stderr, flush=True)  # a long task is never silent
             result = _run_task(task, engine, items, args, ks, progress)
             result.settings["wall_seconds"] = round(time.perf_counter() - t0, 3)
