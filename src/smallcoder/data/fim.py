@@ -5,8 +5,8 @@ Why context-level (after packing) and not document-level (before packing):
 - every FIM example lies within the one context the model trains on. Document-level examples are
   cut by packing like any document, so the middle of a document longer than the context lands in
   another context than its prefix and suffix: in the tiny recipe most documents (standard-library
-  modules) run to thousands of tokens against a 256-token context. The paper's comparison of the
-  two favours context-level FIM and explains it by these fragments;
+  modules) run to thousands of tokens against a 256-token context. The paper names this
+  fragmenting as document-level FIM's drawback;
 - the packs stay plain left-to-right text: the stage's validation reads them as they are, so its
   loss measures the same thing with and without FIM, and `fim_rate` is no part of the stage data's
   cache key (train/stagedata.py): changing it reuses the packs, with nothing to pack again;
