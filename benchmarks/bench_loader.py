@@ -1,11 +1,12 @@
 """Mixture-loader throughput at the tiny preset's training shape, against the rate it must beat.
 
-    python benchmarks/bench_loader.py [--tokenizer ../shared/data/tokenizers/starcoder] [--rounds 5]
+    python benchmarks/bench_loader.py [--tokenizer ../shared/data/tokenizers/starcoder] [--rounds 5] [--fim-rate 0.5]
 
 Packs a synthetic code corpus (packed pretraining records) and synthetic chat examples (SFT
 records) into real `TokenDataset` folders in a temporary directory, then times `next_step()` of a
 60/40 mixture at global batch 16 x 512 tokens, micro-batch 8 (as rank 0 of 1 and of 2
-processes, and with packed data alone). Prints per-round rates, then medians. The loader must
+processes, with packed data alone, and packed data with context-level FIM at --fim-rate, which
+re-tokenizes the transformed documents on the way). Prints per-round rates, then medians. The loader must
 deliver at least 50x the trainer's rate for the tiny preset on this CPU (458 tokens/s, from
 ../shared/PERF-NOTES.md), so loading never shows in a training step.
 """
@@ -51,9 +52,11 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--docs", type=int, default=3000, help="synthetic code documents to pack")
+    ap.add_argument("--fim-rate", type=float, default=0.5, help="the FIM setup's fim_rate (0: no FIM setup)")
     args = ap.parse_args()
 
     from smallcoder import Tokenizer
+    from smallcoder.data.fim import FimTransform
     from smallcoder.data.mixture import Component, MixtureLoader
     from smallcoder.data.pack import TokenDataset, pack_examples, pack_texts
     from smallcoder.data.sft import encode_conversations
@@ -70,16 +73,19 @@ def main() -> None:
         print(f"packed in {time.perf_counter() - t0:.1f} s: {code!r}\n                 {sft!r}")
 
         setups = {
-            "60/40 packed+sft, 1 rank": ([("code", code, 0.6), ("sft", sft, 0.4)], 0, 1),
-            "60/40 packed+sft, rank 0 of 2": ([("code", code, 0.6), ("sft", sft, 0.4)], 0, 2),
-            "packed only, 1 rank": ([("code", code, 1.0)], 0, 1),
+            "60/40 packed+sft, 1 rank": ([("code", code, 0.6), ("sft", sft, 0.4)], 0, 1, None),
+            "60/40 packed+sft, rank 0 of 2": ([("code", code, 0.6), ("sft", sft, 0.4)], 0, 2, None),
+            "packed only, 1 rank": ([("code", code, 1.0)], 0, 1, None),
         }
+        if args.fim_rate > 0:
+            setups[f"packed only, 1 rank, FIM {args.fim_rate:g}"] = (
+                [("code", code, 1.0)], 0, 1, FimTransform(tok, args.fim_rate, 0.5))
         rates: dict[str, list[tuple[float, float]]] = {k: [] for k in setups}
         for r in range(args.rounds):
-            for name, (comps, rank, world) in setups.items():
+            for name, (comps, rank, world, fim) in setups.items():
                 loader = MixtureLoader([Component(n, d, w) for n, d, w in comps], seq_len=args.seq_len,
                                        global_batch=args.global_batch, micro_batch=args.micro_batch, seed=r,
-                                       pad_id=tok.eos_id, rank=rank, world_size=world)
+                                       pad_id=tok.eos_id, rank=rank, world_size=world, fim=fim)
                 loader.next_step()  # warm: first permutations, page cache
                 t = time.perf_counter()
                 tokens = 0

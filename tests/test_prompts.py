@@ -17,7 +17,16 @@ import torch
 from smallcoder import prompts
 from smallcoder.cli import main
 from smallcoder.errors import SmallCoderError
-from smallcoder.prompts import CHAT_STOP, FIM_TOKENS, AnswerStream, answer_text, chat_stops, fim_prompt, has_fim
+from smallcoder.prompts import (
+    CHAT_STOP,
+    FIM_TOKENS,
+    AnswerStream,
+    answer_text,
+    chat_stops,
+    fim_ids,
+    fim_prompt,
+    has_fim,
+)
 
 gen_mod = importlib.import_module("smallcoder.inference.engine")
 
@@ -147,6 +156,26 @@ def test_every_user_takes_the_protocol_from_one_place():
     import smallcoder
 
     assert smallcoder.format_chat is prompts.format_chat
+
+
+def test_fim_ids_is_fim_prompt_in_tokens(starcoder_dir):
+    """Training data lays FIM examples out in token ids (`fim_ids`), the server and the evaluation
+    in text (`fim_prompt`): the same layout, each piece tokenized on its own."""
+    from smallcoder import Tokenizer
+
+    tok = Tokenizer.load(starcoder_dir)
+    sentinels = [tok.token_to_id(t) for t in FIM_TOKENS]
+    prefix, middle, suffix = "def add(a, b):\n    ret", "urn a + b", "\n\nprint(add(1, 2))\n"
+    for order in ("psm", "spm"):
+        ids = fim_ids(tok.encode(prefix), tok.encode(suffix), tok.encode(middle), order, sentinels)
+        assert tok.decode(ids) == fim_prompt(prefix, suffix, middle, order=order)
+        assert [i for i in ids if i in sentinels] == sentinels  # single tokens, in this order in both
+    spm = fim_ids(tok.encode(prefix), tok.encode(suffix), tok.encode(middle), "spm", sentinels)
+    assert spm[-len(tok.encode(middle)):] == tok.encode(middle)  # the middle starts at a token boundary
+    assert fim_ids([5], [6], [7], "psm", [1, 2, 3]) == [1, 5, 2, 6, 3, 7]
+    assert fim_ids([5], [6], [7], "spm", [1, 2, 3]) == [1, 2, 6, 3, 5, 7]
+    with pytest.raises(SmallCoderError, match="unknown FIM order 'pms'"):
+        fim_ids([], [], [], "pms", [1, 2, 3])
 
 
 def test_export_names_llama_cpps_fim_keys_with_the_protocols_tokens():

@@ -138,18 +138,38 @@ def test_defaults_table(tmp_path):
     assert r.stages[0].lr == 0.02
 
 
+def test_fim_fields(tmp_path):
+    """fim_rate (0 = off, the default) and fim_spm_rate are stage fields, settable in [defaults];
+    an SFT stage refuses FIM (its conversations keep the EOS-fix mask)."""
+    r = load_recipe(_write(tmp_path, BASE))
+    assert (r.stages[0].fim_rate, r.stages[0].fim_spm_rate) == (0.0, 0.5)
+    text = BASE.replace("[[stages]]", "[defaults]\nfim_rate = 0.5\nfim_spm_rate = 1.0\n\n[[stages]]", 1)
+    r = load_recipe(_write(tmp_path, text))
+    assert (r.stages[0].fim_rate, r.stages[0].fim_spm_rate) == (0.5, 1.0)
+    assert load_recipe(tmp_path / "r.toml", ["stages.0.fim_rate=0"]).stages[0].fim_rate == 0
+    path = _write(tmp_path, BASE.replace('name = "base"', 'name = "base"\nsft = true\nfim_rate = 0.25'))
+    with pytest.raises(SmallCoderError) as e:
+        load_recipe(path, ['stages.0.sources=[{source = "builtin:sft"}]'])
+    assert str(e.value) == (f"{path}: stages[0].fim_rate: 0.25 on an SFT stage: FIM transforms packed "
+                            "documents, and an SFT stage's conversations keep their EOS-fix loss mask; set "
+                            "fim_rate = 0 on this stage")
+
+
 def test_packaged_recipes():
     assert packaged_recipe("tiny").resolve() == (RECIPES / "tiny.toml").resolve()
     tiny = load_recipe(packaged_recipe("tiny"))
     assert [s.name for s in tiny.stages] == ["language", "code", "math", "sft"]
     assert all(src.spec.kind == "builtin" for s in tiny.stages for src in s.sources)
     assert tiny.stages[-1].sft and tiny.model.tokenizer.train_on
+    assert [s.fim_rate for s in tiny.stages] == [0.0, 0.5, 0.0, 0.0]  # FIM in the code stage
     big = load_recipe(RECIPES / "smallcoder-303m.toml")
     assert [s.tokens for s in big.stages] == [6_300_000_000, 7_500_000_000, 10_000_000_000, 6_000_000_000]
     assert {s.name: s.weight for s in big.stages[1].sources} == {"nemotron-synthetic-code": 0.6,
                                                                  "starcoderdata": 0.4}
     assert all(s.seq_len == 1024 for s in big.stages) and big.run.dtype == "bfloat16"
     assert big.model.preset == "smallcoder-303m" and big.stages[3].sft
+    assert [(s.fim_rate, s.fim_spm_rate) for s in big.stages][1] == (0.5, 0.5)  # our extension: the card is silent
+    assert [s.fim_rate for s in big.stages] == [0.0, 0.5, 0.0, 0.0]
     assert sum(s.tokens for s in big.stages) == 29_800_000_000
     with pytest.raises(SmallCoderError, match="no packaged recipe"):
         packaged_recipe("nope")
@@ -209,6 +229,9 @@ def test_cosine_schedule_and_warmup_fraction():
     ("stages.0.min_lr=1.0", "stages[0].min_lr", "1.0"),
     ('stages.0.name="a b"', "stages[0].name", "a b"),
     ("stages.0.sources.1.weight=0", "stages[0].sources[1].weight", "0"),
+    ("stages.0.fim_rate=1.5", "stages[0].fim_rate", "1.5"),
+    ('stages.0.fim_rate="half"', "stages[0].fim_rate", "half"),
+    ("stages.0.fim_spm_rate=-0.1", "stages[0].fim_spm_rate", "-0.1"),
 ])
 def test_each_bad_field_names_file_field_and_value(tmp_path, override, field, value):
     path = _write(tmp_path, BASE)

@@ -8,6 +8,10 @@ global batch and splits it into micro-batches. So the ranks' parts are disjoint 
 exactly the single-process batch: 2-process DDP sees the same data as 1 process, and a run may
 resume on a different number of ranks. The state (step, tokens, each component's epoch and
 cursor) is a small JSON-able dict saved with the checkpoint.
+
+With `fim` (a `data.fim.FimTransform`), each packed record this rank takes is transformed for
+fill-in-the-middle with a generator keyed by (seed, component, epoch, index): the same record drawn
+at the same point gives the same example on any rank and after a resume, and needs no saved state.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .sft import collate, count_loss_tokens
 
 STATE_VERSION = 1
 _CHOICE_STREAM = 0  # SeedSequence key of the component draw
-_PERM_STREAM = 1    # ... and of the per-epoch permutations
+_PERM_STREAM = 1    # ... and of the per-epoch permutations (data.fim uses 2)
 KINDS = ("packed", "sft")
 
 
@@ -90,7 +94,7 @@ class MixtureLoader:
 
     def __init__(self, components: Sequence[Component], *, seq_len: int, global_batch: int, micro_batch: int,
                  seed: int, pad_id: int, rank: int = 0, world_size: int = 1,
-                 pad_to_multiple_of: int | None = None) -> None:
+                 pad_to_multiple_of: int | None = None, fim: Any = None) -> None:
         self.seq_len = integer(seq_len, "mixture loader: seq_len", 2)
         self.global_batch = integer(global_batch, "mixture loader: global_batch")
         self.micro_batch = integer(micro_batch, "mixture loader: micro_batch")
@@ -105,6 +109,7 @@ class MixtureLoader:
                 f"mixture loader: global_batch {global_batch} is not divisible by world_size {world_size} "
                 f"x micro_batch {micro_batch} = {self.world_size * self.micro_batch}")
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.fim = fim
         self.components = list(components)
         self._validate_components()
         w = np.array([float(c.weight) for c in self.components])
@@ -148,7 +153,8 @@ class MixtureLoader:
 
     # -- drawing ---------------------------------------------------------------------------------
 
-    def _next_index(self, k: int) -> int:
+    def _next_index(self, k: int) -> tuple[int, int]:
+        """(epoch, index) of component k's next record."""
         st = self._state[k]
         n = len(self.components[k].dataset)
         if st.cursor >= n:  # epoch done: re-shuffle
@@ -157,7 +163,7 @@ class MixtureLoader:
             st.perm = self._permutation(k, st.epoch)
         i = int(st.perm[st.cursor])
         st.cursor += 1
-        return i
+        return st.epoch, i
 
     def _permutation(self, k: int, epoch: int) -> np.ndarray:
         ss = np.random.SeedSequence([self.seed, _PERM_STREAM, self._keys[k], epoch])
@@ -170,12 +176,12 @@ class MixtureLoader:
     def next_step(self) -> Step:
         """The next optimizer step's micro-batches for this rank (the caller counts the steps: a
         stage's length is fixed before it starts, see `train.stagedata.prepare_stage`)."""
-        picks = [(int(k), self._next_index(int(k))) for k in self._draw_components(self.step)]
+        picks = [(int(k), *self._next_index(int(k))) for k in self._draw_components(self.step)]
         per_rank = self.global_batch // self.world_size
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
         mine: list[tuple[np.ndarray, np.ndarray | None]] = []
         num_loss = tokens = 0
-        for j, (k, i) in enumerate(picks):
+        for j, (k, _, i) in enumerate(picks):
             ids, mask = self.components[k].dataset[i]
             n = min(len(ids), self.seq_len)
             num_loss += count_loss_tokens(ids, mask, self.seq_len)
@@ -185,13 +191,28 @@ class MixtureLoader:
             st.tokens += n
             if lo <= j < hi:
                 mine.append((ids, mask))
+        if self.fim is not None:
+            mine = self._fim(picks[lo:hi], mine)
         micro = [collate(mine[s:s + self.micro_batch], self.seq_len, self.pad_id, self.pad_to_multiple_of)
                  for s in range(0, len(mine), self.micro_batch)]
         self.step += 1
         self.tokens_seen += tokens
-        names = [(self.components[k].name, i) for k, i in picks[lo:hi]]
+        names = [(self.components[k].name, i) for k, _, i in picks[lo:hi]]
         return Step(step=self.step, micro_batches=micro, num_loss_tokens=num_loss, tokens=tokens,
                     tokens_seen=self.tokens_seen, records=names)
+
+    def _fim(self, picks: list[tuple[int, int, int]], records: list[tuple[np.ndarray, np.ndarray | None]],
+             ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """This rank's records with the packed ones FIM-transformed (same length: the step's
+        token and loss counts, made from the untransformed records, stay true)."""
+        from .fim import record_rng
+
+        todo = [n for n, (_, mask) in enumerate(records) if mask is None]
+        rngs = [record_rng(self.seed, self._keys[picks[n][0]], picks[n][1], picks[n][2]) for n in todo]
+        out = list(records)
+        for n, ids in zip(todo, self.fim.apply([records[n][0] for n in todo], rngs)):
+            out[n] = (ids, None)
+        return out
 
     # -- reporting and resuming ------------------------------------------------------------------
 
@@ -208,6 +229,7 @@ class MixtureLoader:
         return {
             "version": STATE_VERSION, "seed": self.seed, "step": self.step, "tokens_seen": self.tokens_seen,
             "seq_len": self.seq_len, "global_batch": self.global_batch,
+            "fim": None if self.fim is None else self.fim.describe(),
             "components": {c.name: {"weight": float(c.weight), "size": len(c.dataset), "epoch": st.epoch,
                                     "cursor": st.cursor,
                                     "records": st.records, "tokens": st.tokens}
@@ -223,6 +245,10 @@ class MixtureLoader:
             if state.get(key) != mine:
                 raise SmallCoderError(f"loader state: {key} is {state.get(key)!r} but this loader has {mine!r}; "
                                       "a resumed run must keep the seed, seq_len and global batch")
+        fim = None if self.fim is None else self.fim.describe()
+        if state.get("fim") != fim:
+            raise SmallCoderError(f"loader state: FIM settings were {state.get('fim')!r} but this loader has {fim!r}; "
+                                  "a resumed run must keep fim_rate and fim_spm_rate")
         saved = state.get("components")
         names = [c.name for c in self.components]
         if not isinstance(saved, dict) or sorted(saved) != sorted(names):

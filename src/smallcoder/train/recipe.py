@@ -55,6 +55,9 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
     sft = false                      # conversations with the card's EOS-fix loss mask
     carry_optimizer = true           # keep AdamW moments from the previous stage
     decontaminate = false            # drop documents sharing a 13-gram with HumanEval/MBPP/GSM8k
+    fim_rate = 0.0                   # fill-in-the-middle: share of documents transformed, 0 = off (the
+                                     # default); not on an SFT stage; needs the tokenizer's FIM tokens
+    fim_spm_rate = 0.5               # of those, the share in SPM order (else PSM); see smallcoder.data.fim
     [[stages.sources]]               # a data source (smallcoder.data.sources) plus its weight
     source = "card:fineweb-edu"
     weight = 1.0

@@ -160,8 +160,8 @@ class StageSource:
 @dataclass(frozen=True)
 class StageSpec:
     """One `[[stages]]` table; field bounds are declared beside the fields, and the rules between
-    fields (min_lr <= lr, whole sequences and micro-batches per step, weights summing to 1) are
-    checked in `__post_init__`."""
+    fields (min_lr <= lr, whole sequences and micro-batches per step, weights summing to 1, no FIM
+    on an SFT stage) are checked in `__post_init__`."""
 
     name: str = checked(check=_stage_name)
     sources: tuple[StageSource, ...]
@@ -179,9 +179,15 @@ class StageSpec:
     sft: bool = checked(False, Bool())
     carry_optimizer: bool = checked(True, Bool())
     decontaminate: bool = checked(False, Bool())
+    fim_rate: float = checked(0.0, Number(maximum=1.0))      # share of documents FIM-transformed; 0 = off
+    fim_spm_rate: float = checked(0.5, Number(maximum=1.0))  # of those, the share in SPM order (else PSM)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.sft and self.fim_rate > 0:
+            raise FieldError("fim_rate", f"{self.fim_rate:g} on an SFT stage: FIM transforms packed documents, "
+                             "and an SFT stage's conversations keep their EOS-fix loss mask; set fim_rate = 0 "
+                             "on this stage", ": ")
         if self.min_lr > self.lr:
             raise FieldError("min_lr", f"{self.min_lr} is above lr {self.lr}", ": ")
         if self.global_batch_tokens % self.seq_len:

@@ -7,7 +7,9 @@
 
 A held-out slice of every source is the stage's validation set (and, for SFT, the EOS check's
 prompts). A reused folder is verified against its index before training reads it; a damaged
-one is packed again.
+one is packed again. FIM (`fim_rate`) is applied when the loader draws training records
+(`smallcoder.data.fim`), so the packs, and their cache key, do not depend on it: the validation
+set stays plain left-to-right text, and changing the rate reuses the packs.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class StageData:
     sources: list[SourceData]
     steps: int
     tokens_per_step: float  # expected real tokens per optimizer step
+    fim: Any = None         # the stage's data.fim.FimTransform (fim_rate > 0), applied by the loader
 
 
 def _split(items: Iterator[Any], size_of: Callable[[Any], float], val_fraction: float, val_docs: int,
@@ -220,8 +223,22 @@ def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, ou
     return SourceData(src.name, src.weight, folder, *packed)
 
 
+def stage_fim(stage: StageSpec, tokenizer: Any, where: str) -> Any:
+    """The stage's FIM transform, or None with fim_rate 0; one line naming `where` (the stage's
+    field path) when the tokenizer lacks the FIM tokens."""
+    if not stage.fim_rate:
+        return None
+    from ..data.fim import FimTransform
+
+    try:
+        return FimTransform(tokenizer, stage.fim_rate, stage.fim_spm_rate)
+    except SmallCoderError as e:
+        raise SmallCoderError(f"{where}.fim_rate = {stage.fim_rate:g}: {e}; use a tokenizer with them "
+                              "(StarCoder's, or one `smallcoder tokenizer train` made) or set fim_rate = 0") from None
+
+
 def prepare_stage(stage: StageSpec, tokenizer: Any, tok_hash: str, out: Path, run: Any, deco: Decontam,
-                  max_steps: int | None, progress: bool, may_repack: bool = True) -> StageData:
+                  max_steps: int | None, progress: bool, may_repack: bool = True, fim: Any = None) -> StageData:
     """Every source of the stage packed, and the stage's step count.
 
     Steps = ceil(tokens / expected real tokens per step): global_batch_tokens for packed data; for
@@ -238,7 +255,7 @@ def prepare_stage(stage: StageSpec, tokenizer: Any, tok_hash: str, out: Path, ru
     steps = max(1, math.ceil(stage.tokens / per_step))
     if max_steps is not None:
         steps = min(steps, max_steps)
-    return StageData(stage, sources, steps, per_step)
+    return StageData(stage, sources, steps, per_step, fim)
 
 
 def prepare_tokenizer(recipe: Recipe, out: Path, progress: bool) -> Any:
@@ -270,17 +287,19 @@ def prepare_tokenizer(recipe: Recipe, out: Path, progress: bool) -> Any:
 def prepare_data(recipe: Recipe, out: Path, info: Any, max_steps: int | None,
                  progress: bool) -> tuple[Any, list[StageData]]:
     """The tokenizer and every stage's data; rank 0 first (it packs and repacks), then the other
-    ranks, which find the caches."""
+    ranks, which find the caches. A stage asking for FIM of a tokenizer without the FIM tokens is
+    refused before anything is packed."""
     from ..data.pack import tokenizer_hash
     from .distributed import barrier
 
     if not info.is_main:
         barrier(info)
     tokenizer = prepare_tokenizer(recipe, out, progress)
+    fims = [stage_fim(s, tokenizer, f"{recipe.path}: stages[{i}]") for i, s in enumerate(recipe.stages)]  # before packing
     tok_hash = tokenizer_hash(tokenizer)
     deco = Decontam(recipe.run.benchmark_dir())
     stages = [prepare_stage(s, tokenizer, tok_hash, out, recipe.run, deco, max_steps, progress,
-                            may_repack=info.is_main) for s in recipe.stages]
+                            may_repack=info.is_main, fim=f) for s, f in zip(recipe.stages, fims)]
     if info.is_main:
         barrier(info)
     return tokenizer, stages

@@ -354,7 +354,7 @@ class Trainer:
                                micro_batch=st.micro_batch_on(ctx.info.world_size),
                                seed=stage_seed(ctx.recipe.run.seed, st), pad_id=ctx.tokenizer.eos_id,
                                rank=ctx.info.rank, world_size=ctx.info.world_size,
-                               pad_to_multiple_of=SFT_PAD_MULTIPLE if st.sft else None)
+                               pad_to_multiple_of=SFT_PAD_MULTIPLE if st.sft else None, fim=data.fim)
         if state.step_in_stage > 0:
             loader.load_state_dict(state.loader)
         if state.step_in_stage == 0 and self.peak_tflops is None and ctx.info.device.type == "cpu":
