@@ -14,7 +14,8 @@ StarCoder trains it): the model writes the middle after one of two orders of the
 - SPM: `<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}` + middle (the paper's SPM variant that
   StarCoder's Megatron loader uses: the middle continues the prefix directly, and a prefix that grows
   as the user types only appends to the prompt).
-Training data, evaluation and the server build both through `fim_prompt`.
+Training data, evaluation and the server build both through `fim_prompt`; a prompt that must fit a
+token budget is cut by `fit_fim` (the start of the prefix and the end of the suffix go).
 """
 
 from __future__ import annotations
@@ -107,6 +108,56 @@ def fim_prompt(prefix: str, suffix: str, middle: str = "", order: str = "psm") -
     if order == "spm":
         return f"{FIM_PREFIX}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{prefix}{middle}"
     raise SmallCoderError(f"unknown FIM order {order!r}; choose one of: {', '.join(FIM_ORDERS)}")
+
+
+def fit_fim(prefix: str, suffix: str, tokenizer: Any, max_tokens: int, middle: str = "",
+            order: str = "psm") -> tuple[str, str]:
+    """(prefix, suffix) cut so that `fim_prompt(prefix, suffix, middle, order)` is at most
+    `max_tokens` tokens: the start of the prefix and the end of the suffix go, so the text nearest
+    the hole stays. Each side keeps up to half of the room the sentinels and `middle` leave; a side
+    that needs less gives the rest to the other. Cuts fall on token boundaries (and whole
+    characters), counted with `tokenizer.encode` / `decode`. Unchanged when the prompt fits."""
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    if count(fim_prompt(prefix, suffix, middle, order)) <= max_tokens:
+        return prefix, suffix
+    room = max_tokens - count(fim_prompt("", "", middle, order))
+    if room < 0:
+        raise SmallCoderError(f"a FIM prompt needs at least {max_tokens - room} tokens (sentinels and the "
+                              f"middle typed so far), more than the {max_tokens} it may have")
+    p_ids, s_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    keep_p = min(len(p_ids), max(room - len(s_ids), room // 2))
+    keep_s = min(len(s_ids), room - keep_p)
+    while True:
+        head, tail = _tail(prefix, p_ids, keep_p, tokenizer), _head(suffix, s_ids, keep_s, tokenizer)
+        over = count(fim_prompt(head, tail, middle, order)) - max_tokens
+        if over <= 0:  # a cut text can tokenize a little differently at its new edge: then cut more
+            return head, tail
+        if keep_p >= keep_s:
+            keep_p = max(0, keep_p - over)
+        else:
+            keep_s = max(0, keep_s - over)
+
+
+def _tail(text: str, ids: list[int], keep: int, tokenizer: Any) -> str:
+    """The end of `text` made of its last `keep` tokens (fewer where a token splits a character)."""
+    while keep > 0:
+        piece = tokenizer.decode(ids[len(ids) - keep:])
+        if text.endswith(piece):
+            return piece
+        keep -= 1
+    return ""
+
+
+def _head(text: str, ids: list[int], keep: int, tokenizer: Any) -> str:
+    """The start of `text` made of its first `keep` tokens (fewer where a token splits a character)."""
+    while keep > 0:
+        piece = tokenizer.decode(ids[:keep])
+        if text.startswith(piece):
+            return piece
+        keep -= 1
+    return ""
 
 
 def has_fim(tokenizer: Any) -> bool:
