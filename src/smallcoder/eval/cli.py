@@ -17,8 +17,8 @@ from ..checks import number
 from ..cli import DTYPE_HELP
 from ..errors import SmallCoderError
 from ..prompts import FIM_ORDERS
+from .data import EVAL_TASKS as TASKS
 from .data import INFILL_SPLITS
-from .data import TASK_NAMES as TASKS
 
 CODE_TASKS = ("humaneval", "humaneval_plus", "mbpp", *INFILL_SPLITS)
 

@@ -47,15 +47,17 @@ from typing import Any
 from ..checks import known
 from ..errors import SmallCoderError
 
-# HumanEval-infilling (Bavarian et al. 2022): task name -> the split's file stem in openai/human-eval-infilling
+# The card's benchmarks (each one decontamination can index, smallcoder.data.decontam.BENCHMARKS).
+TASK_NAMES = ("humaneval", "mbpp", "gsm8k", "wikitext2", "arc_easy", "arc_challenge", "hellaswag", "humaneval_plus")
+# HumanEval-infilling (Bavarian et al. 2022): task name -> the split's file stem in openai/human-eval-infilling.
+# Its programs are HumanEval's (prompt + middle + suffix), so indexing `humaneval` covers their text.
 INFILL_SPLITS: dict[str, str] = {
     "humaneval_infill_single": "HumanEval-SingleLineInfilling",
     "humaneval_infill_multi": "HumanEval-MultiLineInfilling",
     "humaneval_infill_span": "HumanEval-RandomSpanInfilling",
     "humaneval_infill_span_light": "HumanEval-RandomSpanInfillingLight",
 }
-TASK_NAMES = ("humaneval", "mbpp", "gsm8k", "wikitext2", "arc_easy", "arc_challenge", "hellaswag", "humaneval_plus",
-              *INFILL_SPLITS)
+EVAL_TASKS = (*TASK_NAMES, *INFILL_SPLITS)  # everything `smallcoder eval` runs
 
 # Where each task lives inside a data folder with the layout of ../shared/data.
 TASK_FILES: dict[str, str] = {
@@ -89,7 +91,7 @@ MBPP_FIELDS = ("task_id", "text", "code", "test_list", "test_setup_code", "chall
 
 def load_task_data(task: str, data_dir: str | Path | None = None) -> list[dict] | str:
     """Return the normalized items of `task` (a str for wikitext2); see the module docstring."""
-    known(task, "benchmark task", TASK_NAMES)
+    known(task, "benchmark task", EVAL_TASKS)
     local = Path(data_dir) / TASK_FILES[task] if data_dir is not None else None
     if local is not None and local.is_file():
         return _LOCAL_READERS[task](local)

@@ -21,8 +21,9 @@ bigcode-evaluation-harness FIM task, `santacoder_fim.py`, stops at `<|endoftext|
 lm-evaluation-harness `humaneval_infilling` tasks add nothing for multi-line and random span).
 Single-line infilling also stops at the first newline (lm-evaluation-harness
 `single_line_infilling.yaml`: `until: ["\\n"]`). That newline stays in the completion: every one of
-the 1,033 single-line middles is one line ending in "\\n", so a completion without it would join
-the filled line to the suffix's first line and fail even when it is the canonical line.
+the 1,033 single-line middles is one line ending in "\\n", and a completion without it joins the
+filled line to the suffix's first line, which breaks even the canonical line in most tasks
+(benchmarks/RESULTS.md counts how many).
 
 Exact match (`exact_match`): the completion as scored equals `canonical_solution` character for
 character, whitespace included (indentation is Python syntax; bigcode's FIM task compares the same
