@@ -309,6 +309,23 @@ def test_fit_fim_keeps_the_text_nearest_the_hole(starcoder_dir):
         fit_fim(prefix, suffix, tok, 2)
 
 
+def test_cut_prompts_leave_the_engine_nothing_to_cut(splits, fim_checkpoint):
+    """A cut prompt is shorter than the context even with no room asked for the middle (the engine
+    would otherwise drop its first tokens, the <fim_prefix> among them)."""
+    from smallcoder import Tokenizer
+    from smallcoder.eval.infill import cut_target, infill_prompts
+
+    assert (cut_target(128, 0), cut_target(128, 8), cut_target(128, 512)) == (127, 120, 64)
+    tok = Tokenizer.load(fim_checkpoint)
+    rows = splits["humaneval_infill_multi"][:5]
+    for new in (0, 8, 512):
+        prompts, cut = infill_prompts(rows, tok, 128, new, order="spm")
+        assert cut == 5 and all(len(tok.encode(p)) <= cut_target(128, new) for p in prompts)
+        assert all(p.startswith(FIM_PREFIX + FIM_SUFFIX) for p in prompts)
+    with pytest.raises(SmallCoderError, match="--fim-order must be one of psm, spm"):
+        infill_prompts(rows, tok, 128, 8, order="pms")
+
+
 # ---------------------------------------------------------------- bad input
 
 

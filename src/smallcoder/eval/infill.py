@@ -11,14 +11,16 @@ encoders of the decode tasks). pass@k is the unbiased estimator over n samples p
 
 Prompt: `fim_prompt(prompt, suffix, order=...)`, PSM by default or SPM (`--fim-order`). A prompt
 that does not fit the context (the engine's rule for every prompt: `ctx` tokens or more) is cut by
-`fit_fim` to `max(ctx - max_new_tokens, ctx // 2)` tokens: the start of the prefix and the end of the
-suffix go, the text nearest the hole stays; how many were cut is in the settings and a note.
+`fit_fim` to `cut_target` = `max(ctx - max_new_tokens, ctx // 2)` tokens: the start of the prefix and
+the end of the suffix go, the text nearest the hole stays; how many were cut is in the settings and
+a note. The program that runs is never cut.
 
 Stop rules. The paper's harness ships no generation code: it scores ready `{"task_id",
-"completion"}` lines. The middle ends where the model ends it, at its end-of-text token (the
-paper's FIM inference: the model emits <EOT> once the middle joins the suffix, Sec. 3; the
-bigcode-evaluation-harness FIM task, `santacoder_fim.py`, stops at `<|endoftext|>` alone; the
-lm-evaluation-harness `humaneval_infilling` tasks add nothing for multi-line and random span).
+"completion"}` lines. The middle ends where the model ends it, at its end-of-text token (in the
+paper's FIM format the middle is followed by <EOT>, which a FIM model emits once the middle joins
+the suffix; the bigcode-evaluation-harness FIM task, `santacoder_fim.py`, stops at `<|endoftext|>`
+alone; the lm-evaluation-harness `humaneval_infilling` tasks add nothing for multi-line and random
+span).
 Single-line infilling also stops at the first newline (lm-evaluation-harness
 `single_line_infilling.yaml`: `until: ["\\n"]`). That newline stays in the completion: every one of
 the 1,033 single-line middles is one line ending in "\\n", and a completion without it joins the
@@ -98,7 +100,7 @@ def infill_prompts(problems: Sequence[dict[str, Any]], tokenizer: Any, context: 
     returns them and how many were cut."""
     if order not in FIM_ORDERS:
         raise SmallCoderError(f"--fim-order must be one of {', '.join(FIM_ORDERS)}, got {order!r}")
-    target = max(context - max_new_tokens, context // 2)
+    target = cut_target(context, max_new_tokens)
     prompts, cut = [], 0
     for p in problems:
         text = fim_prompt(p["prompt"], p["suffix"], order=order)
@@ -107,6 +109,12 @@ def infill_prompts(problems: Sequence[dict[str, Any]], tokenizer: Any, context: 
             cut += 1
         prompts.append(text)
     return prompts, cut
+
+
+def cut_target(context: int, max_new_tokens: int) -> int:
+    """The length a FIM prompt that does not fit is cut to: room for the middle (one token at
+    least, as the engine keeps), but never less than half the context for the prompt."""
+    return max(context - max(max_new_tokens, 1), context // 2)
 
 
 def check_problems(task: str, problems: Sequence[dict[str, Any]]) -> None:
@@ -144,7 +152,7 @@ def run_infill(engine: Engine, task: str, problems: Sequence[dict[str, Any]], *,
     notes = generation_notes(temperature, n_samples, stats)
     if cut:
         notes.append(f"{cut} prompt(s) did not fit the {engine.context_length}-token context and were cut to "
-                     f"{max(engine.context_length - max_new_tokens, engine.context_length // 2)} tokens: "
+                     f"{cut_target(engine.context_length, max_new_tokens)} tokens: "
                      "the start of the prefix and the end of the suffix dropped")
     return _score(task, problems, records, runs, ks, settings, notes, limits, workers, progress)
 
