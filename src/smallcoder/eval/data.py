@@ -29,7 +29,7 @@ Record shapes (one dict per item, file order unless said otherwise):
   "SingleLineInfilling/HumanEval/0/L0", "entry_point", "prompt" (the code before the hole),
   "suffix" (the code after it), "canonical_solution" (the middle; may be empty), "test"}``. Without a
   local file the same JSONL file comes from the Hub dataset ``loubnabnl/humaneval_infilling``
-  (``data/HumanEval-*Infilling.jsonl``, the files its loading script reads) through ``huggingface_hub``.
+  (its ``data/HumanEval-*Infilling.jsonl`` files, read as is) through ``huggingface_hub``.
 - ``wikitext2`` (raw, test): the whole text as one ``str``. From the Hub, rows are joined with
   ``""`` and the empty rows (blank lines) become ``" \\n"`` as in ``wiki.test.raw``, which makes
   both sources give the same text.
