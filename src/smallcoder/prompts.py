@@ -133,6 +133,56 @@ def fim_ids(prefix: Sequence[int], suffix: Sequence[int], middle: Sequence[int],
     return out
 
 
+def fit_fim(prefix: str, suffix: str, tokenizer: Any, max_tokens: int, middle: str = "",
+            order: str = "psm") -> tuple[str, str]:
+    """(prefix, suffix) cut so that `fim_prompt(prefix, suffix, middle, order)` is at most
+    `max_tokens` tokens: the start of the prefix and the end of the suffix go, so the text nearest
+    the hole stays. Each side keeps up to half of the room the sentinels and `middle` leave; a side
+    that needs less gives the rest to the other. Cuts fall on token boundaries (and whole
+    characters), counted with `tokenizer.encode` / `decode`. Unchanged when the prompt fits."""
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    if count(fim_prompt(prefix, suffix, middle, order)) <= max_tokens:
+        return prefix, suffix
+    room = max_tokens - count(fim_prompt("", "", middle, order))
+    if room < 0:
+        raise SmallCoderError(f"a FIM prompt needs at least {max_tokens - room} tokens (sentinels and the "
+                              f"middle typed so far), more than the {max_tokens} it may have")
+    p_ids, s_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    keep_p = min(len(p_ids), max(room - len(s_ids), room // 2))
+    keep_s = min(len(s_ids), room - keep_p)
+    while True:
+        head, tail = _tail(prefix, p_ids, keep_p, tokenizer), _head(suffix, s_ids, keep_s, tokenizer)
+        over = count(fim_prompt(head, tail, middle, order)) - max_tokens
+        if over <= 0:  # a cut text can tokenize a little differently at its new edge: then cut more
+            return head, tail
+        if keep_p >= keep_s:
+            keep_p = max(0, keep_p - over)
+        else:
+            keep_s = max(0, keep_s - over)
+
+
+def _tail(text: str, ids: list[int], keep: int, tokenizer: Any) -> str:
+    """The end of `text` made of its last `keep` tokens (fewer where a token splits a character)."""
+    while keep > 0:
+        piece = tokenizer.decode(ids[len(ids) - keep:])
+        if text.endswith(piece):
+            return piece
+        keep -= 1
+    return ""
+
+
+def _head(text: str, ids: list[int], keep: int, tokenizer: Any) -> str:
+    """The start of `text` made of its first `keep` tokens (fewer where a token splits a character)."""
+    while keep > 0:
+        piece = tokenizer.decode(ids[:keep])
+        if text.startswith(piece):
+            return piece
+        keep -= 1
+    return ""
+
+
 def has_fim(tokenizer: Any) -> bool:
     """Whether `tokenizer` has each FIM token as a token of its own (else FIM prompts mean nothing)."""
     return all(tokenizer.token_to_id(t) is not None for t in FIM_TOKENS)

@@ -16,15 +16,18 @@ from typing import Any
 from ..checks import number
 from ..cli import DTYPE_HELP
 from ..errors import SmallCoderError
-from .data import TASK_NAMES as TASKS
+from ..prompts import FIM_ORDERS
+from .data import EVAL_TASKS as TASKS
+from .data import INFILL_SPLITS
 
-CODE_TASKS = ("humaneval", "humaneval_plus", "mbpp")
+CODE_TASKS = ("humaneval", "humaneval_plus", "mbpp", *INFILL_SPLITS)
 
 
 def register(subparsers: Any) -> None:
     """Add the `eval` command."""
     p = subparsers.add_parser(
-        "eval", help="run benchmarks (HumanEval(+), MBPP, GSM8k, Wikitext-2, ARC, HellaSwag) or score a samples file",
+        "eval", help="run benchmarks (HumanEval(+), HumanEval-infilling, MBPP, GSM8k, Wikitext-2, ARC, HellaSwag) "
+                     "or score a samples file",
         description="Evaluate a model with the card's protocols and print the card's table. "
                     "With --samples, score ready completions without a model.")
     p.add_argument("--model", default=None, help="checkpoint folder or Hugging Face Hub repo id")
@@ -33,7 +36,9 @@ def register(subparsers: Any) -> None:
                    help='score {"task_id", "completion"} lines for one code task (no model needed)')
     p.add_argument("--n-samples", type=int, default=1, help="samples per code task (pass@k needs n >= k)")
     p.add_argument("--k", default="1", help="pass@k values, comma-separated (default 1)")
-    p.add_argument("--temperature", type=float, default=0.2, help="code tasks (card: 0.2); GSM8k is greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="code tasks: default 0.2 (the card's); HumanEval-infilling: default 0 (greedy, as "
+                        "lm-eval); GSM8k is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=512, help="card: 512")
     p.add_argument("--limit", type=int, default=None, help="only the first K items of each task")
@@ -44,6 +49,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="folder for results.json, results.md and samples_<task>.jsonl")
     p.add_argument("--format", dest="fmt", choices=("instruct", "base"), default="instruct",
                    help="HumanEval prompt: the card's User:/Assistant: format, or the raw prompt")
+    p.add_argument("--fim-order", choices=FIM_ORDERS, default="psm",
+                   help="HumanEval-infilling prompt: prefix-suffix-middle or suffix-prefix-middle (default psm)")
     p.add_argument("--code-extraction", choices=("raw", "extract"), default=None,
                    help="how a completion becomes the code that runs: as generated (raw, lm-eval's and the "
                         "original harnesses' rule), or the first Python fence else the longest part that parses "
@@ -78,7 +85,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if value is not None and value < (0 if name == "max_new_tokens" else 1):
             flag = "--" + name.replace("_", "-")
             raise SmallCoderError(f"{flag} must be {'>= 0' if name == 'max_new_tokens' else '>= 1'}, got {value}")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         raise SmallCoderError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SmallCoderError(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -127,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "model": args.model, "dtype": args.dtype, "tasks": tasks, "n_samples": args.n_samples, "k": ks,
         "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
         "limit": args.limit, "seed": args.seed, "format": args.fmt, "batch_size": args.batch_size,
-        "code_extraction": args.code_extraction,
+        "code_extraction": args.code_extraction, "fim_order": args.fim_order,
         "data_dir": str(data_dir) if data_dir else None, "samples": args.samples,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
         "platform": platform.platform()}
@@ -142,6 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                   f"(got --tasks {','.join(tasks)})")
         from .humaneval import score_humaneval
         from .humanevalplus import score_humaneval_plus
+        from .infill import score_infill
         from .mbpp import score_mbpp
 
         samples = read_samples(args.samples, solution_ok=tasks[0] != "mbpp")
@@ -153,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             result = score_humaneval(records, samples, fmt="base", extraction=args.code_extraction, **common)
         elif tasks[0] == "humaneval_plus":
             result = score_humaneval_plus(records, samples, fmt="base", extraction=args.code_extraction, **common)
+        elif tasks[0] in INFILL_SPLITS:
+            result = score_infill(tasks[0], records, samples, **common)
         else:
             result = score_mbpp(records, samples, extraction=args.code_extraction or "raw", **common)
         result.settings["wall_seconds"] = round(time.perf_counter() - t0, 3)
@@ -165,6 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
             check_ks(ks, args.n_samples)
         data = {t: _load(t, data_dir) for t in tasks}  # a missing file fails before the model loads
         engine = _engine(args)
+        if any(t in INFILL_SPLITS for t in tasks):  # before any task generates
+            from .infill import require_fim
+
+            require_fim(engine.tokenizer, f"--model {args.model}")
         settings["parameters"] = engine.model.num_parameters()
         for task in tasks:
             t0 = time.perf_counter()
@@ -203,7 +217,9 @@ def _engine(args: argparse.Namespace) -> Any:
 def _run_task(task: str, engine: Any, data: Any, args: argparse.Namespace, ks: list[int], progress: bool) -> Any:
     """Dispatch one task to its module with the shared settings."""
     limit = args.limit
-    code = {"n_samples": args.n_samples, "ks": ks, "temperature": args.temperature,
+    default_t = 0.0 if task in INFILL_SPLITS else 0.2
+    code = {"n_samples": args.n_samples, "ks": ks,
+            "temperature": default_t if args.temperature is None else args.temperature,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
             "top_p": args.top_p, "limits": _limits(args), "workers": args.workers, "progress": progress}
     if task in ("humaneval", "humaneval_plus"):
@@ -213,6 +229,11 @@ def _run_task(task: str, engine: Any, data: Any, args: argparse.Namespace, ks: l
         problems = data[:limit] if limit is not None else data
         run = run_humaneval if task == "humaneval" else run_humaneval_plus
         return run(engine, problems, fmt=args.fmt, extraction=args.code_extraction, **code)
+    if task in INFILL_SPLITS:
+        from .infill import run_infill
+
+        problems = data[:limit] if limit is not None else data
+        return run_infill(engine, task, problems, order=args.fim_order, model=f"--model {args.model}", **code)
     if task == "mbpp":
         from .mbpp import run_mbpp
 

@@ -24,6 +24,12 @@ Record shapes (one dict per item, file order unless said otherwise):
   and double spaces collapsed, as lm-eval-harness preprocesses it. The local text form (6 lines a
   task: ctx, label, 4 endings) keeps ``ctx_b`` as written; from the Hub ``ctx`` is built as
   lm-eval does, ``ctx_a + " " + ctx_b.capitalize()``, so the two differ in that one capital.
+- ``humaneval_infill_single`` / ``_multi`` / ``_span`` / ``_span_light`` (1,033 / 5,815 / 1,640 /
+  164; Bavarian et al. 2022's HumanEval-infilling files): ``{"task_id":
+  "SingleLineInfilling/HumanEval/0/L0", "entry_point", "prompt" (the code before the hole),
+  "suffix" (the code after it), "canonical_solution" (the middle; may be empty), "test"}``. Without a
+  local file the same JSONL file comes from the Hub dataset ``loubnabnl/humaneval_infilling``
+  (its ``data/HumanEval-*Infilling.jsonl`` files, read as is) through ``huggingface_hub``.
 - ``wikitext2`` (raw, test): the whole text as one ``str``. From the Hub, rows are joined with
   ``""`` and the empty rows (blank lines) become ``" \\n"`` as in ``wiki.test.raw``, which makes
   both sources give the same text.
@@ -41,7 +47,17 @@ from typing import Any
 from ..checks import known
 from ..errors import SmallCoderError
 
+# The card's benchmarks (each one decontamination can index, smallcoder.data.decontam.BENCHMARKS).
 TASK_NAMES = ("humaneval", "mbpp", "gsm8k", "wikitext2", "arc_easy", "arc_challenge", "hellaswag", "humaneval_plus")
+# HumanEval-infilling (Bavarian et al. 2022): task name -> the split's file stem in openai/human-eval-infilling.
+# Its programs are HumanEval's (prompt + middle + suffix), so indexing `humaneval` covers their text.
+INFILL_SPLITS: dict[str, str] = {
+    "humaneval_infill_single": "HumanEval-SingleLineInfilling",
+    "humaneval_infill_multi": "HumanEval-MultiLineInfilling",
+    "humaneval_infill_span": "HumanEval-RandomSpanInfilling",
+    "humaneval_infill_span_light": "HumanEval-RandomSpanInfillingLight",
+}
+EVAL_TASKS = (*TASK_NAMES, *INFILL_SPLITS)  # everything `smallcoder eval` runs
 
 # Where each task lives inside a data folder with the layout of ../shared/data.
 TASK_FILES: dict[str, str] = {
@@ -53,6 +69,7 @@ TASK_FILES: dict[str, str] = {
     "arc_easy": "arc/ARC-Easy-Test.jsonl",
     "arc_challenge": "arc/ARC-Challenge-Test.jsonl",
     "hellaswag": "hellaswag/hellaswag_val_full.txt.bz2",
+    **{task: f"humaneval-infilling/{stem}.jsonl.gz" for task, stem in INFILL_SPLITS.items()},
 }
 
 # The Hub dataset each task falls back to: (repo id, config name, split or None for all splits).
@@ -65,14 +82,16 @@ HUB_DATASETS: dict[str, tuple[str, str | None, str | None]] = {
     "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
     "hellaswag": ("Rowan/hellaswag", None, "validation"),
 }
+INFILL_HUB_REPO = "loubnabnl/humaneval_infilling"  # a dataset repo: data/<stem>.jsonl per split
 
 HUMANEVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+INFILL_FIELDS = ("task_id", "entry_point", "prompt", "suffix", "canonical_solution", "test")
 MBPP_FIELDS = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
 
 
 def load_task_data(task: str, data_dir: str | Path | None = None) -> list[dict] | str:
     """Return the normalized items of `task` (a str for wikitext2); see the module docstring."""
-    known(task, "benchmark task", TASK_NAMES)
+    known(task, "benchmark task", EVAL_TASKS)
     local = Path(data_dir) / TASK_FILES[task] if data_dir is not None else None
     if local is not None and local.is_file():
         return _LOCAL_READERS[task](local)
@@ -82,6 +101,8 @@ def load_task_data(task: str, data_dir: str | Path | None = None) -> list[dict] 
             return _read_humaneval(bundled)
     if task == "humaneval_plus":
         return _evalplus_humaneval_plus(local)
+    if task in INFILL_SPLITS:
+        return _read_infill(_infill_from_hub(task, local))
     return _load_from_hub(task, local)
 
 
@@ -174,6 +195,29 @@ def _evalplus_humaneval_plus(local: Path | None) -> list[dict]:
     return [_plus_record(r, f"evalplus HumanEval+ item {i}") for i, r in enumerate(rows)]
 
 
+def _read_infill(path: Path) -> list[dict]:
+    return [{k: _field(row, k, f"{path}: line {n}") for k in INFILL_FIELDS} for n, row in _read_jsonl(path)]
+
+
+def _infill_from_hub(task: str, local: Path | None) -> Path:
+    """The split's JSONL file from the Hub dataset repo (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN apply)."""
+    name = f"data/{INFILL_SPLITS[task]}.jsonl"
+    looked = f"{local} does not exist" if local is not None else "no data folder was given"
+    fix = (f"pass --data-dir DIR with DIR/{TASK_FILES[task]} (from github.com/openai/human-eval-infilling), "
+           f"or go online so {name} of the Hub dataset {INFILL_HUB_REPO} can be downloaded")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise SmallCoderError(f"benchmark {task!r}: {looked}, and the `huggingface_hub` package is not "
+                              f"installed to fetch it; {fix}") from None
+    try:
+        return Path(hf_hub_download(INFILL_HUB_REPO, name, repo_type="dataset"))
+    except Exception as e:  # noqa: BLE001 - offline, missing, gated: all mean "not available here"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SmallCoderError(f"benchmark {task!r}: {looked}, and the Hub file could not be fetched "
+                              f"({reason:.200}); {fix}") from None
+
+
 def _read_mbpp(path: Path) -> list[dict]:
     return [_mbpp_record(row, f"{path}: line {n}") for n, row in _read_jsonl(path)]
 
@@ -253,6 +297,7 @@ def _read_wikitext(path: Path) -> str:
 _LOCAL_READERS: dict[str, Callable[[Path], list[dict] | str]] = {
     "humaneval": _read_humaneval, "humaneval_plus": _read_humaneval_plus, "mbpp": _read_mbpp, "gsm8k": _read_gsm8k, "wikitext2": _read_wikitext,
     "arc_easy": _read_arc, "arc_challenge": _read_arc, "hellaswag": _read_hellaswag,
+    **dict.fromkeys(INFILL_SPLITS, _read_infill),
 }
 
 

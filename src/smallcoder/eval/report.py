@@ -23,6 +23,10 @@ from .results import Score, TaskResult
 TASK_LABELS: dict[str, tuple[str, str]] = {
     "humaneval": ("Code", "HumanEval (0-shot)"),
     "humaneval_plus": ("Code", "HumanEval+ (0-shot)"),
+    "humaneval_infill_single": ("Code", "HumanEval-infilling single-line"),
+    "humaneval_infill_multi": ("Code", "HumanEval-infilling multi-line"),
+    "humaneval_infill_span": ("Code", "HumanEval-infilling random span"),
+    "humaneval_infill_span_light": ("Code", "HumanEval-infilling random span light"),
     "mbpp": ("Code", "MBPP (3-shot)"),
     "gsm8k": ("Math", "GSM8k (0-shot)"),
     "wikitext2": ("Knowledge", "Wikitext-2"),
@@ -32,6 +36,7 @@ TASK_LABELS: dict[str, tuple[str, str]] = {
 }
 METRIC_LABELS = {
     **{f"base_pass@{k}": f"pass@{k} (base tests)" for k in (1, 2, 5, 10, 20, 50, 100)},
+    "exact_match": "exact match (middle)",
     "exact_match_strict": "exact match (strict)",
     "exact_match_flexible": "exact match (flexible)",
     "word_perplexity": "word perplexity ↓",
@@ -59,7 +64,8 @@ def is_proportion(score: Score) -> bool:
 
 
 def format_score(score: Score, settings: dict[str, Any]) -> str:
-    """`27.44 ± 3.48 % (45/164; n=1, T=0.2, seed 0)`: value, stderr, count and sampling settings."""
+    """`27.44 ± 3.48 % (45/164; n=1, T=0.2, seed 0)`: value, stderr, count and sampling settings
+    (and the FIM order, `PSM`/`SPM`, of an infilling run)."""
     if is_proportion(score):
         text = f"{100 * score.value:.2f}"
         if score.stderr is not None and math.isfinite(score.stderr):
@@ -74,6 +80,8 @@ def format_score(score: Score, settings: dict[str, Any]) -> str:
                 f"{settings['items']} items" if "items" in settings else "all")
         text += f" ({size}"
     extras = []
+    if "fim_order" in settings:
+        extras.append(str(settings["fim_order"]).upper())
     if "n" in settings:
         extras.append(f"n={settings['n']}")
     if "temperature" in settings:
