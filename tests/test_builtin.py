@@ -164,6 +164,7 @@ def test_builtin_source_kind_reads_the_parts(corpus):
 
 
 def test_ensure_builtin_reuses_a_built_folder_and_catches_damage(corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("SMALLCODER_CACHE", raising=False)  # it would win over SMALLCODER_HOME
     monkeypatch.setenv("SMALLCODER_HOME", str(tmp_path / "home"))
     assert builtin.default_builtin_dir(3) == tmp_path / "home" / f"builtin-py{builtin.PYTHON_VERSION}-seed3"
     before = (corpus / "code.jsonl").stat().st_mtime_ns

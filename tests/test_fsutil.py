@@ -257,7 +257,7 @@ def test_every_writer_refuses_a_used_folder_in_the_same_words(tmp_path, capsys):
     fsutil.refuse_used_folder(used, ignore={"keep.txt"})  # e.g. a run folder's own lock file
     fsutil.refuse_used_folder(used, overwrite=True)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SmallCoderError, match="file: exists and is not a folder"):
+    with pytest.raises(SmallCoderError, match="file: exists and is a file, not a folder"):
         fsutil.refuse_used_folder(tmp_path / "file", overwrite=True)
 
 

@@ -190,7 +190,7 @@ def refuse_used_folder(path: str | Path, *, overwrite: bool = False, ignore: Col
     if not path.exists():
         return
     if not path.is_dir():
-        raise SmallCoderError(f"{path}: exists and is not a folder")
+        raise SmallCoderError(f"{path}: exists and is a file, not a folder")
     if overwrite:
         return
     held = sorted(p.name for p in path.iterdir() if p.name not in ignore)
