@@ -14,7 +14,8 @@ StarCoder trains it): the model writes the middle after one of two orders of the
 - SPM: `<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}` + middle (the paper's SPM variant that
   StarCoder's Megatron loader uses: the middle continues the prefix directly, and a prefix that grows
   as the user types only appends to the prompt).
-Training data, evaluation and the server build both through `fim_prompt`.
+Evaluation and the server build both through `fim_prompt`, training data through its token-level
+equivalent `fim_ids` (one layout table serves both).
 """
 
 from __future__ import annotations
@@ -96,17 +97,40 @@ class AnswerStream:
         return piece
 
 
-FIM_ORDERS = ("psm", "spm")
+# Each order as its sequence of parts: a sentinel (an index into FIM_TOKENS) or a piece's name.
+# `fim_prompt` (text) and `fim_ids` (token ids) both read this table, so the two cannot differ.
+_FIM_LAYOUTS = {"psm": (0, "prefix", 1, "suffix", 2, "middle"),
+                "spm": (0, 1, "suffix", 2, "prefix", "middle")}
+FIM_ORDERS = tuple(_FIM_LAYOUTS)
+
+
+def _fim_layout(order: str) -> tuple[int | str, ...]:
+    layout = _FIM_LAYOUTS.get(order)
+    if layout is None:
+        raise SmallCoderError(f"unknown FIM order {order!r}; choose one of: {', '.join(FIM_ORDERS)}")
+    return layout
 
 
 def fim_prompt(prefix: str, suffix: str, middle: str = "", order: str = "psm") -> str:
     """The fill-in-the-middle prompt in `order` (see the module docstring); `middle` is what is
     known of the middle already (an editor's text typed so far; a training example's whole middle)."""
-    if order == "psm":
-        return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{middle}"
-    if order == "spm":
-        return f"{FIM_PREFIX}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{prefix}{middle}"
-    raise SmallCoderError(f"unknown FIM order {order!r}; choose one of: {', '.join(FIM_ORDERS)}")
+    pieces = {"prefix": prefix, "suffix": suffix, "middle": middle}
+    return "".join(FIM_TOKENS[p] if isinstance(p, int) else pieces[p] for p in _fim_layout(order))
+
+
+def fim_ids(prefix: Sequence[int], suffix: Sequence[int], middle: Sequence[int], order: str,
+            sentinel_ids: Sequence[int]) -> list[int]:
+    """`fim_prompt` in token ids: the pieces' ids (each piece tokenized on its own, so the middle
+    starts at a token boundary as it does after an editor's prompt) laid out in `order` around
+    `sentinel_ids`, the ids of FIM_TOKENS in that order. Training data builds its examples here."""
+    pieces = {"prefix": prefix, "suffix": suffix, "middle": middle}
+    out: list[int] = []
+    for p in _fim_layout(order):
+        if isinstance(p, int):
+            out.append(int(sentinel_ids[p]))
+        else:
+            out.extend(int(t) for t in pieces[p])
+    return out
 
 
 def has_fim(tokenizer: Any) -> bool:
