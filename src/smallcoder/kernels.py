@@ -5,7 +5,9 @@ reaches ~40% of it here (a one-thread GEMV plus per-op dispatch). The C++ step k
 streaming weights in one OpenMP region. It is an implementation of `SmallCoder.forward` for one
 new token per row with a KV cache and nothing else: prefill, scoring and training stay in PyTorch,
 and tests hold the two to the same logits. It takes any number of rows; the forward hands it at
-most `MAX_ROWS`, where it was measured faster than PyTorch.
+most `MAX_ROWS`, where it was measured faster than PyTorch. The same step also prefills a few
+tokens of one sequence (`DecodeKernel.prefill`): an editor's keystroke recomputes only a short
+tail, and there one pass over the weights beats PyTorch's (int8: dequantizing every weight).
 
 `build(model)` makes one for a model's weights without touching the model (what an `Engine` does:
 it keeps its own and passes it to the forward); `attach(model)` sets `model.decode_kernel`, which
@@ -161,14 +163,28 @@ class DecodeKernel:
     def __call__(self, x: torch.Tensor, cache, starts: torch.Tensor) -> torch.Tensor:
         """Logits (M, V) for embeddings x (M, hidden) of one new token per cache row, row m's at
         position starts[m] (written into the cache there; the caller records the lengths)."""
+        return self._run(x, cache.k, cache.v, starts)
+
+    def prefill(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """Logits (T, V) for embeddings x (T, hidden) of T consecutive tokens of cache row 0 at
+        positions start.., written into that row. The step's M rows all address the one row (a
+        view with row stride 0), and it stores every row's keys and values before any row
+        attends, so row t sees positions 0..start+t: causal attention, in one weight pass."""
+        T = x.shape[0]
+        ks = [k[:1].expand(T, *k.shape[1:]) for k in cache.k]
+        vs = [v[:1].expand(T, *v.shape[1:]) for v in cache.v]
+        return self._run(x, ks, vs, torch.arange(start, start + T))
+
+    def _run(self, x: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+             starts: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         M = x.shape[0]
         x = x.float().contiguous()
         pos = starts.to(torch.int64).contiguous()
         ptrs = self.layer_ptrs.view(cfg.num_hidden_layers, 11)
-        ptrs[:, 9:] = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in zip(cache.k, cache.v)])
+        ptrs[:, 9:] = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in zip(ks, vs)])
         logits = torch.empty(M, cfg.vocab_size, dtype=torch.float32)
-        k = cache.k[0]
+        k = ks[0]
         rc = self.lib.sc_decode(
             M, torch.get_num_threads(), x.data_ptr(), pos.data_ptr(), self.layer_ptrs.data_ptr(),
             self.scale_ptrs.data_ptr() if self.scale_ptrs is not None else None, self.head_ptrs.data_ptr(),
