@@ -136,3 +136,44 @@ def fim_ids(prefix: Sequence[int], suffix: Sequence[int], middle: Sequence[int],
 def has_fim(tokenizer: Any) -> bool:
     """Whether `tokenizer` has each FIM token as a token of its own (else FIM prompts mean nothing)."""
     return all(tokenizer.token_to_id(t) is not None for t in FIM_TOKENS)
+
+
+def fim_split(prompt: str) -> tuple[str, str, str, str] | None:
+    """(head, prefix, suffix, middle) of a text prompt in the PSM shape `head<fim_prefix>prefix
+    <fim_suffix>suffix<fim_middle>middle` (each sentinel once, in that order; an SPM prompt reads
+    as one with an empty prefix), or None: what an editor that fills the template itself sends."""
+    if any(prompt.count(t) != 1 for t in FIM_TOKENS):
+        return None
+    i, j, k = (prompt.index(t) for t in FIM_TOKENS)
+    if not i < j < k:
+        return None
+    return (prompt[:i], prompt[i + len(FIM_PREFIX):j], prompt[j + len(FIM_SUFFIX):k],
+            prompt[k + len(FIM_MIDDLE):])
+
+
+# Repository-level context before a FIM prompt (llama.cpp's `/infill` `input_extra`, in the pattern
+# of Qwen2.5-Coder, arXiv 2409.12186): with a repository token and a file separator in the
+# vocabulary, `<repo>myproject\n`, each chunk as `<file_sep>{filename}\n{text}`, then
+# `<file_sep>filename\n` (llama.cpp's literal name for the file being edited). Without both, each
+# chunk's text follows llama.cpp's plain-text separator, without names: a repository token alone (the
+# StarCoder vocabulary has `<reponame>` and no file separator) is a token the model never saw.
+REPO_TOKENS = ("<repo_name>", "<|repo_name|>", REPO_NAME)
+FILE_SEP_TOKENS = (FILE_SEP, "<|file_sep|>")
+SNIPPET_SEP = "\n\n--- snippet ---\n\n"
+
+
+def repo_tokens(tokenizer: Any) -> tuple[str, str] | None:
+    """The (repository token, file separator) of `tokenizer`'s vocabulary, or None without both."""
+    repo = next((t for t in REPO_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    sep = next((t for t in FILE_SEP_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    return (repo, sep) if repo and sep else None
+
+
+def extra_context(chunks: Sequence[tuple[str, str]], tokens: tuple[str, str] | None) -> str:
+    """The text before the FIM prompt for (filename, text) chunks: see above (`tokens` from
+    `repo_tokens`). The repository pattern is written even without chunks, as llama.cpp does."""
+    if tokens is None:
+        return "".join(SNIPPET_SEP + text for _, text in chunks)
+    repo, sep = tokens
+    files = "".join(f"{sep}{name}\n{text}" for name, text in chunks)
+    return f"{repo}myproject\n{files}{sep}filename\n"

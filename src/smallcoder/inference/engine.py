@@ -142,8 +142,8 @@ class Engine(Scoring):
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                on_piece: OnPiece | None = None, warm: bool = False) -> Request:
         """Queue a prompt (thread-safe); the background loop (`start`) or a caller's loop runs it.
-        `warm` with `max_new_tokens=0` prefills the prompt anyway, so a later prompt that shares
-        its prefix reuses it (llama.cpp's `n_predict: 0`, an editor's warm-up request)."""
+        `warm` only prefills the prompt (generating nothing), so a later prompt that shares its
+        prefix reuses it (llama.cpp's `n_predict: 0`, an editor's warm-up request)."""
         request = self._request(prompt, params or SamplingParams(), on_piece, warm)
         self._enqueue(request)
         return request
@@ -310,8 +310,8 @@ class Engine(Scoring):
         """Admit queued requests (prefill into free slots, at most one scoring request), then
         decode one token for every active sequence."""
         for i, r in enumerate(self._slots):
-            if r is not None and r._cancelled:
-                self._finish(i, r, "cancelled")
+            if r is not None and (r._cancelled or r.warm):  # warm here: `only_prefill` after its prefill
+                self._finish(i, r, "cancelled" if r._cancelled else "length")
         scored = False
         while True:
             with self._lock:
@@ -406,7 +406,7 @@ class Engine(Scoring):
         request.first_token_at = time.perf_counter()
         if done < len(ids):
             self._finish(slot, request, "cancelled")
-        elif request.row.budget <= 0:
+        elif request.row.budget <= 0 or request.warm:
             self._finish(slot, request, "length")
         else:
             self._sample_and_advance([(slot, request, logits[0])])

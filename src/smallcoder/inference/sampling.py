@@ -71,9 +71,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Whether the next token is the argmax: temperature 0 where the temperature step runs (the
-        other steps always keep the likeliest token, so their place in the order does not matter)."""
-        return self.temperature == 0 and "temperature" in self.samplers
+        """Temperature 0: the next token is the argmax, whatever the order (the other steps always
+        keep the likeliest token). Even where `samplers` leaves the temperature step out, where
+        llama.cpp would draw at temperature 1: a client that asks for 0 wants greedy."""
+        return self.temperature == 0
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -85,7 +86,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     x = x - x.max(dim=-1, keepdim=True).values
     for step in params.samplers:
         if step == "temperature":
-            x = x / params.temperature  # > 0 here: temperature 0 with this step is greedy, above
+            x = x / params.temperature  # > 0 here: temperature 0 is greedy, above
         elif step == "top_k" and params.top_k and params.top_k < x.shape[-1]:
             kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
             x = x.masked_fill(x < kth, float("-inf"))
