@@ -27,6 +27,7 @@ from ..prompts import FIM_TOKENS, extra_context, fim_ids, repo_tokens
 from .protocol import APIError
 
 SENTINELS = len(FIM_TOKENS)
+NEEDS_FIM = f"needs fill-in-the-middle tokens ({', '.join(FIM_TOKENS)}), and this model's tokenizer lacks them"
 
 
 @dataclass

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..checks import known
-from ..prompts import FIM_ORDERS, FIM_TOKENS, fim_split, has_fim
+from ..prompts import FIM_ORDERS, fim_split, has_fim
 from .bridge import Batch, ClientGone, drain_or_cancel
 from .clients import SlotOwners
-from .fim import FimBuilder
+from .fim import NEEDS_FIM, FimBuilder
 from .limits import ServeLimits
 from .protocol import QUIET_DEFAULTS, APIError, parse_request
 from .responses import completion_logprobs, result_of, score_job
@@ -52,8 +52,7 @@ class Server:
     def require_fim(self, what: str, param: str) -> FimBuilder:
         """The FIM prompt builder, or a 400 naming `param` when the tokenizer has no FIM tokens."""
         if self.fim is None:
-            raise APIError(400, f"{what} needs fill-in-the-middle tokens ({', '.join(FIM_TOKENS)}), and this "
-                                "model's tokenizer lacks them", param=param)
+            raise APIError(400, f"{what} {NEEDS_FIM}", param=param)
         return self.fim
 
     def fim_limit(self, reserve: int) -> int:
