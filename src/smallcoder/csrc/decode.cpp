@@ -242,10 +242,12 @@ extern "C" int sc_decode(
                     std::memcpy(vc + off, kv.data() + (size_t)m * 2 * KD + KD + (size_t)kh * HD, HD * sizeof(float));
                 }
             }
-            // attention: row m, head h over positions 0..pos[m] of its own cache row
+            // attention: row m, head h over positions 0..pos[m] of its own cache row. Head-major, so
+            // a thread's consecutive items share a head: when the rows are one sequence (a prefill,
+            // kernels.DecodeKernel.prefill) that head's keys and values stay in cache across rows.
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < (int64_t)M * NH; t++) {
-                const int m = (int)(t / NH), h = (int)(t % NH), kh = h / group;
+                const int m = (int)(t % M), h = (int)(t / M), kh = h / group;
                 const int64_t S = pos[m] + 1;
                 const float* qv = q.data() + (size_t)m * QD + (size_t)h * HD;
                 const float* kb = kc + (size_t)m * cache_row_stride + (size_t)kh * cache_len * HD;
