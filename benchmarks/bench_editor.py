@@ -170,7 +170,9 @@ async def replay(url: str, args: argparse.Namespace, tok) -> Result:
                 "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1}
         await client.post(f"{url}/infill", json=warm)
         cold = {**editor.request(args.n_predict), "t_max_prompt_ms": 0}
+        t0 = time.perf_counter()
         await one(client, url, cold, None)  # the file's cold prefill, unmeasured
+        print(f"  cold request: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         prompt_tokens = len(tok.encode(cold["input_prefix"] + cold["input_suffix"]))
         tasks = []
         for ch in TYPED:
@@ -200,8 +202,11 @@ def start_server(model: Path, order: str, args: argparse.Namespace, work: Path) 
 
 
 def prepare_model(work: Path, tokenizer: Path) -> Path:
-    """The 303M config, random weights, quantized to int8 once (as the README's commands)."""
+    """The 303M config, random weights, quantized to int8 once (as the README's commands); kept in
+    a --work folder for the next run."""
     float_dir, int8_dir = work / "303m", work / "303m-int8"
+    if (int8_dir / "config.json").exists():
+        return int8_dir
     run = [sys.executable, "-m", "smallcoder"]
     subprocess.run(run + ["init", "--preset", "smallcoder-303m", "--tokenizer", str(tokenizer), "--out",
                           str(float_dir), "--seed", "0"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
@@ -230,6 +235,7 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=700.0, help="ms after each word")
     ap.add_argument("--n-predict", type=int, default=16)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: ../shared/data's StarCoder)")
+    ap.add_argument("--work", default=None, help="folder for the model and logs, kept (default: a temporary one)")
     args = ap.parse_args()
     from smallcoder import Tokenizer
 
@@ -239,16 +245,27 @@ def main() -> None:
     print(f"machine: {cpu_line()}; load before: {os.getloadavg()[0]:.2f}", flush=True)
     results: dict[str, list[Result]] = {o: [] for o in args.orders.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         model = prepare_model(work, tok_dir)
         for _ in range(args.rounds):
             for order, runs in results.items():
+                t0 = time.perf_counter()
                 proc, url = start_server(model, order, args, work)
+                print(f"{order}: server up in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
                 try:
                     runs.append(asyncio.run(replay(url, args, tok)))
                 finally:
                     proc.terminate()
-                    proc.wait(30)
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                r = runs[-1]
+                print(f"{order}: {r.requests} requests, TTFT p50 {percentile(r.ttft, .5) * 1000:.0f} ms, single line "
+                      f"p50 {percentile(r.line, .5) * 1000:.0f} ms, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
+                      flush=True)
     failed = False
     print(f"\n303M int8, {args.threads} threads, prefill chunk {args.prefill_chunk}, {len(TYPED)} keystrokes "
           f"({args.interval:g} ms apart, {args.pause:g} ms after a word), n_predict {args.n_predict}; "
