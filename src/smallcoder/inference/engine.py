@@ -403,10 +403,11 @@ class Engine(Scoring):
             self._finish(slot, request, "error")
             return
         self._kept[slot] = ids[:done // chunk * chunk]
-        request.first_token_at = time.perf_counter()
         if done < len(ids):
             self._finish(slot, request, "cancelled")
-        elif request.row.budget <= 0 or request.warm:
+            return
+        request.first_token_at = time.perf_counter()
+        if request.row.budget <= 0 or request.warm:
             self._finish(slot, request, "length")
         else:
             self._sample_and_advance([(slot, request, logits[0])])

@@ -67,14 +67,15 @@ class Server:
         FIM prompt (`prompts.fim_split`) is built anew in this server's order and cut to fit
         (`fim`); any other prompt is taken as it is (over the limit: 400)."""
         out = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
+            name = f"{param}[{i}]" if len(prompts) > 1 else param
             parts = fim_split(p) if isinstance(p, str) else None
             if parts is None:
-                out.append(((await self.encode([p], param))[0], False))
+                out.append(((await self.encode([p], name))[0], False))
                 continue
             head, prefix, suffix, middle = parts
             fim = await self.require_fim("a fill-in-the-middle prompt", param).build(
-                prefix, suffix, middle, head, self.fim_limit(reserve), param)
+                prefix, suffix, middle, head, self.fim_limit(reserve), name)
             out.append((fim.ids, fim.truncated))
         return out
 
