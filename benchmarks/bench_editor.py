@@ -13,8 +13,11 @@ src/completion.ts): the lines before as `input_prefix`, the line up to the curso
 rest of the line and the lines after as `input_suffix`, `id_slot: 0` (so each request replaces the
 one before: `serve/clients.py`), `n_indent`, `t_max_predict_ms`, its samplers; but `n_predict: 16`
 (a single line), `n_cmpl: 1` and `stream: true` (llama.vscode sends 128, 3 and false) so that the
-client can time the first token. Keystrokes come --interval ms apart, with a --pause ms pause after
-each word (a space, `(`, `.`, `,` or a newline), so the request at each word's end finishes.
+client can time the first token. Two modes, both per order: `typing`, keystrokes --interval ms
+apart with a --pause ms pause after each word (a space, `(`, `.`, `,` or a newline), each request
+replacing the one before, so only the request at a word's end may finish; and `paced`, each
+keystroke sent once the previous completion is done (as llama.vscode waits for it), so every
+keystroke's latency is measured, none cut short.
 
 Measured on the client, per order: time to the first streamed token (TTFT) of every request that got
 one, and time to a finished single-line completion (its first newline, or its end: 16 tokens or
@@ -157,7 +160,7 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, res: Result | Non
     res.evaluated.append(final["tokens_evaluated"])
 
 
-async def replay(url: str, args: argparse.Namespace, tok) -> Result:
+async def replay(url: str, args: argparse.Namespace, tok, paced: bool) -> Result:
     lines = make_file(args.functions).split("\n")
     at = int(len(lines) * 0.66)
     while not lines[at].startswith("    squares"):  # a new line in a function's body, two thirds in
@@ -177,7 +180,11 @@ async def replay(url: str, args: argparse.Namespace, tok) -> Result:
         tasks = []
         for ch in TYPED:
             editor.type(ch)
-            tasks.append(asyncio.create_task(one(client, url, editor.request(args.n_predict), res)))
+            body = {**editor.request(args.n_predict), "t_max_prompt_ms": args.t_max_prompt_ms}
+            if paced:  # the next keystroke once this completion is done (llama.vscode waits for it)
+                await one(client, url, body, res)
+                continue
+            tasks.append(asyncio.create_task(one(client, url, body, res)))
             await asyncio.sleep((args.pause if ch in WORD_END else args.interval) / 1000)
         await asyncio.gather(*tasks)
     res.file_tokens = prompt_tokens  # type: ignore[attr-defined]
@@ -234,6 +241,10 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=150.0, help="ms between keystrokes within a word")
     ap.add_argument("--pause", type=float, default=700.0, help="ms after each word")
     ap.add_argument("--n-predict", type=int, default=16)
+    ap.add_argument("--t-max-prompt-ms", type=float, default=0.0,
+                    help="sent with each keystroke (llama.vscode sends 500; 0 = off, so every TTFT is measured)")
+    ap.add_argument("--modes", default="typing,paced", help="typing: a request every keystroke, each replacing "
+                    "the one before; paced: each keystroke once the previous completion is done")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: ../shared/data's StarCoder)")
     ap.add_argument("--work", default=None, help="folder for the model and logs, kept (default: a temporary one)")
     args = ap.parse_args()
@@ -243,18 +254,24 @@ def main() -> None:
         os.environ.get("SMALLCODER_DATA", REPO.parent / "shared" / "data")) / "tokenizers" / "starcoder"
     tok = Tokenizer.load(tok_dir)
     print(f"machine: {cpu_line()}; load before: {os.getloadavg()[0]:.2f}", flush=True)
-    results: dict[str, list[Result]] = {o: [] for o in args.orders.split(",")}
+    runs_of = [(o, m) for o in args.orders.split(",") for m in args.modes.split(",")]
+    results: dict[tuple[str, str], list[Result]] = {k: [] for k in runs_of}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         model = prepare_model(work, tok_dir)
         for _ in range(args.rounds):
-            for order, runs in results.items():
+            for order in args.orders.split(","):
                 t0 = time.perf_counter()
                 proc, url = start_server(model, order, args, work)
                 print(f"{order}: server up in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
                 try:
-                    runs.append(asyncio.run(replay(url, args, tok)))
+                    for mode in args.modes.split(","):
+                        r = asyncio.run(replay(url, args, tok, paced=mode == "paced"))
+                        results[order, mode].append(r)
+                        print(f"{order} {mode}: {r.requests} requests, TTFT p50 {percentile(r.ttft, .5) * 1000:.0f} ms, "
+                              f"single line p50 {percentile(r.line, .5) * 1000:.0f} ms, load {os.getloadavg()[0]:.2f}",
+                              file=sys.stderr, flush=True)
                 finally:
                     proc.terminate()
                     try:
@@ -262,18 +279,14 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-                r = runs[-1]
-                print(f"{order}: {r.requests} requests, TTFT p50 {percentile(r.ttft, .5) * 1000:.0f} ms, single line "
-                      f"p50 {percentile(r.line, .5) * 1000:.0f} ms, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
-                      flush=True)
     failed = False
     print(f"\n303M int8, {args.threads} threads, prefill chunk {args.prefill_chunk}, {len(TYPED)} keystrokes "
           f"({args.interval:g} ms apart, {args.pause:g} ms after a word), n_predict {args.n_predict}; "
           f"load after: {os.getloadavg()[0]:.2f}")
-    print("| order | file tokens | TTFT p50 | TTFT p99 | single line p50 | single line p99 | "
+    print("| order | keystrokes | file tokens | TTFT p50 | TTFT p99 | single line p50 | single line p99 | "
           "cached / prompt tokens (median) | recomputed (median) | requests | replaced | late |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for order, rs in results.items():
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (order, mode), rs in results.items():
         ttft = [x for r in rs for x in r.ttft]
         line = [x for r in rs for x in r.line]
         cached = [x for r in rs for x in r.cached]
@@ -281,7 +294,7 @@ def main() -> None:
         recomputed = [x for r in rs for x in r.recomputed]
         errors = [e for r in rs for e in r.errors]
         failed |= bool(errors)
-        print(f"| {order} | {rs[0].file_tokens} | {percentile(ttft, .5) * 1000:.0f} ms | "  # type: ignore[attr-defined]
+        print(f"| {order} | {mode} | {rs[0].file_tokens} | {percentile(ttft, .5) * 1000:.0f} ms | "  # type: ignore
               f"{percentile(ttft, .99) * 1000:.0f} ms | {percentile(line, .5) * 1000:.0f} ms | "
               f"{percentile(line, .99) * 1000:.0f} ms | {statistics.median(cached):.0f} / "
               f"{statistics.median(evaluated):.0f} | {statistics.median(recomputed):.0f} | "

@@ -422,3 +422,36 @@ def test_an_error_event_carries_content_and_stop(spm, monkeypatch):
     events = _sse(running, "/completion", {"prompt": "def f(", "n_predict": 4, "seed": 4243, "stream": True})
     assert events[-1]["content"] == "" and events[-1]["stop"] is True
     assert "sampler exploded" in events[-1]["error"]["message"]
+
+
+def test_replacing_a_request_cancels_even_the_prefill_it_left_running():
+    """A late request's prefill goes on when its reply is sent (warm), but not once the same client
+    has sent a newer request; a request of another slot is left alone."""
+    from smallcoder.serve.clients import SlotOwners
+
+    class Req:
+        def __init__(self, warm: bool) -> None:
+            self.warm, self.cancelled = warm, False
+            self.done = threading.Event()
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class FakeBatch:
+        def __init__(self, *reqs: Req) -> None:
+            self.requests, self.superseded = list(reqs), False
+
+        def cancel(self, warm: bool = False) -> None:
+            from smallcoder.serve.bridge import Batch
+
+            Batch.cancel(self, warm)  # the real rule, on these requests
+
+    owners = SlotOwners()
+    old, other = FakeBatch(Req(warm=True), Req(warm=False)), FakeBatch(Req(warm=True))
+    owners.take(("127.0.0.1", "", "axios", 0), old)
+    owners.take(("127.0.0.1", "", "axios", 1), other)
+    old.cancel()  # the reply ended: the warm prefill goes on
+    assert [r.cancelled for r in old.requests] == [False, True]
+    owners.take(("127.0.0.1", "", "axios", 0), FakeBatch())
+    assert old.superseded and all(r.cancelled for r in old.requests)
+    assert not other.superseded and not other.requests[0].cancelled

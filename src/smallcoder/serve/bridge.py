@@ -66,11 +66,12 @@ class Batch:
                 open_.discard(index)
             yield index, piece
 
-    def cancel(self) -> None:
+    def cancel(self, warm: bool = False) -> None:
         """Cancel whatever has not finished (no-op for finished requests); frees the slots. A warm
-        request (prefill only) is left to finish: its keys and values are for whoever comes next."""
+        request (prefill only) is left to finish, its keys and values for whoever comes next, unless
+        `warm`: a client's newer request replaces it (and computes the same prefix itself)."""
         for req in self.requests:
-            if not req.done.is_set() and not getattr(req, "warm", False):
+            if not req.done.is_set() and (warm or not getattr(req, "warm", False)):
                 req.cancel()
 
 

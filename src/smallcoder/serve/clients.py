@@ -6,7 +6,9 @@ request per keystroke, so a request that names a slot replaces the request of th
 that slot: same address, same credentials (`Authorization` or `x-api-key`), same `User-Agent`,
 same `id_slot`. Continue and Tabby name no slot; they cancel a stale request by closing its
 connection, which cancels it at once already (`bridge`). A request that generates nothing (a
-warm-up, `n_predict: 0`) replaces nothing. Everything here runs on the event loop's thread.
+warm-up, `n_predict: 0`) replaces nothing. The replaced request stops all its work, the prefill
+that goes on after a late answer (`t_max_prompt_ms`) included: a prefill stops between chunks and
+keeps those done, which the newer request reuses. Everything here runs on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class SlotOwners:
         self._current[key] = batch
         if old is not None and old is not batch:
             old.superseded = True
-            old.cancel()
+            old.cancel(warm=True)  # a prefill still running for it is stale too
 
     def release(self, key: Key | None, batch: Batch) -> None:
         if key is not None and self._current.get(key) is batch:
