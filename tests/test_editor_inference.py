@@ -198,6 +198,11 @@ def test_a_short_prefill_chunk_runs_in_the_kernel_with_the_forwards_logits(micro
         got = torch.cat([model(ids[:, s:s + MAX_ROWS], cache=row, starts=[s], decode_kernel=kernel,
                                prefill_kernel=True) for s in range(0, ids.shape[1], MAX_ROWS)], dim=1)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():  # the engine's call: the last row's logits only (the head skips the others)
+        last = model(ids[:, :MAX_ROWS], cache=KVCache(micro_config, 1, 128), starts=[0], decode_kernel=kernel,
+                     prefill_kernel=True, last_only=True)
+    assert last.shape == (1, 1, micro_config.vocab_size)
+    assert torch.allclose(last[0, 0], want[0, MAX_ROWS - 1], atol=1e-4, rtol=1e-4)
     n = ids.shape[1]
     assert torch.allclose(cache.k[0][1, :, :n], want_cache.k[0][0, :, :n], atol=1e-5)
     assert row.lengths.tolist() == [n] and cache.k[0][0].abs().sum() == 0  # the other rows untouched

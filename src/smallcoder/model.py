@@ -270,7 +270,7 @@ class SmallCoder(nn.Module):
         else:
             first = cache.lengths.clone() if starts is None else torch.as_tensor(starts, dtype=torch.long).cpu()
             at = Positions(first, B, T, cache)
-            logits = self._kernel_step(x, cache, at, decode_kernel, prefill_kernel)
+            logits = self._kernel_step(x, cache, at, decode_kernel, prefill_kernel, last_only)
             if logits is not None:
                 cache.lengths.copy_(first + T)
                 return logits[:, -1:] if last_only else logits
@@ -291,7 +291,7 @@ class SmallCoder(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions, kernel: DecodeKernel | None,
-                     prefill: bool) -> torch.Tensor | None:
+                     prefill: bool, last_only: bool) -> torch.Tensor | None:
         """Logits (B, T, V) from the C++ step when it applies here (one new token per row, or with
         `prefill` T tokens of one row; a cache it can read, no autograd, weights unchanged since it
         was built); else None."""
@@ -305,5 +305,5 @@ class SmallCoder(nn.Module):
                 self.decode_kernel = None
             return None
         if one_row:
-            return kernel.prefill(x[0], cache, at.starts[0])[None]
+            return kernel.prefill(x[0], cache, at.starts[0], last_only)[None]
         return kernel(x[:, 0], cache, at.tensor)[:, None]

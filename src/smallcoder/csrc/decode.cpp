@@ -190,7 +190,7 @@ extern "C" int sc_decode(
     int M, int n_threads, const float* x_in, const int64_t* pos,
     const int64_t* layer_ptrs, const int64_t* scale_ptrs, const int64_t* head_ptrs,
     int L, int H, int NH, int NKV, int HD, int FF, int V, int64_t cache_row_stride, int64_t cache_len,
-    int wt, float eps, const float* inv_freq, float* logits) {
+    int wt, float eps, const float* inv_freq, int head_from, float* logits) {
     const int64_t QD = (int64_t)NH * HD, KD = (int64_t)NKV * HD;
     std::vector<float> x(x_in, x_in + (size_t)M * H), xn((size_t)M * H), q((size_t)M * QD),
         kv((size_t)M * KD * 2), att((size_t)M * QD), g((size_t)M * FF), u((size_t)M * FF);
@@ -280,8 +280,11 @@ extern "C" int sc_decode(
             }
             gemv(M, g.data(), FF, (const void*)p[8], s ? (const float*)s[6] : nullptr, wt, H, x.data(), H, true);
         }
-        rmsnorm_rows(M, x.data(), (const float*)head_ptrs[0], H, eps, xn.data());
-        gemv(M, xn.data(), H, (const void*)head_ptrs[1], (const float*)head_ptrs[2], wt, V, logits, V, false);
+        // logits of rows head_from.. only (a prefill needs its last row's: the others' would cost
+        // a 2 x hidden x vocab product each for nothing)
+        const int MH = M - head_from;
+        rmsnorm_rows(MH, x.data() + (size_t)head_from * H, (const float*)head_ptrs[0], H, eps, xn.data());
+        gemv(MH, xn.data(), H, (const void*)head_ptrs[1], (const float*)head_ptrs[2], wt, V, logits, V, false);
     }
 #ifdef __SSE__
     _mm_setcsr(csr);
