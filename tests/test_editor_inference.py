@@ -206,3 +206,21 @@ def test_a_short_prefill_chunk_runs_in_the_kernel_with_the_forwards_logits(micro
     n = ids.shape[1]
     assert torch.allclose(cache.k[0][1, :, :n], want_cache.k[0][0, :, :n], atol=1e-5)
     assert row.lengths.tolist() == [n] and cache.k[0][0].abs().sum() == 0  # the other rows untouched
+
+
+def test_a_decode_step_covers_only_the_rows_from_the_first_active_to_the_last(micro_checkpoint):
+    """An editor's one request often sits in a later cache row (the one that kept its prefix): its
+    decode steps run that row alone, not the idle rows before it too."""
+    model, tok = smallcoder.load(micro_checkpoint)
+    engine = Engine(model, tok, max_batch=3)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        reqs = [engine.submit(p, SamplingParams(max_new_tokens=n, stop_at_eos=False))
+                for p, n in (("def", 3), ("for", 3), ("The lazy dog", 10))]
+        engine.run(reqs)
+    finally:
+        handle.remove()
+    assert [len(r.result().token_ids) for r in reqs] == [3, 3, 10]
+    assert max(rows) == 3  # all three decoded together while they lasted
+    assert rows[-7:] == [1] * 7  # then row 2 alone, not rows 0..2

@@ -333,20 +333,20 @@ class Engine(Scoring):
         active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
         if not active:
             return
-        n = active[-1][0] + 1
-        cache = self._cache.rows(0, n)
+        lo, n = active[0][0], active[-1][0] + 1  # the rows from the first active one to the last
+        cache = self._cache.rows(lo, n)
         starts = cache.lengths.clone()  # an active row continues where it is
         tokens = []
-        for i in range(n):
+        for i in range(lo, n):
             r = self._slots[i]
-            if r is None:  # an idle row decodes a dummy token just past what it keeps for reuse
+            if r is None:  # an idle row between decodes a dummy token just past what it keeps for reuse
                 kept = self._kept.get(i, [])
                 if len(kept) >= cache.max_length - 1:
                     kept = self._kept[i] = []
-                starts[i] = len(kept)
+                starts[i - lo] = len(kept)
             tokens.append(r.next_token if r is not None else self.tokenizer.eos_id)
         logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache, starts)
-        self._sample_and_advance([(i, r, logits[i]) for i, r in active])
+        self._sample_and_advance([(i, r, logits[i - lo]) for i, r in active])
 
     def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int],
                  prefill: bool = False) -> torch.Tensor:
