@@ -107,3 +107,27 @@ def micro_checkpoint(tmp_path_factory, micro_config, small_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("ckpt") / "micro"
     save(new_model(micro_config, seed=1), small_tokenizer, folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def fim_checkpoint(tmp_path_factory, micro_config) -> Path:
+    """A micro model whose byte-level BPE has the StarCoder FIM tokens as special tokens."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    import smallcoder
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 20,
+                                trainer)
+    folder = tmp_path_factory.mktemp("fim")
+    backend.save(str(folder / "tokenizer.json"))
+    tok = smallcoder.Tokenizer.load(folder)
+    config = micro_config.replace(vocab_size=tok.vocab_size)
+    smallcoder.save(smallcoder.new_model(config, seed=2), tok, folder / "model")
+    return folder / "model"

@@ -146,11 +146,11 @@ def test_every_user_takes_the_protocol_from_one_place():
     the protocol module's objects, not copies of them."""
     from smallcoder import tokenizer
     from smallcoder.eval import humaneval
-    from smallcoder.serve import completions, infill, server
+    from smallcoder.serve import completions, fim, native, server  # every server FIM prompt: serve/fim.py
 
     assert not hasattr(humaneval, "CHAT_STOP")
-    assert completions.FIM_TOKENS is infill.FIM_TOKENS is FIM_TOKENS
-    assert completions.fim_prompt is infill.fim_prompt is fim_prompt
+    assert fim.FIM_TOKENS is FIM_TOKENS and fim.fim_ids is prompts.fim_ids and server.fim_split is prompts.fim_split
+    assert not any(hasattr(m, n) for m in (completions, native) for n in ("FIM_TOKENS", "fim_prompt", "fim_ids"))
     assert not hasattr(server, "FIM_TOKENS") and not hasattr(server, "fim_prompt")
     assert tokenizer.CHAT_TEMPLATE is prompts.CHAT_TEMPLATE and not hasattr(tokenizer, "format_chat")
     import smallcoder

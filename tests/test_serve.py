@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -37,7 +36,7 @@ import uvicorn
 
 import smallcoder
 from smallcoder import Engine, SamplingParams, SmallCoderError, format_chat
-from smallcoder.prompts import CHAT_STOP
+from smallcoder.prompts import CHAT_STOP, SNIPPET_SEP
 from smallcoder.serve.app import create_app
 from smallcoder.serve.cli import bind_socket, register
 from smallcoder.serve.limits import ServeLimits
@@ -77,10 +76,10 @@ class Running:
 
 
 def _start(engine: Engine, limits: ServeLimits | None = None, api_key: str | None = KEY,
-           guarded: bool = False) -> Running:
+           guarded: bool = False, fim_order: str = "spm") -> Running:
     from smallcoder.serve.app import uvicorn_config
 
-    app = create_app(engine, model_name="micro", api_key=api_key, limits=limits)
+    app = create_app(engine, model_name="micro", api_key=api_key, limits=limits, fim_order=fim_order)
     sock = bind_socket("127.0.0.1", 0)
     config = (uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2) if guarded
               else uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
@@ -131,31 +130,10 @@ def slow(micro_checkpoint) -> Iterator[Running]:
 
 
 @pytest.fixture(scope="module")
-def fim_checkpoint(tmp_path_factory, micro_config) -> Path:
-    """A micro model whose byte-level BPE has the StarCoder FIM tokens as special tokens."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 20,
-                                trainer)
-    folder = tmp_path_factory.mktemp("fim")
-    backend.save(str(folder / "tokenizer.json"))
-    tok = smallcoder.Tokenizer.load(folder)
-    config = micro_config.replace(vocab_size=tok.vocab_size)
-    smallcoder.save(smallcoder.new_model(config, seed=2), tok, folder / "model")
-    return folder / "model"
-
-
-@pytest.fixture(scope="module")
 def fim(fim_checkpoint) -> Iterator[tuple[Running, Engine]]:
+    """A server that lays FIM prompts out in PSM (the SPM default is covered in test_serve_editors.py)."""
     model, tok = smallcoder.load(fim_checkpoint)
-    running = _start(Engine(model, tok, max_batch=2), api_key=None)
+    running = _start(Engine(model, tok, max_batch=2), api_key=None, fim_order="psm")
     yield running, Engine(model, tok)
     _stop(running)
 
@@ -315,8 +293,8 @@ def test_fim_tokens_are_single_tokens_and_suffix_builds_the_fim_prompt(fim):
 
 def test_infill_llama_cpp_style(fim):
     running, ref = fim
-    extra = "# util.py\n"
-    fim_prompt = f"{extra}<fim_prefix>def add(a, b):<fim_suffix>    return c<fim_middle>"
+    extra = "# util.py\n"  # the chunk follows llama.cpp's separator (this vocabulary has no <file_sep>)
+    fim_prompt = f"{SNIPPET_SEP}{extra}<fim_prefix>def add(a, b):<fim_suffix>    return c<fim_middle>"
     expected = _greedy(ref, fim_prompt, max_new_tokens=8)
     body = {"input_prefix": "def add(a, b):", "input_suffix": "    return c", "n_predict": 8, "temperature": 0,
             "input_extra": [{"filename": "util.py", "text": extra}], "cache_prompt": True,

@@ -5,7 +5,9 @@ reaches ~40% of it here (a one-thread GEMV plus per-op dispatch). The C++ step k
 streaming weights in one OpenMP region. It is an implementation of `SmallCoder.forward` for one
 new token per row with a KV cache and nothing else: prefill, scoring and training stay in PyTorch,
 and tests hold the two to the same logits. It takes any number of rows; the forward hands it at
-most `MAX_ROWS`, where it was measured faster than PyTorch.
+most `MAX_ROWS`, where it was measured faster than PyTorch. The same step also prefills a few
+tokens of one sequence (`DecodeKernel.prefill`): an editor's keystroke recomputes only a short
+tail, and there one pass over the weights beats PyTorch's (int8: dequantizing every weight).
 
 `build(model)` makes one for a model's weights without touching the model (what an `Engine` does:
 it keeps its own and passes it to the forward); `attach(model)` sets `model.decode_kernel`, which
@@ -86,7 +88,7 @@ def load_library() -> ctypes.CDLL | None:
                       "PyTorch (slower)", RuntimeWarning, stacklevel=2)
         return None
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.sc_decode.argtypes = [i, i, p, p, p, p, p, i, i, i, i, i, i, i, i64, i64, i, f, p, p]
+    lib.sc_decode.argtypes = [i, i, p, p, p, p, p, i, i, i, i, i, i, i, i64, i64, i, f, p, i, p]
     lib.sc_decode.restype = i
     _lib = lib
     return lib
@@ -161,20 +163,35 @@ class DecodeKernel:
     def __call__(self, x: torch.Tensor, cache, starts: torch.Tensor) -> torch.Tensor:
         """Logits (M, V) for embeddings x (M, hidden) of one new token per cache row, row m's at
         position starts[m] (written into the cache there; the caller records the lengths)."""
+        return self._run(x, cache.k, cache.v, starts, 0)
+
+    def prefill(self, x: torch.Tensor, cache, start: int, last_only: bool = False) -> torch.Tensor:
+        """Logits (T, V) for embeddings x (T, hidden) of T consecutive tokens of cache row 0 at
+        positions start.., written into that row (with `last_only`, (1, V): the last token's). The
+        step's M rows all address the one row (a view with row stride 0), and it stores every row's
+        keys and values before any row attends, so row t sees positions 0..start+t: causal
+        attention, in one weight pass."""
+        T = x.shape[0]
+        ks = [k[:1].expand(T, *k.shape[1:]) for k in cache.k]
+        vs = [v[:1].expand(T, *v.shape[1:]) for v in cache.v]
+        return self._run(x, ks, vs, torch.arange(start, start + T), T - 1 if last_only else 0)
+
+    def _run(self, x: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+             starts: torch.Tensor, head_from: int) -> torch.Tensor:
         cfg = self.config
         M = x.shape[0]
         x = x.float().contiguous()
         pos = starts.to(torch.int64).contiguous()
         ptrs = self.layer_ptrs.view(cfg.num_hidden_layers, 11)
-        ptrs[:, 9:] = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in zip(cache.k, cache.v)])
-        logits = torch.empty(M, cfg.vocab_size, dtype=torch.float32)
-        k = cache.k[0]
+        ptrs[:, 9:] = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in zip(ks, vs)])
+        logits = torch.empty(M - head_from, cfg.vocab_size, dtype=torch.float32)
+        k = ks[0]
         rc = self.lib.sc_decode(
             M, torch.get_num_threads(), x.data_ptr(), pos.data_ptr(), self.layer_ptrs.data_ptr(),
             self.scale_ptrs.data_ptr() if self.scale_ptrs is not None else None, self.head_ptrs.data_ptr(),
             cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, k.stride(0), k.shape[2],
-            self.wtype, cfg.rms_norm_eps, self.inv_freq.data_ptr(), logits.data_ptr())
+            self.wtype, cfg.rms_norm_eps, self.inv_freq.data_ptr(), head_from, logits.data_ptr())
         if rc != 0:
             raise ValueError(f"KV cache holds {k.shape[2]} positions, asked for {int(pos.max()) + 1}")
         return logits

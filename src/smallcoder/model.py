@@ -243,7 +243,7 @@ class SmallCoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False, labels: torch.Tensor | None = None, *,
                 starts: torch.Tensor | Sequence[int] | None = None,
-                decode_kernel: DecodeKernel | None = None) -> torch.Tensor:
+                decode_kernel: DecodeKernel | None = None, prefill_kernel: bool = False) -> torch.Tensor:
         """Logits for `input_ids` (B, T), written into `cache` when given; with `labels`, the loss.
 
         Row b's tokens take positions starts[b].. (default: cache.lengths[b], i.e. appended), so
@@ -252,7 +252,8 @@ class SmallCoder(nn.Module):
         (B, T) returns the summed next-token cross-entropy instead of logits, without ever
         holding the full logits (`loss.next_token_loss_sum`): the training path.
         `decode_kernel` (a `kernels.DecodeKernel` for these weights) runs one-token steps in C++;
-        by default the one `kernels.attach` gave this model, if any.
+        by default the one `kernels.attach` gave this model, if any. With `prefill_kernel` it also
+        runs a one-row forward of up to `kernels.MAX_ROWS` tokens (a short prefill chunk).
         """
         B, T = input_ids.shape
         if labels is not None and (cache is not None or last_only):
@@ -269,10 +270,10 @@ class SmallCoder(nn.Module):
         else:
             first = cache.lengths.clone() if starts is None else torch.as_tensor(starts, dtype=torch.long).cpu()
             at = Positions(first, B, T, cache)
-            logits = self._kernel_step(x, cache, at, decode_kernel)
+            logits = self._kernel_step(x, cache, at, decode_kernel, prefill_kernel, last_only)
             if logits is not None:
                 cache.lengths.copy_(first + T)
-                return logits[:, None]
+                return logits[:, -1:] if last_only else logits
             position_ids = at.index.to(device)[:, None] + torch.arange(T, device=device)
             mask = at.mask(position_ids)
         freqs = position_ids[..., None].float() * self.inv_freq(device)
@@ -289,15 +290,20 @@ class SmallCoder(nn.Module):
             return next_token_loss_sum(self.model.norm(x), self.lm_head.weight, labels)
         return self.lm_head(self.model.norm(x))
 
-    def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions,
-                     kernel: DecodeKernel | None) -> torch.Tensor | None:
-        """Logits (B, V) from the C++ decode step when it applies here (one new token per row, a
-        cache it can read, no autograd, weights unchanged since it was built); else None."""
+    def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions, kernel: DecodeKernel | None,
+                     prefill: bool, last_only: bool) -> torch.Tensor | None:
+        """Logits (B, T, V) from the C++ step when it applies here (one new token per row, or with
+        `prefill` T tokens of one row; a cache it can read, no autograd, weights unchanged since it
+        was built); else None."""
         kernel = kernel if kernel is not None else self.decode_kernel
-        if kernel is None or at.T != 1 or torch.is_grad_enabled() or not kernel.supports(cache, len(at.starts)):
+        one_row = prefill and len(at.starts) == 1 and at.T > 1
+        if kernel is None or (at.T != 1 and not one_row) or torch.is_grad_enabled() \
+                or not kernel.supports(cache, at.T if one_row else len(at.starts)):
             return None
         if not kernel.valid(self):  # tensors replaced (.to(), load_state_dict): never read stale addresses
             if kernel is self.decode_kernel:
                 self.decode_kernel = None
             return None
-        return kernel(x[:, 0], cache, at.tensor)
+        if one_row:
+            return kernel.prefill(x[0], cache, at.starts[0], last_only)[None]
+        return kernel(x[:, 0], cache, at.tensor)[:, None]

@@ -133,13 +133,27 @@ def fim_ids(prefix: Sequence[int], suffix: Sequence[int], middle: Sequence[int],
     return out
 
 
+def fim_keep(extra: int, prefix: int, suffix: int, room: int) -> tuple[int, int, int]:
+    """How many tokens of (extra context, prefix, suffix), of these lengths, a FIM prompt keeps
+    within `room` tokens (the sentinels and the middle already counted out): of the prefix its end
+    and of the suffix its start; when both do not fit, the suffix takes at most a quarter (llama.cpp's
+    3:1, since the prefix says more about the hole) and either takes what the other leaves; the
+    extra context (other files) gets what remains, its end kept. The one cut rule for FIM prompts."""
+    if prefix + suffix <= room:
+        keep_p, keep_s = prefix, suffix
+    else:
+        keep_s = min(suffix, max(room // 4, room - prefix))
+        keep_p = min(prefix, room - keep_s)
+    return min(extra, room - keep_p - keep_s), keep_p, keep_s
+
+
 def fit_fim(prefix: str, suffix: str, tokenizer: Any, max_tokens: int, middle: str = "",
             order: str = "psm") -> tuple[str, str]:
     """(prefix, suffix) cut so that `fim_prompt(prefix, suffix, middle, order)` is at most
-    `max_tokens` tokens: the start of the prefix and the end of the suffix go, so the text nearest
-    the hole stays. Each side keeps up to half of the room the sentinels and `middle` leave; a side
-    that needs less gives the rest to the other. Cuts fall on token boundaries (and whole
-    characters), counted with `tokenizer.encode` / `decode`. Unchanged when the prompt fits."""
+    `max_tokens` tokens, by `fim_keep`'s rule (the one the server's prompts are cut by): the start
+    of the prefix and the end of the suffix go, so the text nearest the hole stays. Cuts fall on
+    token boundaries (and whole characters), counted with `tokenizer.encode` / `decode`, for
+    callers that keep prompts as text (the evaluation). Unchanged when the prompt fits."""
     def count(text: str) -> int:
         return len(tokenizer.encode(text))
 
@@ -150,8 +164,7 @@ def fit_fim(prefix: str, suffix: str, tokenizer: Any, max_tokens: int, middle: s
         raise SmallCoderError(f"a FIM prompt needs at least {max_tokens - room} tokens (sentinels and the "
                               f"middle typed so far), more than the {max_tokens} it may have")
     p_ids, s_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
-    keep_p = min(len(p_ids), max(room - len(s_ids), room // 2))
-    keep_s = min(len(s_ids), room - keep_p)
+    _, keep_p, keep_s = fim_keep(0, len(p_ids), len(s_ids), room)
     while True:
         head, tail = _tail(prefix, p_ids, keep_p, tokenizer), _head(suffix, s_ids, keep_s, tokenizer)
         over = count(fim_prompt(head, tail, middle, order)) - max_tokens
@@ -186,3 +199,44 @@ def _head(text: str, ids: list[int], keep: int, tokenizer: Any) -> str:
 def has_fim(tokenizer: Any) -> bool:
     """Whether `tokenizer` has each FIM token as a token of its own (else FIM prompts mean nothing)."""
     return all(tokenizer.token_to_id(t) is not None for t in FIM_TOKENS)
+
+
+def fim_split(prompt: str) -> tuple[str, str, str, str] | None:
+    """(head, prefix, suffix, middle) of a text prompt in the PSM shape `head<fim_prefix>prefix
+    <fim_suffix>suffix<fim_middle>middle` (each sentinel once, in that order; an SPM prompt reads
+    as one with an empty prefix), or None: what an editor that fills the template itself sends."""
+    if any(prompt.count(t) != 1 for t in FIM_TOKENS):
+        return None
+    i, j, k = (prompt.index(t) for t in FIM_TOKENS)
+    if not i < j < k:
+        return None
+    return (prompt[:i], prompt[i + len(FIM_PREFIX):j], prompt[j + len(FIM_SUFFIX):k],
+            prompt[k + len(FIM_MIDDLE):])
+
+
+# Repository-level context before a FIM prompt (llama.cpp's `/infill` `input_extra`, in the pattern
+# of Qwen2.5-Coder, arXiv 2409.12186): with a repository token and a file separator in the
+# vocabulary, `<repo>myproject\n`, each chunk as `<file_sep>{filename}\n{text}`, then
+# `<file_sep>filename\n` (llama.cpp's literal name for the file being edited). Without both, each
+# chunk's text follows llama.cpp's plain-text separator, without names: a repository token alone (the
+# StarCoder vocabulary has `<reponame>` and no file separator) is a token the model never saw.
+REPO_TOKENS = ("<repo_name>", "<|repo_name|>", REPO_NAME)
+FILE_SEP_TOKENS = (FILE_SEP, "<|file_sep|>")
+SNIPPET_SEP = "\n\n--- snippet ---\n\n"
+
+
+def repo_tokens(tokenizer: Any) -> tuple[str, str] | None:
+    """The (repository token, file separator) of `tokenizer`'s vocabulary, or None without both."""
+    repo = next((t for t in REPO_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    sep = next((t for t in FILE_SEP_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    return (repo, sep) if repo and sep else None
+
+
+def extra_context(chunks: Sequence[tuple[str, str]], tokens: tuple[str, str] | None) -> str:
+    """The text before the FIM prompt for (filename, text) chunks: see above (`tokens` from
+    `repo_tokens`). The repository pattern is written even without chunks, as llama.cpp does."""
+    if tokens is None:
+        return "".join(SNIPPET_SEP + text for _, text in chunks)
+    repo, sep = tokens
+    files = "".join(f"{sep}{name}\n{text}" for name, text in chunks)
+    return f"{repo}myproject\n{files}{sep}filename\n"

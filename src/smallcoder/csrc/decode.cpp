@@ -61,6 +61,21 @@ static inline float hsum(v8f v) {
 
 static inline size_t wsize(int wt) { return wt == F32 ? 4 : (wt == BF16 ? 2 : 1); }
 
+// sum_i a[i] * b[i] with two vector accumulators: GCC keeps a float reduction scalar (it may not
+// reorder the sum), and attention's query.key products are a quarter of a long-context step's work
+static inline float dot(const float* a, const float* b, int n) {
+    v8f acc0 = {}, acc1 = {};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 += load8<F32>(a, i) * load8<F32>(b, i);
+        acc1 += load8<F32>(a, i + 8) * load8<F32>(b, i + 8);
+    }
+    for (; i + 8 <= n; i += 8) acc0 += load8<F32>(a, i) * load8<F32>(b, i);
+    float d = hsum(acc0 + acc1);
+    for (; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
 // y[m*ldy + n] (=, or +=) sum_k x[m*K + k] * W[n*K + k] * scale[n], rows n split across threads.
 // One weight row at a time (one sequential stream, which the prefetcher follows: four rows at a
 // time measured 2-3x slower), with U independent accumulators per x row so the FMA latency is
@@ -190,7 +205,7 @@ extern "C" int sc_decode(
     int M, int n_threads, const float* x_in, const int64_t* pos,
     const int64_t* layer_ptrs, const int64_t* scale_ptrs, const int64_t* head_ptrs,
     int L, int H, int NH, int NKV, int HD, int FF, int V, int64_t cache_row_stride, int64_t cache_len,
-    int wt, float eps, const float* inv_freq, float* logits) {
+    int wt, float eps, const float* inv_freq, int head_from, float* logits) {
     const int64_t QD = (int64_t)NH * HD, KD = (int64_t)NKV * HD;
     std::vector<float> x(x_in, x_in + (size_t)M * H), xn((size_t)M * H), q((size_t)M * QD),
         kv((size_t)M * KD * 2), att((size_t)M * QD), g((size_t)M * FF), u((size_t)M * FF);
@@ -242,10 +257,12 @@ extern "C" int sc_decode(
                     std::memcpy(vc + off, kv.data() + (size_t)m * 2 * KD + KD + (size_t)kh * HD, HD * sizeof(float));
                 }
             }
-            // attention: row m, head h over positions 0..pos[m] of its own cache row
+            // attention: row m, head h over positions 0..pos[m] of its own cache row. Head-major, so
+            // a thread's consecutive items share a head: when the rows are one sequence (a prefill,
+            // kernels.DecodeKernel.prefill) that head's keys and values stay in cache across rows.
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < (int64_t)M * NH; t++) {
-                const int m = (int)(t / NH), h = (int)(t % NH), kh = h / group;
+                const int m = (int)(t % M), h = (int)(t / M), kh = h / group;
                 const int64_t S = pos[m] + 1;
                 const float* qv = q.data() + (size_t)m * QD + (size_t)h * HD;
                 const float* kb = kc + (size_t)m * cache_row_stride + (size_t)kh * cache_len * HD;
@@ -253,8 +270,7 @@ extern "C" int sc_decode(
                 float* sr = scores.data() + (size_t)t * (max_pos + 1);
                 float mx = -INFINITY;
                 for (int64_t j = 0; j < S; j++) {
-                    float d = 0;
-                    for (int i = 0; i < HD; i++) d += qv[i] * kb[(size_t)j * HD + i];
+                    const float d = dot(qv, kb + (size_t)j * HD, HD);
                     sr[j] = d * att_scale;
                     mx = sr[j] > mx ? sr[j] : mx;
                 }
@@ -278,8 +294,11 @@ extern "C" int sc_decode(
             }
             gemv(M, g.data(), FF, (const void*)p[8], s ? (const float*)s[6] : nullptr, wt, H, x.data(), H, true);
         }
-        rmsnorm_rows(M, x.data(), (const float*)head_ptrs[0], H, eps, xn.data());
-        gemv(M, xn.data(), H, (const void*)head_ptrs[1], (const float*)head_ptrs[2], wt, V, logits, V, false);
+        // logits of rows head_from.. only (a prefill needs its last row's: the others' would cost
+        // a 2 x hidden x vocab product each for nothing)
+        const int MH = M - head_from;
+        rmsnorm_rows(MH, x.data() + (size_t)head_from * H, (const float*)head_ptrs[0], H, eps, xn.data());
+        gemv(MH, xn.data(), H, (const void*)head_ptrs[1], (const float*)head_ptrs[2], wt, V, logits, V, false);
     }
 #ifdef __SSE__
     _mm_setcsr(csr);

@@ -12,7 +12,7 @@ encoders of the decode tasks). pass@k is the unbiased estimator over n samples p
 Prompt: `fim_prompt(prompt, suffix, order=...)`, PSM by default or SPM (`--fim-order`). A prompt
 that does not fit the context (the engine's rule for every prompt: `ctx` tokens or more) is cut by
 `fit_fim` to `cut_target` = `max(ctx - max_new_tokens, ctx // 2)` tokens: the start of the prefix and
-the end of the suffix go, the text nearest the hole stays; how many were cut is in the settings and
+the end of the suffix go, the text nearest the hole stays (`prompts.fim_keep`, the server's rule too); how many were cut is in the settings and
 a note. The program that runs is never cut.
 
 Stop rules. The paper's harness ships no generation code: it scores ready `{"task_id",

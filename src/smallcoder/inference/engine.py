@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -26,8 +27,10 @@ import torch
 
 from ..checks import integer
 from ..errors import SmallCoderError
+from ..kernels import MAX_ROWS
 from ..model import KVCache, SmallCoder
 from ..tokenizer import Tokenizer
+from .prefix import pick_slot
 from .requests import Completion, OnPiece, Request, ScoreRequest, _Job
 from .sampling import SamplingParams, sample
 from .scoring import Scoring, TokenScore, token_scores
@@ -116,10 +119,10 @@ class Engine(Scoring):
         return ids
 
     def _request(self, prompt: str | Sequence[int], params: SamplingParams,
-                 on_piece: OnPiece | None = None) -> Request:
+                 on_piece: OnPiece | None = None, warm: bool = False) -> Request:
         ids = self.prepare(prompt, params)
         budget = min(params.max_new_tokens, self.context_length - len(ids))
-        return Request(ids, params, budget, self.tokenizer, on_piece)
+        return Request(ids, params, budget, self.tokenizer, on_piece, warm)
 
     def _score_request(self, ids: Sequence[int], top: int, start: int, on_piece: OnPiece | None) -> ScoreRequest:
         ids = [int(t) for t in ids]
@@ -137,9 +140,11 @@ class Engine(Scoring):
             self._work.notify()
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               on_piece: OnPiece | None = None) -> Request:
-        """Queue a prompt (thread-safe); the background loop (`start`) or a caller's loop runs it."""
-        request = self._request(prompt, params or SamplingParams(), on_piece)
+               on_piece: OnPiece | None = None, warm: bool = False) -> Request:
+        """Queue a prompt (thread-safe); the background loop (`start`) or a caller's loop runs it.
+        `warm` only prefills the prompt (generating nothing), so a later prompt that shares its
+        prefix reuses it (llama.cpp's `n_predict: 0`, an editor's warm-up request)."""
+        request = self._request(prompt, params or SamplingParams(), on_piece, warm)
         self._enqueue(request)
         return request
 
@@ -307,8 +312,8 @@ class Engine(Scoring):
         """Admit queued requests (prefill into free slots, at most one scoring request), then
         decode one token for every active sequence."""
         for i, r in enumerate(self._slots):
-            if r is not None and r._cancelled:
-                self._finish(i, r, "cancelled")
+            if r is not None and (r._cancelled or r.warm):  # warm here: `only_prefill` after its prefill
+                self._finish(i, r, "cancelled" if r._cancelled else "length")
         scored = False
         while True:
             with self._lock:
@@ -323,31 +328,36 @@ class Engine(Scoring):
             elif isinstance(job, ScoreRequest):
                 scored = True
                 self._score(job)
-            elif job.row.budget <= 0:
+            elif job.row.budget <= 0 and not job.warm:
                 self._end(job, "length")
             else:
                 self._prefill(job)
         active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
         if not active:
             return
-        n = active[-1][0] + 1
-        cache = self._cache.rows(0, n)
+        lo, n = active[0][0], active[-1][0] + 1  # the rows from the first active one to the last
+        cache = self._cache.rows(lo, n)
         starts = cache.lengths.clone()  # an active row continues where it is
         tokens = []
-        for i in range(n):
+        for i in range(lo, n):
             r = self._slots[i]
-            if r is None:  # an idle row decodes a dummy token just past what it keeps for reuse
+            if r is None:  # an idle row between decodes a dummy token just past what it keeps for reuse
                 kept = self._kept.get(i, [])
                 if len(kept) >= cache.max_length - 1:
                     kept = self._kept[i] = []
-                starts[i] = len(kept)
+                starts[i - lo] = len(kept)
             tokens.append(r.next_token if r is not None else self.tokenizer.eos_id)
         logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache, starts)
-        self._sample_and_advance([(i, r, logits[i]) for i, r in active])
+        self._sample_and_advance([(i, r, logits[i - lo]) for i, r in active])
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int]) -> torch.Tensor:
-        """Last-position logits (B, V) of `ids` (B, T), row b's tokens written at starts[b].."""
-        return self.model(ids, cache=cache, last_only=True, starts=starts, decode_kernel=self.decode_kernel)[:, -1]
+    def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int],
+                 prefill: bool = False) -> torch.Tensor:
+        """Last-position logits (B, V) of `ids` (B, T), row b's tokens written at starts[b]..; a
+        `prefill` chunk of at most `kernels.MAX_ROWS` tokens runs in the C++ kernel when every
+        chunk is that small (`prefill_chunk`), so each chunk position is always computed alike."""
+        kernel_prefill = prefill and self.prefill_chunk <= MAX_ROWS
+        return self.model(ids, cache=cache, last_only=True, starts=starts, decode_kernel=self.decode_kernel,
+                          prefill_kernel=kernel_prefill)[:, -1]
 
     def _score(self, job: ScoreRequest) -> None:
         try:
@@ -356,36 +366,15 @@ class Engine(Scoring):
             job.error = e
         self._end(job, "stop")
 
-    def _pick_slot(self, ids: list[int]) -> tuple[int, int, int | None]:
-        """(slot, reusable prefix length, row to copy that prefix from or None).
-
-        The free cache row whose kept tokens share the longest prefix with `ids` is used as is;
-        when a busy row shares a longer one, its keys/values are copied into a free row (a copy
-        is far cheaper than recomputing them). A shared prefix counts up to a chunk boundary, and
-        at least the last prompt token is always recomputed, since its logits start the generation."""
-        rows = self._cache.batch_size if self._cache is not None else 0
-        free = [i for i in range(max(rows, len(self._slots)))
-                if i >= len(self._slots) or self._slots[i] is None]
-        shared = {}
-        if self.prefix_cache:
-            c = self.prefill_chunk
-            shared = {i: _common_prefix(kept, ids, len(ids) - 1) // c * c for i, kept in self._kept.items()
-                      if i < rows}
-        best_free = max(free, key=lambda i: (shared.get(i, 0), -i), default=None)
-        best_any = max(shared, key=lambda i: (shared[i], -i), default=None)
-        if best_free is not None and shared.get(best_free, 0) > 0 and \
-                shared[best_free] >= shared.get(best_any, 0):
-            return best_free, shared[best_free], None
-        unused = [i for i in free if not self._kept.get(i)]
-        slot = (unused or free or [len(self._slots)])[0]
-        if best_any is not None and shared[best_any] > 0 and best_any != slot:
-            return slot, shared[best_any], best_any
-        return slot, shared.get(slot, 0), None
-
     def _prefill(self, request: Request) -> None:
-        """Compute a prompt's keys/values from its reused prefix on, one aligned chunk per forward."""
+        """Compute a prompt's keys/values from its reused prefix on, one aligned chunk per forward
+        (through the C++ kernel where chunks are that small, `kernels.MAX_ROWS`). A request
+        cancelled meanwhile stops between chunks, and the chunks done stay for reuse (an editor's
+        next keystroke shares them); one with no tokens to generate ends there (a warm-up)."""
         ids, chunk = request.ids, self.prefill_chunk
-        slot, reuse, source = self._pick_slot(ids)
+        rows = self._cache.batch_size if self._cache is not None else 0
+        free = [i for i in range(max(rows, len(self._slots))) if i >= len(self._slots) or self._slots[i] is None]
+        slot, reuse, source = pick_slot(self._kept, ids, free or [len(self._slots)], rows, chunk, self.prefix_cache)
         try:
             self._ensure_cache(slot, len(ids) + request.row.budget)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
@@ -396,21 +385,34 @@ class Engine(Scoring):
             self._slots.append(None)
         self._slots[slot] = request
         self._kept.pop(slot, None)
+        request.cached_tokens, request.started_at = reuse, time.perf_counter()
+        self.reused_tokens += reuse
+        done = reuse
         try:
             if source is not None:
                 for t in self._cache.k + self._cache.v:
                     t[slot, :, :reuse] = t[source, :, :reuse]
             cache = self._cache.rows(slot, slot + 1)
-            for start in range(reuse, len(ids), chunk):
-                part = torch.tensor([ids[start:start + chunk]], device=self.device)
-                logits = self._forward(part, cache, [start])
+            for done in range(reuse, len(ids), chunk):
+                if request._cancelled:
+                    break
+                part = torch.tensor([ids[done:done + chunk]], device=self.device)
+                logits = self._forward(part, cache, [done], prefill=True)
+            else:
+                done = len(ids)
         except Exception as e:  # noqa: BLE001 - only this row's cache was touched
             request.error = e
             self._finish(slot, request, "error")
             return
-        self._kept[slot] = ids[:len(ids) // chunk * chunk]
-        self.reused_tokens += reuse
-        self._sample_and_advance([(slot, request, logits[0])])
+        self._kept[slot] = ids[:done // chunk * chunk]
+        if done < len(ids):
+            self._finish(slot, request, "cancelled")
+            return
+        request.first_token_at = time.perf_counter()
+        if request.row.budget <= 0 or request.warm:
+            self._finish(slot, request, "length")
+        else:
+            self._sample_and_advance([(slot, request, logits[0])])
 
     def _ensure_cache(self, row: int, length: int) -> None:
         """Grow the preallocated cache to hold `row` and `length` positions (contents kept)."""
@@ -431,7 +433,7 @@ class Engine(Scoring):
         sampler or callback error) ends that request with the error; the other rows go on."""
         logits = torch.stack([x for _, _, x in rows])
         bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1).tolist()
-        greedy = [j for j, (_, r, _) in enumerate(rows) if r.params.temperature == 0 and not bad[j]]
+        greedy = [j for j, (_, r, _) in enumerate(rows) if r.params.greedy and not bad[j]]
         chosen: dict[int, int] = {}
         if greedy:  # one argmax for all greedy rows
             chosen = dict(zip(greedy, sample(logits[greedy], rows[greedy[0]][1].params, None).tolist()))
@@ -479,11 +481,3 @@ class Engine(Scoring):
                     job.on_piece(None)
                 except Exception:  # a listener's failure must not stop the engine
                     log.exception("an engine request's end callback failed")
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -56,14 +56,25 @@ class Request(_Job):
     """A prompt to complete: its state while queued or decoding, then its `completion`."""
 
     def __init__(self, ids: list[int], params: SamplingParams, budget: int, tokenizer: Tokenizer,
-                 on_piece: OnPiece | None) -> None:
+                 on_piece: OnPiece | None, warm: bool = False) -> None:
         super().__init__(on_piece)
         self.ids = ids
         self.params = params
+        self.warm = warm  # prefill only, generate nothing (the prompt stays cached for reuse)
         self.row = TextState(tokenizer, params, len(ids), budget)
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.completion: Completion | None = None
+        # set by the engine when it prefills (time.perf_counter() values; statistics for the server)
+        self.cached_tokens = 0  # prompt tokens reused from the cache, not recomputed
+        self.started_at: float | None = None  # prefill began
+        self.first_token_at: float | None = None  # prefill ended: the prompt is processed
+
+    def only_prefill(self) -> None:
+        """Generate nothing more (thread-safe, like `cancel`), but finish computing the prompt's
+        keys and values, which stay cached for reuse: the server's answer to a client that would
+        not wait for them (llama.cpp's `t_max_prompt_ms`). Ends with finish reason "length"."""
+        self.warm = True
 
     def result(self) -> Completion:
         """Wait for the completion (re-raising the engine's error for this request, if any)."""

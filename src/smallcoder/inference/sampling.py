@@ -5,6 +5,12 @@ is 0 and divided by the temperature in float64, so any temperature > 0 gives fin
 -inf (never NaN or +inf). A tiny temperature (1e-45, even 5e-324) therefore acts as greedy, ties
 shared; a huge one (1e308) as uniform; a tiny top_p (1e-320) keeps the top token. Values that
 cannot mean anything (negative, NaN, infinite) are refused with the field named.
+
+The steps (temperature, top-k, top-p, min-p) run in `samplers` order; a step not named there is
+not applied (llama.cpp's `samplers`, whose default order puts the temperature last). By default
+the temperature comes first, as OpenAI's API applies it. A generation may also stop at a line
+indented less than `min_indent` or, past `newline_time_limit` seconds, at its next newline
+(llama.cpp's `n_indent` and `t_max_predict_ms`; `detokenize` applies them).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from ..checks import integer, is_int
 from ..errors import SmallCoderError
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+SAMPLERS = ("temperature", "top_k", "top_p", "min_p")  # the steps `sample` knows, in its default order
 
 
 @dataclass
@@ -31,6 +38,10 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_at_eos: bool = True
     truncate: bool = False  # keep the end of a prompt longer than the context instead of refusing
+    min_p: float = 0.0  # 0 = off; else drop tokens below min_p x the likeliest one's probability
+    samplers: Sequence[str] = SAMPLERS  # the order of the steps; a step not named is not applied
+    min_indent: int = 0  # 0 = off; else stop at a later line indented less (llama.cpp's n_indent)
+    newline_time_limit: float = 0.0  # 0 = off; else seconds after the first token, then stop at a newline
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,24 +57,49 @@ class SamplingParams:
             raise SmallCoderError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SmallCoderError("stop strings must be non-empty strings")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise SmallCoderError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        self.samplers = tuple(self.samplers)
+        unknown = [s for s in self.samplers if s not in SAMPLERS]
+        if unknown:
+            raise SmallCoderError(f"unknown sampler {unknown[0]!r}; choose from: {', '.join(SAMPLERS)}")
+        integer(self.min_indent, "min_indent", minimum=0)
+        if not isinstance(self.newline_time_limit, (int, float)) or not math.isfinite(self.newline_time_limit) \
+                or self.newline_time_limit < 0:
+            raise SmallCoderError(f"newline_time_limit must be a number of seconds >= 0, got "
+                                  f"{self.newline_time_limit!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: the next token is the argmax, whatever the order (the other steps always
+        keep the likeliest token). Even where `samplers` leaves the temperature step out, where
+        llama.cpp would draw at temperature 1: a client that asks for 0 wants greedy."""
+        return self.temperature == 0
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V): greedy, or temperature with top-k / top-p."""
-    if params.temperature == 0:
+    """Next token ids (B,) from logits (B, V): greedy, or the `samplers` steps, then a draw."""
+    if params.greedy:
         return logits.argmax(dim=-1)
-    # shifted to max 0, then divided: finite or -inf for every temperature > 0 (see the module doc)
+    # shifted to max 0 (then divided): finite or -inf for every temperature > 0 (see the module doc)
     x = logits.double()
-    x = (x - x.max(dim=-1, keepdim=True).values) / params.temperature
-    if params.top_k and params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = sorted_x.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays:
-        # its mass above is exactly 0, and top_p > 0 even in float64's smallest denormal)
-        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+    x = x - x.max(dim=-1, keepdim=True).values
+    for step in params.samplers:
+        if step == "temperature":
+            x = x / params.temperature  # > 0 here: temperature 0 is greedy, above
+        elif step == "top_k" and params.top_k and params.top_k < x.shape[-1]:
+            kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        elif step == "top_p" and params.top_p < 1.0:
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            probs = sorted_x.softmax(dim=-1)
+            # drop a token when the tokens ranked above it already reach top_p (the first always stays:
+            # its mass above is exactly 0, and top_p > 0 even in float64's smallest denormal)
+            drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+        elif step == "min_p" and params.min_p > 0:
+            # p < min_p * p_max  <=>  x - x_max < log(min_p); the likeliest token always stays
+            top = x.max(dim=-1, keepdim=True).values
+            x = x.masked_fill(x - top < math.log(params.min_p), float("-inf"))
     return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(-1)

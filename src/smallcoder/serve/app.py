@@ -16,8 +16,8 @@ from ..errors import SmallCoderError
 from .bridge import ClientGone
 from .chat import chat
 from .completions import completions
-from .infill import infill
 from .limits import ServeLimits
+from .native import completion, infill
 from .protocol import APIError
 from .server import Server
 
@@ -30,9 +30,10 @@ log = logging.getLogger("smallcoder.serve")
 
 
 def create_app(engine: Engine, model_name: str = "smallcoder", api_key: str | None = None,
-               limits: ServeLimits | None = None) -> FastAPI:
-    """The FastAPI app; it starts the engine's scheduler on startup and closes it on shutdown."""
-    server = Server(engine, model_name, api_key, limits)
+               limits: ServeLimits | None = None, fim_order: str = "spm") -> FastAPI:
+    """The FastAPI app; it starts the engine's scheduler on startup and closes it on shutdown.
+    `fim_order` ("psm" or "spm") lays out every FIM prompt the server builds (`fim`)."""
+    server = Server(engine, model_name, api_key, limits, fim_order)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,6 +92,7 @@ def create_app(engine: Engine, model_name: str = "smallcoder", api_key: str | No
 
     route("/v1/completions", "POST", completions)
     route("/v1/chat/completions", "POST", chat)
+    route("/completion", "POST", completion)
     route("/infill", "POST", infill)
     route("/v1/models", "GET", models)
     route("/health", "GET", health, auth=False)

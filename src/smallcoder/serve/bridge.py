@@ -30,6 +30,7 @@ class Batch:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
         self.requests: list[Any] = []
+        self.superseded = False  # cancelled by the same client's newer request (`clients.SlotOwners`)
         try:
             for i, submit in enumerate(submits):
                 self.requests.append(submit(self._callback(i)))
@@ -38,8 +39,9 @@ class Batch:
             raise
 
     @classmethod
-    def generate(cls, engine: Engine, jobs: Sequence[tuple[list[int], SamplingParams]]) -> Batch:
-        return cls([lambda cb, ids=ids, p=p: engine.submit(ids, p, on_piece=cb) for ids, p in jobs])
+    def generate(cls, engine: Engine, jobs: Sequence[tuple[list[int], SamplingParams]], warm: bool = False) -> Batch:
+        """Generation requests; `warm` ones only prefill (`Engine.submit`)."""
+        return cls([lambda cb, ids=ids, p=p: engine.submit(ids, p, on_piece=cb, warm=warm) for ids, p in jobs])
 
     @classmethod
     def score(cls, engine: Engine, jobs: Sequence[tuple[list[int], int, int]]) -> Batch:
@@ -64,10 +66,12 @@ class Batch:
                 open_.discard(index)
             yield index, piece
 
-    def cancel(self) -> None:
-        """Cancel whatever has not finished (no-op for finished requests); frees the slots."""
+    def cancel(self, warm: bool = False) -> None:
+        """Cancel whatever has not finished (no-op for finished requests); frees the slots. A warm
+        request (prefill only) is left to finish, its keys and values for whoever comes next, unless
+        `warm`: a client's newer request replaces it (and computes the same prefix itself)."""
         for req in self.requests:
-            if not req.done.is_set():
+            if not req.done.is_set() and (warm or not getattr(req, "warm", False)):
                 req.cancel()
 
 

@@ -9,12 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..checks import integer, require_extra
 from ..errors import SmallCoderError
+from ..prompts import FIM_ORDERS
 from .limits import ServeLimits
 
 if TYPE_CHECKING:
     import socket
 
 log = logging.getLogger("smallcoder.serve")
+
+PREFILL_CHUNK = 16  # an editor's keystroke recomputes ~8 tokens on average (measured: benchmarks/RESULTS.md)
 
 
 def _is_loopback(host: str) -> bool:
@@ -56,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     require_extra("serve", ("fastapi", "uvicorn", "pydantic"), "smallcoder serve")
     integer(args.max_batch, "--max-batch")
+    integer(args.prefill_chunk, "--prefill-chunk")
     check_threads(args.threads)  # before the model loads (they are set once torch is imported, below)
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                          max_queue=args.max_queue, header_timeout=args.header_timeout,
@@ -98,8 +102,9 @@ def _load(args: argparse.Namespace, limits: ServeLimits) -> tuple[Any, Any]:
 
     set_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch)
-    return create_app(engine, model_name=args.model_name or args.model, api_key=api_key, limits=limits), engine
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    return create_app(engine, model_name=args.model_name or args.model, api_key=api_key, limits=limits,
+                      fim_order=args.fim_order), engine
 
 
 def register(subparsers: Any) -> None:
@@ -110,13 +115,21 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (completions, chat, FIM infill, streaming)",
         description="Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
-                    "/infill (llama.cpp), /v1/models, /health. Concurrent requests share one batch.")
+                    "llama.cpp's /completion and /infill (editors), /v1/models, /health. Concurrent requests "
+                    "share one batch.")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
     p.add_argument("--api-key", default=None,
                    help="require this key (Authorization: Bearer KEY); default: $SMALLCODER_API_KEY, else none")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--fim-order", default="spm", choices=FIM_ORDERS,
+                   help="the order of the FIM prompts the server builds (the model must be trained with it): "
+                        "spm puts the suffix first, so a prefix growing as the user types keeps the cache (default)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                   help="prompt tokens per prefill forward, and the granularity of prefix reuse: an edit "
+                        "recomputes from the chunk it falls in (up to 16 runs in the C++ kernel; default "
+                        f"{PREFILL_CHUNK}, for editors)")
     add_threads_arg(p)
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: --model)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,

@@ -1,5 +1,6 @@
-"""`POST /v1/completions`: raw prompts (token ids too), FIM through `suffix`, `n`, `echo`, and
-`echo` + `logprobs` scoring as lm-eval's `local-completions` sends it."""
+"""`POST /v1/completions`: raw prompts (token ids too), FIM through `suffix` or a prompt in the
+StarCoder FIM template (both built by `fim`), `n`, `echo`, and `echo` + `logprobs` scoring as
+lm-eval's `local-completions` sends it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from ..prompts import FIM_TOKENS, fim_prompt
 from .bridge import Batch, drain_or_cancel
 from .protocol import APIError, CompletionRequest
 from .responses import DONE, batch_usage, event_stream, result_of, scored_tokens, seeded, sse, usage
@@ -31,15 +31,25 @@ def _prompts(server: Server, req: CompletionRequest) -> list[str | list[int]]:
     if not prompts:
         raise APIError(400, "field 'prompt' is an empty list", param="prompt")
     if req.suffix is not None:
-        if not server.has_fim:
-            raise APIError(400, f"suffix needs fill-in-the-middle tokens ({', '.join(FIM_TOKENS)}), and this "
-                                "model's tokenizer lacks them", param="suffix")
+        server.require_fim("suffix", "suffix")
         if req.echo:
             raise APIError(400, "echo cannot be combined with suffix", param="echo")
         if any(not isinstance(p, str) for p in prompts):
             raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
-        prompts = [fim_prompt(p, req.suffix) for p in prompts]
     return prompts
+
+
+async def _ids(server: Server, req: CompletionRequest, prompts: list[str | list[int]], max_tokens: int
+               ) -> list[list[int]]:
+    """Token ids of each prompt. FIM prompts (`suffix`, or a text in the FIM template when there is
+    something to generate and nothing to echo) are built in the server's order and cut to fit."""
+    if req.suffix is not None:
+        fim = server.require_fim("suffix", "suffix")
+        return [(await fim.build(p, req.suffix, "", fim.extra([]), server.fim_limit(max_tokens), "prompt")).ids
+                for p in prompts]
+    if max_tokens > 0 and not req.echo:
+        return [ids for ids, _ in await server.prompt_ids(prompts, "prompt", max_tokens)]
+    return await server.encode(prompts, "prompt", scoring=max_tokens == 0)
 
 
 async def completions(server: Server, request: Request) -> Any:
@@ -50,7 +60,7 @@ async def completions(server: Server, request: Request) -> Any:
     logprobs = req.top_logprobs(server.limits)
     n = req.choices(len(prompts), server.limits)
     params = req.sampling_params(max_tokens, server.limits)
-    ids = await server.encode(prompts, "prompt", scoring=max_tokens == 0)
+    ids = await _ids(server, req, prompts, max_tokens)
     texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts]
     echo = bool(req.echo)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),

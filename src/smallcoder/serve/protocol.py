@@ -147,26 +147,51 @@ class ChatRequest(_OpenAI):
 
 
 class InputExtra(_Base):
-    filename: str | None = None
+    filename: str | None = None  # llama.cpp's default: "tmp"
     text: str = ""
 
 
-class InfillRequest(_Sampling):
-    """llama.cpp's `/infill`."""
+Milliseconds = Annotated[float, Field(allow_inf_nan=False)]  # <= 0: off, as in llama.cpp
+MinP = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Positive = Annotated[StrictInt, Field(ge=1)]
+
+
+class LlamaRequest(_Sampling):
+    """llama.cpp's native `/completion` (and what `/infill` shares with it); `native` reads it."""
+
+    model: str | None = None
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] | None = None
+    n_predict: StrictInt | None = None  # -1: until the context is full; above --max-tokens: capped
+    max_tokens: StrictInt | None = None  # llama.cpp's alias of n_predict
+    n_cmpl: Positive | None = None
+    n: Positive | None = None  # llama.cpp's alias of n_cmpl
+    min_p: MinP | None = None
+    n_indent: NonNegative | None = None
+    t_max_predict_ms: Milliseconds | None = None
+    t_max_prompt_ms: Milliseconds | None = None
+    samplers: list[str] | None = None
+    id_slot: StrictInt | None = None
+    cache_prompt: StrictBool | None = None
+    return_tokens: StrictBool | None = None
+
+
+class InfillRequest(LlamaRequest):
+    """llama.cpp's `/infill`: the prompt is built from these pieces (`fim`)."""
 
     input_prefix: str = ""
     input_suffix: str = ""
     input_extra: list[InputExtra] | None = None
-    prompt: str = ""
-    n_predict: StrictInt | None = None  # llama.cpp: -1 = until the context is full
-    max_tokens: StrictInt | None = None
+    prompt: str = ""  # what is typed of the line so far: it follows <fim_middle>
 
 
 # Fields that clients commonly send with their default meaning; ignored without a log line.
 QUIET_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "best_of": (1, None),
-    "logit_bias": (None, {}), "cache_prompt": (True, False, None), "samplers": (), "n_indent": (),
-    "t_max_prompt_ms": (), "t_max_predict_ms": (), "response_fields": (),
+    "logit_bias": (None, {}, []), "cache_prompt": (True, False, None), "samplers": (), "n_indent": (),
+    "t_max_prompt_ms": (), "t_max_predict_ms": (), "response_fields": (), "penalty_last_n": (0, 64, None),
+    "repeat_last_n": (0, 64, None), "repeat_penalty": (1, 1.0, None), "mirostat": (0, None),
+    "typical_p": (1, 1.0, None), "n_probs": (0, None), "n_keep": (0, None), "dry_multiplier": (0, 0.0, None),
+    "xtc_probability": (0, 0.0, None), "timings_per_token": (False, None),
 }
 
 _UNION_FIELDS = {

@@ -105,20 +105,23 @@ def sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _guard(events: AsyncIterator[str], error_fields: dict[str, Any]) -> AsyncIterator[str]:
     """Turn a failure mid-stream into an `error` event (the status line is already sent)."""
     try:
         async for event in events:
             yield event
     except APIError as e:
-        yield sse(e.body())
+        yield sse({**e.body(), **error_fields})
     except Exception as e:
         log.exception("stream failed")
-        yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body())
+        yield sse({**APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body(),
+                   **error_fields})
 
 
-def event_stream(events: AsyncIterator[str], batch: Batch | None = None) -> Any:
-    """A text/event-stream response that cancels its engine requests however it ends."""
+def event_stream(events: AsyncIterator[str], batch: Batch | None = None,
+                 error_fields: dict[str, Any] | None = None) -> Any:
+    """A text/event-stream response that cancels its engine requests however it ends; an error
+    event carries `error_fields` beside the error (llama.cpp clients read `content` and `stop`)."""
     from starlette.responses import StreamingResponse
 
     class EngineStream(StreamingResponse):
@@ -129,5 +132,5 @@ def event_stream(events: AsyncIterator[str], batch: Batch | None = None) -> Any:
                 if batch is not None:
                     batch.cancel()
 
-    return EngineStream(_guard(events), media_type="text/event-stream",
+    return EngineStream(_guard(events, error_fields or {}), media_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

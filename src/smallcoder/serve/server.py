@@ -11,8 +11,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..prompts import has_fim
+from ..checks import known
+from ..prompts import FIM_ORDERS, fim_split, has_fim
 from .bridge import Batch, ClientGone, drain_or_cancel
+from .clients import SlotOwners
+from .fim import NEEDS_FIM, FimBuilder
 from .limits import ServeLimits
 from .protocol import QUIET_DEFAULTS, APIError, parse_request
 from .responses import completion_logprobs, result_of, score_job
@@ -29,7 +32,7 @@ class Server:
     """The state and checks the endpoint modules (completions, chat, infill) share."""
 
     def __init__(self, engine: Engine, model_name: str, api_key: str | None = None,
-                 limits: ServeLimits | None = None) -> None:
+                 limits: ServeLimits | None = None, fim_order: str = "spm") -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
@@ -42,6 +45,39 @@ class Server:
         self._logged_fields: set[str] = set()
         self._log_lock = threading.Lock()
         self.has_fim = has_fim(self.tokenizer)
+        self.fim_order = known(fim_order, "FIM order (--fim-order)", FIM_ORDERS)
+        self.fim = FimBuilder(self.tokenizer, self.fim_order) if self.has_fim else None
+        self.slots = SlotOwners()  # each client's slot and the request it runs (llama.cpp's id_slot)
+
+    def require_fim(self, what: str, param: str) -> FimBuilder:
+        """The FIM prompt builder, or a 400 naming `param` when the tokenizer has no FIM tokens."""
+        if self.fim is None:
+            raise APIError(400, f"{what} {NEEDS_FIM}", param=param)
+        return self.fim
+
+    def fim_limit(self, reserve: int) -> int:
+        """The most tokens a FIM prompt keeps when `reserve` new tokens are asked for: the room held
+        back for them is at most a quarter of the context (the prompt is the editor's file)."""
+        ctx = self.engine.context_length
+        return min(self.max_prompt_tokens, ctx - max(1, min(reserve, ctx // 4)))
+
+    async def prompt_ids(self, prompts: Sequence[str | list[int]], param: str, reserve: int
+                         ) -> list[tuple[list[int], bool]]:
+        """(token ids, whether cut) of each prompt to generate from: a text an editor filled in as a
+        FIM prompt (`prompts.fim_split`) is built anew in this server's order and cut to fit
+        (`fim`); any other prompt is taken as it is (over the limit: 400)."""
+        out = []
+        for i, p in enumerate(prompts):
+            name = f"{param}[{i}]" if len(prompts) > 1 else param
+            parts = fim_split(p) if isinstance(p, str) else None
+            if parts is None:
+                out.append(((await self.encode([p], name))[0], False))
+                continue
+            head, prefix, suffix, middle = parts
+            fim = await self.require_fim("a fill-in-the-middle prompt", param).build(
+                prefix, suffix, middle, head, self.fim_limit(reserve), name)
+            out.append((fim.ids, fim.truncated))
+        return out
 
     def check_auth(self, headers: Any) -> None:
         """401 unless the request carries the API key (`Authorization: Bearer KEY` or `x-api-key`)."""
@@ -97,6 +133,14 @@ class Server:
             new.append(name)
         if new:
             log.info("ignoring field(s) this server does not use in %s requests: %s", kind, ", ".join(sorted(new)))
+
+    def note_once(self, key: str, message: str) -> None:
+        """Log `message` the first time `key` comes up (a behaviour clients should know of, not per request)."""
+        with self._log_lock:
+            if key in self._logged_fields:
+                return
+            self._logged_fields.add(key)
+        log.info("%s", message)
 
     def max_new_tokens(self, value: int | None, default: int, name: str = "max_tokens") -> int:
         """A request's token budget: its own (within --max-tokens), else `default`."""
