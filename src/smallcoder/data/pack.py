@@ -1,14 +1,7 @@
 """Packing: tokenized training data written into the token store (`smallcoder.data.store`).
 
-One format serves pretraining and SFT. A pack is a folder:
-
-    index.json          written last; a folder without it is an interrupted write and is refused
-    verified.json       optional, written by `TokenDataset.verify(record=True)`: the stat signature
-                        (size, mtime, ctime, inode) of each file whose sha256 matched, so an unchanged
-                        pack is not hashed again (any write to a file changes its ctime)
-    tokens-00000.bin    token ids, uint16 little-endian (vocabularies up to 65,536 tokens)
-    mask-00000.bin      SFT only: loss mask, uint8 0/1, one per token
-    offsets-00000.bin   SFT only: int64 start of each record in the shard, records + 1 values
+One format serves pretraining and SFT: the pack folder described in `smallcoder.data.store`
+(index.json written last, uint16 token shards, SFT masks and offsets).
 
 kind "packed": documents are tokenized, each followed by EOS, concatenated, and cut into records
 of exactly `seq_len` tokens. The final partial record (fewer than `seq_len` tokens) is dropped

@@ -83,13 +83,14 @@ async def until_disconnected(request: Request) -> None:
             return
 
 
-async def drain_or_cancel(request: Request, batch: Batch) -> bool:
-    """Wait for a non-streamed batch to finish; cancel it if the client leaves first.
+async def drain_or_cancel(request: Request, batch: Batch, events: AsyncIterator[Any] | None = None) -> bool:
+    """Wait for a non-streamed batch to finish (its `events()`, or the `events` given); cancel it
+    if the client leaves first.
 
     Returns True when it finished, False when the client disconnected.
     """
     async def drain() -> None:
-        async for _ in batch.events():
+        async for _ in (batch.events() if events is None else events):
             pass
 
     work = asyncio.ensure_future(drain())

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SmallCoderError
 from ..inference import SamplingParams
-from .bridge import Batch, until_disconnected
+from .bridge import Batch, drain_or_cancel
 from .clients import client_key
 from .protocol import APIError, InfillRequest, LlamaRequest
 from .responses import event_stream, result_of, seeded, sse
@@ -224,23 +224,7 @@ async def _run(server: Server, request: Request, req: LlamaRequest, prompts: lis
 async def _wait(request: Request, run: _Run) -> bool:
     """Until every request is finished (or answered late); False, with them cancelled, if the
     client left first."""
-    async def drain() -> None:
-        async for _ in _ends(run):
-            pass
-
-    work = asyncio.ensure_future(drain())
-    watch = asyncio.ensure_future(until_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-            run.batch.cancel()
-    if work in done:
-        work.result()
-        return True
-    return False
+    return await drain_or_cancel(request, run.batch, _ends(run))
 
 
 async def _ends(run: _Run) -> AsyncIterator[tuple[int, str | None]]:
