@@ -55,7 +55,13 @@ def test_eval_end_to_end_with_micro_checkpoint(capsys, tmp_path, micro_checkpoin
     gs = report["tasks"]["gsm8k"]
     assert set(gs["metrics"]) == {"exact_match_strict", "exact_match_flexible"}
     assert gs["samples"][0]["gold"] == "18"
-    assert (out / "results.md").read_text().startswith("| Domain | Benchmark | Metric | Score | Card |")
+    md = (out / "results.md").read_text()  # the header (model, date, settings, sandbox), notes, then the table
+    assert md.startswith(f"# SmallCoder evaluation: {micro_checkpoint}\n") and "\n| Domain | Benchmark | Metric | Score | Card |" in md
+    head = md[:md.index("| Domain")]
+    for line in ("- temperature: each task's default", "- seed: 0", "- n (samples per task): 1", "- tasks: humaneval, mbpp, gsm8k",
+                 "- --limit: 2", "- max new tokens: 8"):
+        assert line in head, (line, head)
+    assert "- date: " in head and "- sandbox: " in head and "protections on" in head
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 

@@ -112,9 +112,44 @@ def markdown_table(results: Sequence[TaskResult], compare_card: bool = False) ->
 
 
 def notes_markdown(results: Sequence[TaskResult]) -> str:
-    """The notes below the table: extraction rule, sandbox protections, sampling caveats."""
+    """The notes above the table: extraction rule, sandbox protections, sampling caveats."""
     lines = [f"- {r.task}: {note}" for r in results for note in r.notes]
     return ("\nNotes:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+HEADER_FIELDS = (("model", "model"), ("parameters", "parameters"), ("dtype", "weights"), ("tasks", "tasks"),
+                 ("limit", "--limit"), ("n_samples", "n (samples per task)"), ("k", "k"),
+                 ("temperature", "temperature"), ("top_p", "top-p"), ("seed", "seed"),
+                 ("max_new_tokens", "max new tokens"), ("format", "HumanEval format"),
+                 ("code_extraction", "code extraction"), ("fim_order", "FIM order"), ("samples", "samples file"),
+                 ("data_dir", "data"), ("created", "date"), ("wall_seconds", "wall time (s)"),
+                 ("python", "python"), ("platform", "platform"))
+
+
+def header_markdown(settings: dict[str, Any], protections: dict[str, Any] | None) -> str:
+    """What a reader needs before the scores, as lm-eval's and EvalPlus's reports give it: the
+    model, the date, the settings and the sandbox that ran the code."""
+    title = settings.get("model") or settings.get("samples") or "samples"
+    lines = [f"# SmallCoder evaluation: {title}", ""]
+    for key, label in HEADER_FIELDS:
+        value = settings.get(key)
+        if key == "temperature" and value is None and settings.get("model"):
+            value = "each task's default (shown with its score)"
+        if value is None or value == "":
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value))
+        elif key == "parameters":
+            value = f"{value:,}"
+        lines.append(f"- {label}: {value}")
+    if protections is not None:
+        on = [k for k, v in protections.items() if v is True]
+        off = [k for k, v in protections.items() if v is False]
+        text = f"{len(on)} protections on" + (f"; OFF: {', '.join(off)}" if off else "")
+        where = protections.get("namespaces")
+        lines.append(f"- sandbox: {text}" + (f" ({where})" if isinstance(where, str) else "")
+                     + "; the full list is in results.json")
+    return "\n".join(lines) + "\n"
 
 
 def json_text(obj: Any, **kw: Any) -> str:
@@ -154,7 +189,7 @@ def write_report(out_dir: str | Path, results: Sequence[TaskResult], settings: d
         atomic_write(path, lambda f, r=r: f.writelines(json_text(s) + "\n" for s in r.samples))
         written[f"samples_{r.task}"] = path
     md = out / "results.md"
-    text = markdown_table(results, compare_card) + notes_markdown(results)
+    text = header_markdown(settings, protections) + notes_markdown(results) + "\n" + markdown_table(results, compare_card)
     atomic_write_text(md, text.encode("utf-8", "replace").decode("utf-8"))
     written["table"] = md
     path = out / "results.json"
