@@ -308,3 +308,20 @@ def test_the_loss_plot_is_written_through_the_shared_atomic_writer(tmp_path, mon
     with pytest.raises(SmallCoderError, match=r"loss\.png: could not write it \(No space left on device"):
         plot_metrics(metrics, out)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_the_loss_plot_smooths_within_stages_and_shows_the_learning_rate(tmp_path):
+    import json
+
+    from smallcoder.train.plot import plot_metrics, smooth
+
+    values, stages = [4.0, 2.0, 4.0, 2.0, 9.0, 9.0], ["a", "a", "a", "a", "b", "b"]
+    got = smooth(values, stages, weight=0.5)
+    assert got[0] == 4.0 and 2.0 < got[3] < 4.0  # smoothed inside a stage
+    assert got[4] == 9.0 and got[5] == 9.0  # a new stage starts afresh, never pulled by the last one
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "stage": s, "tokens": 100 * i, "loss": v, "lr": 1e-3 * (i % 3),
+                                           **({"val_loss": v} if i % 2 else {})}) + "\n"
+                               for i, (v, s) in enumerate(zip(values, stages), 1)))
+    out = plot_metrics(metrics, tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,6 @@
-"""The run's loss curve: train and validation loss against tokens, all stages on one plot.
+"""The run's loss curve: train and validation loss against tokens, all stages on one plot; the
+raw train loss faint under a smoothed line (noisy in small SFT batches), the learning rate on a
+second axis, the validation points per stage.
 
 metrics.jsonl is append-only, so a resumed run repeats the steps after its checkpoint; for each
 step the last line written wins. A line cut short by a kill is skipped.
@@ -29,6 +31,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def smooth(values: list[float], groups: list[str], weight: float = 0.8) -> list[float]:
+    """An exponential moving average of `values` (TensorBoard's smoothing, debiased so it starts at
+    the first value) that starts again wherever `groups` changes: stages never smooth into each other."""
+    out: list[float] = []
+    avg = norm = 0.0
+    for i, (v, g) in enumerate(zip(values, groups)):
+        if i == 0 or g != groups[i - 1]:
+            avg = norm = 0.0
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
 def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None) -> Path:
     """Write the loss-curve PNG (atomically) and return its path; stage boundaries are dashed and labelled."""
     import matplotlib
@@ -41,7 +57,16 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str | None = None)
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     if recs:
         xs = [r["tokens"] / 1e6 for r in recs]
-        ax.plot(xs, [r["loss"] for r in recs], lw=1.2, label="train loss")
+        losses, stage_of = [r["loss"] for r in recs], [r["stage"] for r in recs]
+        ax.plot(xs, losses, lw=0.8, alpha=0.3, color="C0", label="train loss")
+        ax.plot(xs, smooth(losses, stage_of), lw=1.6, color="C0", label="train loss, smoothed")
+        lrs = [(x, r["lr"]) for x, r in zip(xs, recs) if isinstance(r.get("lr"), (int, float))]
+        if lrs:
+            ax_lr = ax.twinx()
+            ax_lr.plot(*zip(*lrs), lw=0.9, ls=":", color="C2", label="learning rate")
+            ax_lr.set_ylabel("learning rate", color="C2")
+            ax_lr.tick_params(axis="y", colors="C2")
+            ax_lr.set_ylim(bottom=0)
         # validation sets differ per stage: one line per stage, never joined across a boundary
         labelled = False
         for name in dict.fromkeys(r["stage"] for r in recs):
