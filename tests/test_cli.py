@@ -394,13 +394,14 @@ def test_ctrl_c_stops_the_answer_not_the_chat(micro_checkpoint, capsys, monkeypa
 
     monkeypatch.setattr(builtins, "input", fake_input)
     monkeypatch.setattr(Engine, "stream", stream)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     assert main(["chat", "--model", str(micro_checkpoint), "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()
     summaries = [x for x in captured.err.splitlines() if x.startswith("[")]
     assert len(summaries) == 2 and summaries[0].startswith("[stopped (Ctrl-C)"), captured.err
-    assert re.match(r"\[(end of answer \(EOS\)|max-new-tokens reached); \d+ tokens(, [\d.]+ tok/s)?; "
+    assert re.match(r"\[(end of answer \((EOS|stop string .+)\)|max-new-tokens reached); \d+ tokens(, [\d.]+ tok/s)?; "
                     r"prompt \d+ tokens, first piece [\d.]+ s\]$", summaries[1]), summaries[1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == before  # the handler is put back
 
 
 def test_generate_verbose_prints_a_summary_on_stderr(micro_checkpoint, capsys):

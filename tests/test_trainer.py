@@ -839,6 +839,7 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(work
         return result
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", step_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     assert _main_train([str(path), "--out", str(out), "--max-steps", "3"]) == 130
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("smallcoder: ")]
@@ -847,7 +848,7 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(work
                       f"smallcoder train {path} --out {out} --resume (and the same --set options)")]
     assert "SIGINT: stopping after this step" in err and "Traceback" not in err
     assert verify_checkpoint(ckpt) is None and len(calls) == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert signal.getsignal(signal.SIGINT) == before  # handlers put back
     monkeypatch.undo()
     assert _main_train([str(path), "--out", str(out), "--max-steps", "3", "--resume"]) == 0
     assert (out / "final" / "config.json").is_file()
