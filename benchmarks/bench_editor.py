@@ -19,6 +19,11 @@ replacing the one before, so only the request at a word's end may finish; and `p
 keystroke sent once the previous completion is done (as llama.vscode waits for it), so every
 keystroke's latency is measured, none cut short.
 
+With `--editors continue` the same keystrokes go out as Continue sends them: its StarCoder template
+filled in (everything before the cursor as the prefix) to `/completion`, temperature 0.01 and its
+stop words (core/llm/llms/LlamaCpp.ts, core/autocomplete/templating/); typing, only after a word
+(Continue waits 350 ms after a keystroke), each aborting the one before (it closes the connection).
+
 Measured on the client, per order: time to the first streamed token (TTFT) of every request that got
 one, and time to a finished single-line completion (its first newline, or its end: 16 tokens or
 EOS) of every request that finished before the next keystroke replaced it; p50 and p99; and the
@@ -48,6 +53,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 TYPED = "total = sum(item.price * item.count for item in items)\nreturn round(total, 2)"  # auto-indented
 WORD_END = set(" (.,\n")
+CONTINUE_STOPS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", "<|endoftext|>", "</fim_middle>",
+                  "</code>", "/src/", "#- coding: utf-8", "```"]  # its StarCoder template's, getStopTokens.ts'
 
 
 def make_file(n_functions: int) -> str:
@@ -77,6 +84,15 @@ class Editor:
             self.line = " " * indent  # the editor keeps the indentation
         else:
             self.line += ch
+
+    def continue_request(self, n_predict: int) -> dict:
+        """Continue's autocomplete through its llama.cpp provider (core/llm/llms/LlamaCpp.ts): the
+        StarCoder template filled in, everything before the cursor as the prefix (without the
+        prompt-size pruning Continue applies to larger files)."""
+        prefix = "\n".join(self.before) + "\n" + self.line
+        suffix = "\n" + "\n".join(self.after) + "\n"
+        return {"prompt": f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>", "stream": True,
+                "n_predict": n_predict, "stop": CONTINUE_STOPS, "temperature": 0.01}
 
     def request(self, n_predict: int) -> dict:
         prompt = "" if not self.line.strip(" \t") else self.line  # src/completion.ts: blank line -> ""
@@ -110,14 +126,14 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict, res: Result | None) -> None:
+async def one(client: httpx.AsyncClient, url: str, body: dict, res: Result | None, path: str = "/infill") -> None:
     """One streamed request; records TTFT, the single-line time and the final object's counts."""
     t0 = time.perf_counter()
     first = line_done = None
     text = ""
     final = None
     try:
-        async with client.stream("POST", f"{url}/infill", json=body) as r:
+        async with client.stream("POST", f"{url}{path}", json=body) as r:
             if r.status_code != 200:
                 if res is not None:
                     res.errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -160,34 +176,48 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, res: Result | Non
     res.evaluated.append(final["tokens_evaluated"])
 
 
-async def replay(url: str, args: argparse.Namespace, tok, paced: bool) -> Result:
+async def replay(url: str, args: argparse.Namespace, tok, paced: bool, editor_name: str) -> Result:
     lines = make_file(args.functions).split("\n")
     at = int(len(lines) * 0.66)
     while not lines[at].startswith("    squares"):  # a new line in a function's body, two thirds in
         at += 1
     editor = Editor(lines[:at + 1], "    ", lines[at + 1:])
     res = Result()
+    vscode = editor_name == "llama.vscode"
+    path = "/infill" if vscode else "/completion"
+
+    def body() -> dict:
+        if vscode:
+            return {**editor.request(args.n_predict), "t_max_prompt_ms": args.t_max_prompt_ms}
+        return editor.continue_request(args.n_predict)
+
     timeout = httpx.Timeout(120, connect=10)
     async with httpx.AsyncClient(timeout=timeout, headers={"User-Agent": "axios/1.7.9"}) as client:
-        warm = {"id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": [], "prompt": "",
-                "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1}
-        await client.post(f"{url}/infill", json=warm)
-        cold = {**editor.request(args.n_predict), "t_max_prompt_ms": 0}
+        if vscode:
+            warm = {"id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": [], "prompt": "",
+                    "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500,
+                    "t_max_predict_ms": 1}
+            await client.post(f"{url}/infill", json=warm)
         t0 = time.perf_counter()
-        await one(client, url, cold, None)  # the file's cold prefill, unmeasured
+        await one(client, url, {**body(), "t_max_prompt_ms": 0}, None, path)  # the file's cold prefill, unmeasured
         print(f"  cold request: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        prompt_tokens = len(tok.encode(cold["input_prefix"] + cold["input_suffix"]))
-        tasks = []
+        res.file_tokens = len(tok.encode(body()["prompt"] if not vscode else  # type: ignore[attr-defined]
+                                         body()["input_prefix"] + body()["input_suffix"]))
+        tasks: list[asyncio.Task] = []
         for ch in TYPED:
             editor.type(ch)
-            body = {**editor.request(args.n_predict), "t_max_prompt_ms": args.t_max_prompt_ms}
             if paced:  # the next keystroke once this completion is done (llama.vscode waits for it)
-                await one(client, url, body, res)
+                await one(client, url, body(), res, path)
                 continue
-            tasks.append(asyncio.create_task(one(client, url, body, res)))
-            await asyncio.sleep((args.pause if ch in WORD_END else args.interval) / 1000)
-        await asyncio.gather(*tasks)
-    res.file_tokens = prompt_tokens  # type: ignore[attr-defined]
+            gap = (args.pause if ch in WORD_END else args.interval) / 1000
+            if not vscode and gap < 0.35:  # Continue waits 350 ms after a keystroke (core/util/parameters.ts)
+                await asyncio.sleep(gap)
+                continue
+            if not vscode and tasks:  # Continue aborts its stale request: the server sees the connection close
+                tasks[-1].cancel()
+            tasks.append(asyncio.create_task(one(client, url, body(), res, path)))
+            await asyncio.sleep(gap)
+        await asyncio.gather(*tasks, return_exceptions=True)
     return res
 
 
@@ -245,6 +275,8 @@ def main() -> None:
                     help="sent with each keystroke (llama.vscode sends 500; 0 = off, so every TTFT is measured)")
     ap.add_argument("--modes", default="typing,paced", help="typing: a request every keystroke, each replacing "
                     "the one before; paced: each keystroke once the previous completion is done")
+    ap.add_argument("--editors", default="llama.vscode,continue", help="whose requests: llama.vscode's /infill, "
+                    "Continue's /completion with the StarCoder template")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: ../shared/data's StarCoder)")
     ap.add_argument("--work", default=None, help="folder for the model and logs, kept (default: a temporary one)")
     args = ap.parse_args()
@@ -254,8 +286,8 @@ def main() -> None:
         os.environ.get("SMALLCODER_DATA", REPO.parent / "shared" / "data")) / "tokenizers" / "starcoder"
     tok = Tokenizer.load(tok_dir)
     print(f"machine: {cpu_line()}; load before: {os.getloadavg()[0]:.2f}", flush=True)
-    runs_of = [(o, m) for o in args.orders.split(",") for m in args.modes.split(",")]
-    results: dict[tuple[str, str], list[Result]] = {k: [] for k in runs_of}
+    runs_of = [(o, e, m) for o in args.orders.split(",") for e in args.editors.split(",") for m in args.modes.split(",")]
+    results: dict[tuple[str, str, str], list[Result]] = {k: [] for k in runs_of}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -266,11 +298,12 @@ def main() -> None:
                 proc, url = start_server(model, order, args, work)
                 print(f"{order}: server up in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
                 try:
-                    for mode in args.modes.split(","):
-                        r = asyncio.run(replay(url, args, tok, paced=mode == "paced"))
-                        results[order, mode].append(r)
-                        print(f"{order} {mode}: {r.requests} requests, TTFT p50 {percentile(r.ttft, .5) * 1000:.0f} ms, "
-                              f"single line p50 {percentile(r.line, .5) * 1000:.0f} ms, load {os.getloadavg()[0]:.2f}",
+                    for _, editor, mode in [k for k in runs_of if k[0] == order]:
+                        r = asyncio.run(replay(url, args, tok, mode == "paced", editor))
+                        results[order, editor, mode].append(r)
+                        print(f"{order} {editor} {mode}: {r.requests} requests, TTFT p50 "
+                              f"{percentile(r.ttft, .5) * 1000:.0f} ms, single line p50 "
+                              f"{percentile(r.line, .5) * 1000:.0f} ms, load {os.getloadavg()[0]:.2f}",
                               file=sys.stderr, flush=True)
                 finally:
                     proc.terminate()
@@ -283,10 +316,10 @@ def main() -> None:
     print(f"\n303M int8, {args.threads} threads, prefill chunk {args.prefill_chunk}, {len(TYPED)} keystrokes "
           f"({args.interval:g} ms apart, {args.pause:g} ms after a word), n_predict {args.n_predict}; "
           f"load after: {os.getloadavg()[0]:.2f}")
-    print("| order | keystrokes | file tokens | TTFT p50 | TTFT p99 | single line p50 | single line p99 | "
+    print("| order | editor | keystrokes | file tokens | TTFT p50 | TTFT p99 | single line p50 | single line p99 | "
           "cached / prompt tokens (median) | recomputed (median) | requests | replaced | late |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (order, mode), rs in results.items():
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (order, editor, mode), rs in results.items():
         ttft = [x for r in rs for x in r.ttft]
         line = [x for r in rs for x in r.line]
         cached = [x for r in rs for x in r.cached]
@@ -294,7 +327,7 @@ def main() -> None:
         recomputed = [x for r in rs for x in r.recomputed]
         errors = [e for r in rs for e in r.errors]
         failed |= bool(errors)
-        print(f"| {order} | {mode} | {rs[0].file_tokens} | {percentile(ttft, .5) * 1000:.0f} ms | "  # type: ignore
+        print(f"| {order} | {editor} | {mode} | {rs[0].file_tokens} | {percentile(ttft, .5) * 1000:.0f} ms | "  # type: ignore
               f"{percentile(ttft, .99) * 1000:.0f} ms | {percentile(line, .5) * 1000:.0f} ms | "
               f"{percentile(line, .99) * 1000:.0f} ms | {statistics.median(cached):.0f} / "
               f"{statistics.median(evaluated):.0f} | {statistics.median(recomputed):.0f} | "

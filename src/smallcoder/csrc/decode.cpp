@@ -115,6 +115,32 @@ static inline void dot_rows(int M0, const float* x, int64_t K, const char* wr, f
     }
 }
 
+#ifdef __AVX512F__
+// One int8 weight row against one x row with 512-bit vectors: the int8 -> fp32 widening, not the
+// memory, bounds a one-row int8 step on CPUs with AVX-512, and 16 lanes halve its instructions.
+static inline void dot_row_i8_512(const float* x, int64_t K, const int8_t* wr, float sc, float* out,
+                                  bool accumulate) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k)))),
+                             _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k + 16)))),
+                             _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k + 32)))),
+                             _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k + 48)))),
+                             _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16)
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k)))),
+                             _mm512_loadu_ps(x + k), a0);
+    float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k < K; k++) t += (float)wr[k] * x[k];
+    *out = accumulate ? *out + t * sc : t * sc;
+}
+#endif
+
 // A 2 (weight rows) x 4 (x rows) register block: each weight vector feeds four FMAs and each x
 // vector two, so for batches of 4+ rows the loop is bound by FMAs, not by loads and conversions.
 template <int wt>
@@ -170,6 +196,14 @@ static void gemv_t(int M, const float* x, int64_t K, const void* W, const float*
         }
         return;
     }
+#ifdef __AVX512F__
+    if (wt == I8 && M == 1) {
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            dot_row_i8_512(x, K, (const int8_t*)W + (size_t)n * K, scale ? scale[n] : 1.0f, y + n, accumulate);
+        return;
+    }
+#endif
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const char* wr = (const char*)W + (size_t)n * K * es;
