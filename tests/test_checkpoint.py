@@ -405,6 +405,39 @@ def test_tokenizer_larger_than_vocab(ckpt_copy, micro_config, small_tokenizer):
         load(ckpt_copy)
 
 
+@pytest.mark.parametrize("model_vocab, why", [(-10, "ids past .* have no embedding"),
+                                               (+5000, "a model made for another tokenizer")])
+def test_save_refuses_a_tokenizer_that_does_not_fit(micro_config, small_tokenizer, tmp_path, model_vocab, why):
+    """#17 item 10: a tokenizer larger than the model, or a model vocabulary far past the tokenizer's
+    (the README's old example: 49,152 ids, a 4,096-token tokenizer, empty generations), is one line
+    naming the folder, and nothing is written; padding the vocabulary to a round size is fine."""
+    from smallcoder import new_model, save
+
+    folder = tmp_path / "m"
+    config = micro_config.replace(vocab_size=small_tokenizer.vocab_size + model_vocab)
+    with pytest.raises(SmallCoderError, match=f"^{folder}: .*{why}"):
+        save(new_model(config), small_tokenizer, folder)
+    assert not folder.exists()
+    padded = micro_config.replace(vocab_size=small_tokenizer.vocab_size + 64)
+    save(new_model(padded), small_tokenizer, folder)
+    assert load(folder)[0].config.vocab_size == small_tokenizer.vocab_size + 64
+
+
+def test_a_run_folder_given_as_model_names_its_checkpoints(micro_checkpoint, tmp_path):
+    """#17 item 1: `--model runs/tiny` (the run, not its checkpoint) says where the checkpoints are."""
+    run = tmp_path / "run"
+    for sub in ("final", "checkpoints/step-20", "checkpoints/step-100", "stage-code"):
+        shutil.copytree(micro_checkpoint, run / sub)
+    (run / "run.json").write_text("{}")
+    with pytest.raises(SmallCoderError) as e:
+        load(run)
+    assert str(e.value) == (f"{run}: a training run's folder, not a checkpoint; its checkpoints are folders inside "
+                            f"it: {run}/final, {run}/checkpoints/step-100, {run}/checkpoints/step-20, ...")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SmallCoderError, match=r"empty/config\.json: file not found \(not a checkpoint folder\)"):
+        load(tmp_path / "empty")
+
+
 # ---- atomic writes -----------------------------------------------------------------------------
 
 

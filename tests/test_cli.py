@@ -426,3 +426,29 @@ def test_help_shows_the_defaults(capsys):
         assert all(s in out for s in shown), (argv, out)
         assert "(default: None)" not in out and "(default: False)" not in out
         assert "default" in out, argv
+
+
+def test_suggested_commands_run_as_this_one_did(tmp_path, monkeypatch):
+    """#17 item 2: the command a message suggests ("chat with it: ...") is the one that works here: bare
+    `smallcoder` only where PATH finds this install, else the path it was started by."""
+    from smallcoder import cli
+
+    script = tmp_path / ".venv" / "bin" / "smallcoder"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "argv", [".venv/bin/smallcoder", "train"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert cli.program_name() == ".venv/bin/smallcoder"                 # venv not activated
+    monkeypatch.setattr(shutil, "which", lambda name: str(script) if name == "smallcoder" else None)
+    assert cli.program_name() == "smallcoder"                           # activated: PATH finds this one
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "pkg" / "__main__.py")])
+    assert cli.program_name() == f"{sys.executable} -m smallcoder"      # python -m, that python not on PATH
+
+
+def test_chat_from_a_pipe_shows_each_line_after_its_prompt(micro_checkpoint, capsys, monkeypatch):
+    """Piped in, the transcript reads as a terminal session: `User: <line>`, then the answer."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--model", str(micro_checkpoint), "--max-new-tokens", "4", "--seed", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == ["", "User: hello"] and out[3].startswith("Assistant: ")

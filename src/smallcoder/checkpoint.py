@@ -76,8 +76,10 @@ def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, tokenize
     checkpoint folder, atomically: `save` for weights held apart from a model (the trainer's
     gathered DDP / FSDP2 state), so nothing has to be built just to hold them."""
     dt = parse_dtype(dtype)
-    sd = _tensors_to_save(weights, config, dt, quantized)
     folder = Path(folder)
+    if tokenizer is not None:
+        check_vocab(config.vocab_size, tokenizer.vocab_size, str(folder))
+    sd = _tensors_to_save(weights, config, dt, quantized)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         cfg = config.to_hf_dict(dtype=DTYPE_NAMES[dt])
         if quantized:
@@ -110,6 +112,20 @@ def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, tokenize
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
     return folder
+
+
+def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
+    """A model and tokenizer that do not belong together are refused before they are saved: ids
+    the model cannot embed, or a model vocabulary far past the tokenizer's (its extra ids decode to
+    nothing, so a generation from it comes out empty). Padding a vocabulary to a round size, as
+    many checkpoints do, stays well inside the bound."""
+    if tokenizer_vocab > model_vocab:
+        raise SmallCoderError(f"{where}: the tokenizer has {tokenizer_vocab:,} tokens but the model's vocab_size "
+                              f"is {model_vocab:,} (ids past {model_vocab - 1:,} have no embedding)")
+    if model_vocab > tokenizer_vocab + max(1024, tokenizer_vocab // 8):
+        raise SmallCoderError(f"{where}: the model's vocab_size is {model_vocab:,} but the tokenizer has only "
+                              f"{tokenizer_vocab:,} tokens (a model made for another tokenizer?); give the config "
+                              "vocab_size=tokenizer.vocab_size")
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -283,6 +299,21 @@ def new_model(config: ModelConfig, seed: int = 0, dtype: str | torch.dtype | Non
     return model.to(parse_dtype(dtype))
 
 
+def _step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1]) if re.fullmatch(r"step-\d+", folder.name) else -1
+
+
+def _not_a_checkpoint(folder: Path) -> str:
+    """Why a folder without config.json is no checkpoint, and where its checkpoints are when it is
+    a training run's folder (`--model runs/tiny` for `runs/tiny/final`)."""
+    inside = [p for p in (folder / "final", *sorted((folder / "checkpoints").glob("step-*"), key=_step, reverse=True),
+                          *sorted(folder.glob("stage-*"))) if (p / "config.json").is_file()]
+    if inside:
+        return (f"{folder}: a training run's folder, not a checkpoint; its checkpoints are folders inside it: "
+                + ", ".join(str(p) for p in inside[:3]) + (", ..." if len(inside) > 3 else ""))
+    return f"{folder}/config.json: file not found (not a checkpoint folder)"
+
+
 def load(path_or_id: str | Path, dtype: str | torch.dtype | None = "float32",
          device: str | torch.device = "cpu", revision: str | None = None,
          with_tokenizer: bool = True) -> tuple[SmallCoder, Tokenizer | None]:
@@ -296,6 +327,8 @@ def load(path_or_id: str | Path, dtype: str | torch.dtype | None = "float32",
     if not folder.is_dir():
         raise SmallCoderError(f"{folder}: is a file; give the checkpoint folder that holds config.json")
     cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise SmallCoderError(_not_a_checkpoint(folder))
     cfg = read_config_json(cfg_path)
     config = ModelConfig.from_hf_dict(cfg, source=str(cfg_path))
     saved_int8 = _quant_method(cfg, cfg_path)
@@ -314,6 +347,5 @@ def load(path_or_id: str | Path, dtype: str | torch.dtype | None = "float32",
     model = model.to(device).eval()
     tokenizer = Tokenizer.load(folder) if with_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise SmallCoderError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                              f"vocab_size is {config.vocab_size}")
+        check_vocab(config.vocab_size, tokenizer.vocab_size, str(folder))
     return model, tokenizer

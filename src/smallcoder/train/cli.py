@@ -53,7 +53,7 @@ def format_stage_table(result) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ..cli import set_threads
+    from ..cli import program_name, set_threads
     from .recipe import load_recipe
     from .trainer import Trainer
 
@@ -66,15 +66,16 @@ def cmd_train(args: argparse.Namespace) -> None:
                      peak_tflops=args.peak_tflops).run()
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    minutes, seconds = divmod(result.wall_s, 60)
-    print(f"\ntrained {path.name} into {out}: {result.steps:,} steps in {int(minutes)} min {seconds:.0f} s")
+    minutes, seconds = divmod(round(result.wall_s), 60)
+    took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    print(f"\ntrained {path.name} into {out}: {result.steps:,} steps in {took}")
     print(format_stage_table(result))
     if result.eos_share is not None:
         print(f"answers ending with EOS (greedy, held-out SFT prompts, <= 256 new tokens): "
               f"{result.eos_share:.0%}")
     print(f"metrics: {out / 'metrics.jsonl'}; loss curve: {out / 'loss.png'}")
     print(f"checkpoint: {result.final}")
-    print(f"chat with it: smallcoder chat --model {result.final}")
+    print(f"chat with it: {program_name()} chat --model {result.final}")
 
 
 def register(subparsers) -> None:
