@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import re
 import time
 
@@ -712,6 +713,59 @@ def test_sample_top_k_keeps_only_the_k_best():
     assert support == [{4, 5}, {0, 6}]
     _, support = _support(logits, SamplingParams(temperature=50.0))  # no top_k: everything
     assert support == [set(range(8)), set(range(8))]
+
+
+def _full_vocabulary_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution the steps define, computed over the whole vocabulary with masks."""
+    x = logits.double() - logits.double().max(dim=-1, keepdim=True).values
+    for step in params.samplers:
+        if step == "temperature":
+            x = x / params.temperature
+        elif step == "top_k" and params.top_k:
+            x = x.masked_fill(x < torch.topk(x, params.top_k, dim=-1).values[:, -1:], float("-inf"))
+        elif step == "top_p" and params.top_p < 1:
+            sx, order = torch.sort(x, dim=-1, descending=True)
+            pr = sx.softmax(-1)
+            sx = sx.masked_fill(pr.cumsum(-1) - pr >= params.top_p, float("-inf"))
+            x = torch.full_like(x, float("-inf")).scatter(-1, order, sx)
+        elif step == "min_p" and params.min_p:
+            x = x.masked_fill(x < math.log(params.min_p), float("-inf"))
+    return x.softmax(-1)
+
+
+@pytest.mark.parametrize("samplers", [("temperature", "top_k", "top_p", "min_p"), ("top_k", "top_p", "temperature"),
+                                      ("top_p", "top_k", "temperature"), ("min_p", "top_k")])
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_draws_from_its_candidates_with_the_full_vocabulary_distribution(monkeypatch, samplers, ties):
+    """After top-k the later steps and the draw run on the k candidates alone (fast on a 49,152-token
+    vocabulary); the distribution drawn from is the one the masks define on the whole vocabulary,
+    ties with the k-th value included (they all stay), and the drawn index maps back to its token."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 300, generator=g) * 3
+    if ties:
+        logits[0, :12] = logits.max() - 1.0  # 12 tokens tie for places 2-13
+        logits[0, 299] = logits.max() + 1.0
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, samplers=samplers)
+    seen = {}
+    real = torch.multinomial
+
+    def multinomial(probs, n, generator=None):
+        seen["probs"] = probs
+        return real(probs, n, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    want = _full_vocabulary_probs(logits, params)[0]
+    for seed in range(30):
+        token = int(sample(logits, params, torch.Generator().manual_seed(seed))[0])
+        assert want[token] > 0
+    probs = seen["probs"][0]
+    got = torch.zeros_like(want)
+    if probs.shape[-1] == want.shape[-1]:
+        got = probs
+    else:  # the candidates' distribution: put it back at their token ids
+        _, order = torch.topk(want, probs.shape[-1])
+        got[order] = probs[torch.argsort(probs, descending=True)].to(got.dtype)
+    assert torch.allclose(got.double(), want, atol=1e-12), (got[want > 0], want[want > 0])
 
 
 def test_sample_top_p_keeps_the_nucleus():

@@ -84,12 +84,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     # shifted to max 0 (then divided): finite or -inf for every temperature > 0 (see the module doc)
     x = logits.double()
     x = x - x.max(dim=-1, keepdim=True).values
+    ids = None  # once top-k has run: the token ids of the candidates x now holds (B, k)
     for step in params.samplers:
         if step == "temperature":
             x = x / params.temperature  # > 0 here: temperature 0 is greedy, above
         elif step == "top_k" and params.top_k and params.top_k < x.shape[-1]:
-            kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
+            vals, order = torch.topk(x, params.top_k, dim=-1)
+            kth = vals[:, -1:]
+            if bool(((x == kth).sum(-1) == (vals == kth).sum(-1)).all()) or bool(torch.isinf(kth).all()):
+                # the later steps and the draw run on the k candidates alone (a sort of 49,152
+                # float64 values per token cost milliseconds); the distribution is the same
+                x, ids = vals, order if ids is None else ids.gather(-1, order)
+            else:  # ties with the k-th value beyond k: they all stay, as on the full vocabulary
+                x = x.masked_fill(x < kth, float("-inf"))
         elif step == "top_p" and params.top_p < 1.0:
             sorted_x, order = torch.sort(x, dim=-1, descending=True)
             probs = sorted_x.softmax(dim=-1)
@@ -102,4 +109,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
             # p < min_p * p_max  <=>  x - x_max < log(min_p); the likeliest token always stays
             top = x.max(dim=-1, keepdim=True).values
             x = x.masked_fill(x - top < math.log(params.min_p), float("-inf"))
-    return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    choice = torch.multinomial(x.softmax(dim=-1), 1, generator=generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
