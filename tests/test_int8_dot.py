@@ -6,8 +6,8 @@ rows it runs with."""
 from __future__ import annotations
 
 import copy
-import platform
 import math
+import platform
 
 import pytest
 import torch
