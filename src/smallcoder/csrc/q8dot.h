@@ -83,6 +83,14 @@ static inline void q8_block(const float* x, Q8Rows& X, int m, int64_t b) {
     for (int j = 0; j < Q8_SLANES; j++) X.s[(size_t)m * X.SP + b * Q8_SLANES + j] = d;
 }
 
+#ifndef Q8_PREFETCH
+#define Q8_PREFETCH 4096
+#endif
+// Ask for the weights Q8_PREFETCH bytes ahead (one call per 64-byte line): the hardware prefetcher
+// stops at each 4 KiB page, and without this the loop waited on memory there (measured: a 303M
+// step 18 -> 13 ms on 2 cores). Prefetching never faults, so reading past the matrix is harmless.
+static inline void q8_prefetch(const int8_t* p) { __builtin_prefetch(p + Q8_PREFETCH, 0, 3); }
+
 static inline void q8_store(float* out, float t, float sc, bool accumulate) {
     *out = accumulate ? *out + t * sc : t * sc;
 }
@@ -110,7 +118,10 @@ static inline void q8_dot(const Q8Rows& X, int m0, const int8_t* w, float sc, fl
     };
     const int64_t K = X.K;
     int64_t k = 0;
-    for (; k + 64 <= K; k += 64) step(k, _mm512_loadu_si512(w + k));
+    for (; k + 64 <= K; k += 64) {
+        q8_prefetch(w + k);
+        step(k, _mm512_loadu_si512(w + k));
+    }
     // the row's last partial chunk: a masked load never touches the bytes past the row's end
     if (k < K) step(k, _mm512_maskz_loadu_epi8(~0ULL >> (64 - (K - k)), w + k));
     for (int r = 0; r < R; r++) q8_store(y + (size_t)(m0 + r) * ldy + n, _mm512_reduce_add_ps(acc[r]), sc, accumulate);
@@ -146,7 +157,10 @@ static inline void q8_dot(const Q8Rows& X, int m0, const int8_t* w, float sc, fl
     };
     const int64_t K = X.K;
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) step(k, _mm256_loadu_si256((const __m256i*)(w + k)));
+    for (; k + 32 <= K; k += 32) {
+        if (k % 64 == 0) q8_prefetch(w + k);
+        step(k, _mm256_loadu_si256((const __m256i*)(w + k)));
+    }
     if (k < K) {  // the row's last partial block, copied so no byte past the row's end is read
         alignas(32) int8_t tail[32] = {};
         std::memcpy(tail, w + k, (size_t)(K - k));
@@ -163,6 +177,7 @@ static inline void q8_dot(const Q8Rows& X, int m0, const int8_t* w, float sc, fl
         const float* s = X.s + (size_t)(m0 + r) * X.SP;
         float t = 0;
         for (int64_t k0 = 0; k0 < X.K; k0 += Q8_BLOCK) {
+            if (r == 0 && k0 % 64 == 0) q8_prefetch(w + k0);
             const int64_t k1 = k0 + Q8_BLOCK < X.K ? k0 + Q8_BLOCK : X.K;
             int32_t isum = 0;
             for (int64_t k = k0; k < k1; k++) isum += (int32_t)q[k] * (int32_t)w[k];
