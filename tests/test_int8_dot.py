@@ -11,10 +11,9 @@ import platform
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from smallcoder import KVCache, ModelConfig, kernels, new_model
-from smallcoder.quant import Int8Linear, quantize_model
+from smallcoder.quant import quantize_model
 
 pytestmark = pytest.mark.skipif(kernels.load_library() is None,
                                 reason="the C++ decode kernel does not build here (no compiler?)")
@@ -24,39 +23,14 @@ pytestmark = pytest.mark.skipif(kernels.load_library() is None,
 CFG = ModelConfig(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=132, max_position_embeddings=64,
                   initializer_range=0.2)
-BLOCK = 32
+BLOCK = 32  # the kernel's activation block (the emulation is conftest.int8_emulation)
 
 
-def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q (..., blocks, 32), d (..., blocks)) as the kernel computes them, op for op in fp32:
-    d = max|x| / 127, q = round-half-even(x * (127 / max|x|)), the last block zero-padded."""
-    K = x.shape[-1]
-    blocks = -(-K // BLOCK)
-    xb = F.pad(x.float(), (0, blocks * BLOCK - K)).unflatten(-1, (blocks, BLOCK))
-    amax = xb.abs().amax(-1)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    return torch.round(xb * inv[..., None]).clamp(-127, 127), amax / 127
-
-
-class EmulatedInt8Linear(Int8Linear):
-    """Int8Linear computing what the kernel computes: exact integer block sums (in float64, exact
-    for these magnitudes) times the activation block scales, summed, times the row scale."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, d = quantize_blocks(x)
-        w = F.pad(self.weight.double(), (0, q.shape[-2] * BLOCK - self.in_features)).unflatten(-1, (q.shape[-2], BLOCK))
-        sums = torch.einsum("...bk,nbk->...nb", q.double(), w)
-        return ((sums * d.double()[..., None, :]).sum(-1) * self.weight_scale.double()).float()
-
-
-def _models(seed: int = 3):
+def _models(emulate, seed: int = 3):
     """(int8 model with the kernel attached, its PyTorch weight-only twin, its emulation twin)."""
     m = quantize_model(new_model(CFG, seed=seed)).eval()
-    weight_only, emulated = copy.deepcopy(m), copy.deepcopy(m)
-    for module in emulated.modules():
-        if isinstance(module, Int8Linear):
-            module.__class__ = EmulatedInt8Linear
-    assert kernels.attach(m) and weight_only.decode_kernel is None
+    weight_only, emulated = copy.deepcopy(m), emulate(m)
+    assert kernels.attach(m) and weight_only.decode_kernel is None and emulated.decode_kernel is None
     return m, weight_only, emulated
 
 
@@ -83,12 +57,12 @@ def _builds() -> list[str]:
 @torch.inference_mode()
 @pytest.mark.parametrize("extra", _builds())
 @pytest.mark.parametrize("rows", [1, 3, 6])
-def test_int8_kernel_equals_the_block32_emulation(rows, extra):
+def test_int8_kernel_equals_the_block32_emulation(rows, extra, int8_emulation):
     """Each step starts from the same cache on both sides, so steps are independent trials. The
     two agree to fp32 rounding except where a value lands within rounding of a .5 tie and the two
     round it differently (one activation off by one step: ~1e-3 of the logits' range); that is
     rare, so at least 90% of the row-steps must agree to 1e-5 and every one to 1e-2."""
-    m, _, emulated = _models()
+    m, _, emulated = _models(int8_emulation)
     if extra:
         lib = kernels.compile_library(kernels.FLAGS + extra.split())
         m.decode_kernel = kernels.DecodeKernel(m, lib)
@@ -125,12 +99,12 @@ WEIGHT_ONLY_TOL = 10 * math.sqrt(4 * CFG.num_hidden_layers + 1) * ACT_EPS
 
 @torch.inference_mode()
 @pytest.mark.parametrize("seed", [3, 4])
-def test_int8_kernel_stays_within_the_8bit_activation_error_of_the_weight_only_forward(seed):
+def test_int8_kernel_stays_within_the_8bit_activation_error_of_the_weight_only_forward(seed, int8_emulation):
     """4 rows at different positions decode 40 steps, each side on its own cache: every logit
     within the bound above; greedy choices agree on at least 95% of the positions (measured: 97-99%
     on seeds 3-6), and where they differ the weight-only forward's top two were nearly tied (less
     than half the bound apart: measured at most 0.09 rms)."""
-    m, weight_only, _ = _models(seed)
+    m, weight_only, _ = _models(int8_emulation, seed)
     rows, steps = 4, 40
     ca, cb = KVCache(CFG, rows, 64, torch.float32), KVCache(CFG, rows, 64, torch.float32)
     ids = _rows_at_different_positions(weight_only, rows, seed, ca, cb)
@@ -148,10 +122,10 @@ def test_int8_kernel_stays_within_the_8bit_activation_error_of_the_weight_only_f
 
 
 @torch.inference_mode()
-def test_an_int8_row_gets_the_same_logits_alone_in_a_batch_and_in_a_prefill_chunk():
+def test_an_int8_row_gets_the_same_logits_alone_in_a_batch_and_in_a_prefill_chunk(int8_emulation):
     """The engine's determinism: a position's logits are bit for bit the same whichever rows it
     runs with (one row alone, inside a batch of 5 at other positions, as a prefill chunk)."""
-    m, weight_only, _ = _models()
+    m, weight_only, _ = _models(int8_emulation)
     alone, batch = KVCache(CFG, 1, 48, torch.float32), KVCache(CFG, 5, 48, torch.float32)
     ids = _rows_at_different_positions(weight_only, 5, 7, batch)
     weight_only(ids[2:3, :13], cache=alone)  # row 2's prompt, as the batch has it
