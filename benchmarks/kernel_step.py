@@ -5,8 +5,8 @@
 FOLDER is a checkpoint (an int8 one from `smallcoder quantize`, or a float one, quantized as it
 loads). Build A is the kernel as shipped (kernels.build_flags()); build B adds `--flags-b`
 (default `-DSC_INT8_WIDEN`: the former path that widens every int8 weight to fp32). Each round
-times, for A then B, `--steps` one-token steps at context 32 and at context `--long`, and one
-16-token prefill chunk (an editor's keystroke) ending there; medians over rounds are printed
+times, for A then B, `--steps` one-token steps at context 32 and at context `--long`, and a
+16-token prefill chunk (an editor's keystroke) ending at 48 and at `--long`; medians over rounds are printed
 (the machine may be shared: alternating keeps both builds under the same load).
 """
 
@@ -76,6 +76,7 @@ def main() -> None:
     x16 = model.model.embed_tokens(torch.arange(100, 116)).float()
     cases = [("step ctx 32", lambda kn: step_ms(kn, x1, cache, 32, args.steps)),
              (f"step ctx {args.long}", lambda kn: step_ms(kn, x1, cache, args.long, args.steps)),
+             ("prefill 16 -> ctx 48", lambda kn: prefill_ms(kn, x16, cache, 48)),
              (f"prefill 16 -> ctx {args.long}", lambda kn: prefill_ms(kn, x16, cache, args.long + 1))]
     for kn, _, _ in builds.values():  # warm up: page in the weights, start the OpenMP threads
         for _, fn in cases:

@@ -272,11 +272,11 @@ extern "C" int sc_decode(
     const bool q8 = Q8 && wt == I8;
     const int64_t KQ = q8_padded(H > QD ? (H > FF ? H : FF) : (QD > FF ? QD : FF));
     std::vector<int8_t> qbuf(q8 ? (size_t)M * KQ : 0);
-    std::vector<uint8_t> abuf(qbuf.size());
+    std::vector<uint8_t> auxbuf(qbuf.size());
     std::vector<float> sbuf(q8 ? (size_t)M * KQ / Q8_BLOCK * Q8_SLANES : 0);
-    Q8Rows xq_h = q8_view(qbuf.data(), abuf.data(), sbuf.data(), H);    // normed hidden rows
-    Q8Rows xq_a = q8_view(qbuf.data(), abuf.data(), sbuf.data(), QD);   // attention output
-    Q8Rows xq_f = q8_view(qbuf.data(), abuf.data(), sbuf.data(), FF);   // SiLU(gate) * up
+    Q8Rows xq_h = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), H);    // normed hidden rows
+    Q8Rows xq_a = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), QD);   // attention output
+    Q8Rows xq_f = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), FF);   // SiLU(gate) * up
     Q8Rows* hq = q8 ? &xq_h : nullptr;
     const int64_t FB = q8 ? q8_blocks(xq_f) : (FF + Q8_BLOCK - 1) / Q8_BLOCK;
 
