@@ -15,6 +15,10 @@ treated as a stop so both models produce the same number of tokens):
   --kl-divergence` reports the same figure as "Same top p"). Mean KL(fp32 || int8) comes with it (gated only
   with --max-kl; on the tiny checkpoint both fixed targets also pass a per-row 4-bit quantizer, and
   mean KL is what tells them apart: 2.9e-5 nats for int8, 2.9e-3 for 4-bit).
+- the same through the C++ decode kernel (gated: >= 99% and, with --max-kl, the same KL bound),
+  where it builds: the int8 logits come from one-token decode steps with a KV cache, as in
+  generation, and the kernel also quantizes activations (blocks of 32, csrc/q8dot.h), so this is
+  what chat, serve and eval decode with.
 - free-running agreement (reported, not gated): both models generate on their own through the
   Engine (the C++ decode kernel where it builds); per prompt, the tokens before the first
   divergence count as agreeing and everything after it as not (after a divergence the two
@@ -46,10 +50,11 @@ from typing import Any
 
 import torch
 
-from smallcoder import Engine, SamplingParams, SmallCoderError, format_chat, load
+from smallcoder import Engine, KVCache, SamplingParams, SmallCoderError, format_chat, kernels, load
 from smallcoder.hub import resolve
 
 MIN_AGREEMENT = 0.95   # teacher-forced top-1 agreement, int8 vs float32
+MIN_KERNEL_AGREEMENT = 0.99  # the same, the int8 logits from the C++ kernel's decode steps
 MAX_PPL_RISE = 0.01    # relative rise of Wikitext-2 word perplexity
 NEW_TOKENS = 64
 WIKITEXT_LIMIT = 16   # articles; 0 = all 62
@@ -165,14 +170,39 @@ class TeacherForced:
         return self.agree / max(self.positions, 1)
 
 
+def decoded_logits(model: torch.nn.Module, kernel: kernels.DecodeKernel, inputs: list[list[int]],
+                   starts: list[int], pad_id: int) -> torch.Tensor:
+    """Logits (B, width, V) of `model` on the right-padded `inputs`, from position starts[b] of
+    row b on computed by one-token decode steps through `kernel` (what generation runs), the
+    positions before prefilled by the forward; logits before starts[b] are left zero."""
+    width = max(len(x) for x in inputs)
+    cfg = model.config
+    out = torch.zeros(len(inputs), width, cfg.vocab_size)
+    cache = KVCache(cfg, len(inputs), width, torch.float32)
+    for r, (x, s) in enumerate(zip(inputs, starts)):
+        if s > 0:
+            model(torch.tensor([x[:s]]), cache=cache.rows(r, r + 1))
+    rows = [x + [pad_id] * (width - len(x)) for x in inputs]
+    for t in range(width - min(starts)):
+        at = [min(s + t, width - 1) for s in starts]  # a finished row repeats its last position
+        logits = model(torch.tensor([[x[i]] for x, i in zip(rows, at)]), cache=cache, starts=at,
+                       decode_kernel=kernel)
+        for r, i in enumerate(at):
+            if i == starts[r] + t:
+                out[r, i] = logits[r, 0].float()
+    return out
+
+
 @torch.inference_mode()
 def teacher_forced(ref_model: torch.nn.Module, test_model: torch.nn.Module, prompts: list[list[int]],
-                   continuations: list[list[int]], pad_id: int, batch_size: int = 8) -> TeacherForced:
+                   continuations: list[list[int]], pad_id: int, batch_size: int = 8,
+                   decode_kernel: kernels.DecodeKernel | None = None) -> TeacherForced:
     """Top-1 agreement of two models on the same token sequences (prompt + the reference's continuation).
 
     Sequences are right-padded (causal attention keeps the padding out of every real position);
     position t of a row predicts token t+1, so the continuation's n tokens are predicted by the n
-    positions ending at the last real input token.
+    positions ending at the last real input token. With `decode_kernel`, the test model's logits
+    at those positions come from decode steps through it (`decoded_logits`).
     """
     positions = agree = consistent = 0
     kl_sum = 0.0
@@ -183,7 +213,11 @@ def teacher_forced(ref_model: torch.nn.Module, test_model: torch.nn.Module, prom
         inputs = [(p + c)[:-1] for p, c in batch]
         width = max(len(x) for x in inputs)
         tokens = torch.tensor([x + [pad_id] * (width - len(x)) for x in inputs], dtype=torch.long)
-        ref_logits, test_logits = ref_model(tokens).float(), test_model(tokens).float()
+        ref_logits = ref_model(tokens).float()
+        if decode_kernel is None:
+            test_logits = test_model(tokens).float()
+        else:
+            test_logits = decoded_logits(test_model, decode_kernel, inputs, [len(p) - 1 for p, _ in batch], pad_id)
         for r, (p, c) in enumerate(batch):
             span = slice(len(p) - 1, len(p) - 1 + len(c))
             lr, lt = ref_logits[r, span], test_logits[r, span]
@@ -299,6 +333,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_int8 = generate_ids(Engine(int8, tok), ids, args.new_tokens)
     fr = free_running(out_fp32, out_int8)
     tf = teacher_forced(fp32, int8, ids, out_fp32, pad)
+    kernel = kernels.build(int8)
+    tk = None if kernel is None else teacher_forced(fp32, int8, ids, out_fp32, pad, decode_kernel=kernel)
     t_prompts = time.perf_counter() - t
     kinds = sorted({k for k, _ in prompts})
     per_kind = {}
@@ -340,6 +376,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_forced": {**asdict(tf), "agreement": tf.agreement, "target": args.min_agreement,
                            "passed": tf.agreement >= args.min_agreement, "kl_target": args.max_kl,
                            "kl_passed": args.max_kl is None or tf.mean_kl <= args.max_kl},
+        "kernel_decode": None if tk is None else {
+            **asdict(tk), "agreement": tk.agreement, "target": args.min_kernel_agreement,
+            "passed": tk.agreement >= args.min_kernel_agreement, "kl_target": args.max_kl,
+            "kl_passed": args.max_kl is None or tk.mean_kl <= args.max_kl, "int8_path": kernels.int8_path(kernel.lib)},
         "free_running": {**asdict(fr), "prefix_share": fr.prefix_share},
         "per_kind": per_kind,
         "wikitext2": wt,
@@ -376,6 +416,16 @@ def report(r: dict[str, Any]) -> str:
     rows.append(("  fp32 forward = fp32 greedy token (noise floor)",
                  f"{tf['self_consistent'] / max(tf['positions'], 1):.2%} ({tf['self_consistent']}/{tf['positions']})",
                  "-", "-"))
+    tk = r["kernel_decode"]
+    if tk is None:
+        rows.append(("C++ kernel decode steps", "the kernel does not build here", "-", "SKIP"))
+    else:
+        rows.append((f"kernel decode steps ({tk['int8_path']}): teacher-forced top-1 (gated)",
+                     f"{tk['agreement']:.2%} ({tk['agree']}/{tk['positions']})", f">= {tk['target']:.0%}",
+                     "PASS" if tk["passed"] else "FAIL"))
+        rows.append(("  kernel decode mean KL(fp32 || int8)" + (" (gated: --max-kl)" if tk["kl_target"] else ""),
+                     f"{tk['mean_kl']:.2e} nats", "-" if tk["kl_target"] is None else f"<= {tk['kl_target']:.1e}",
+                     "-" if tk["kl_target"] is None else "PASS" if tk["kl_passed"] else "FAIL"))
     rows.append(("free-running exact-prefix share", f"{fr['prefix_share']:.2%} ({fr['prefix_tokens']}/{fr['tokens']})",
                  "info", "-"))
     rows.append(("free-running identical completions", f"{fr['identical']}/{fr['prompts']}", "info", "-"))
@@ -441,6 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8, help="Wikitext-2 scoring batch (default %(default)s)")
     ap.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
                     help="teacher-forced top-1 agreement target (default %(default)s)")
+    ap.add_argument("--min-kernel-agreement", type=float, default=MIN_KERNEL_AGREEMENT,
+                    help="the same target for the C++ kernel's decode steps (default %(default)s)")
     ap.add_argument("--max-ppl-rise", type=float, default=MAX_PPL_RISE,
                     help="allowed relative rise of word perplexity (default %(default)s)")
     ap.add_argument("--max-kl", type=float, default=None,
@@ -457,8 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     except SmallCoderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    tk = r["kernel_decode"] or {"passed": True, "kl_passed": True}
     failed = [name for name, ok in (("teacher-forced agreement", r["teacher_forced"]["passed"]),
-                                    ("mean KL", r["teacher_forced"]["kl_passed"]),
+                                    ("mean KL", r["teacher_forced"]["kl_passed"] and tk["kl_passed"]),
+                                    ("kernel decode agreement", tk["passed"]),
                                     ("wikitext-2 perplexity rise", r["wikitext2"] is None or r["wikitext2"]["passed"]),
                                     ("saved int8 copy", r["checkpoint"]["passed"])) if not ok]
     r["passed"], r["failed"] = not failed, failed

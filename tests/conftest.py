@@ -131,3 +131,54 @@ def fim_checkpoint(tmp_path_factory, micro_config) -> Path:
     config = micro_config.replace(vocab_size=tok.vocab_size)
     smallcoder.save(smallcoder.new_model(config, seed=2), tok, folder / "model")
     return folder / "model"
+
+
+# ------------------------------------------------------------------ the C++ kernel's int8 arithmetic
+
+Q8_BLOCK = 32
+
+
+def q8_blocks(x):
+    """(q (..., blocks, 32), d (..., blocks)) as the kernel's int8 path computes them, op for op
+    in fp32: d = max|x| / 127, q = round-half-even(x * (127 / max|x|)), the last block zero-padded."""
+    import torch
+    import torch.nn.functional as F
+
+    K = x.shape[-1]
+    blocks = -(-K // Q8_BLOCK)
+    xb = F.pad(x.float(), (0, blocks * Q8_BLOCK - K)).unflatten(-1, (blocks, Q8_BLOCK))
+    amax = xb.abs().amax(-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(xb * inv[..., None]).clamp(-127, 127), amax / 127
+
+
+def q8_linear(layer, x):
+    """An Int8Linear's output as the kernel computes it: exact integer block sums (float64 holds
+    them exactly) times the activation block scales, summed, times the weight row's scale."""
+    import torch
+    import torch.nn.functional as F
+
+    q, d = q8_blocks(x)
+    blocks = q.shape[-2]
+    w = F.pad(layer.weight.double(), (0, blocks * Q8_BLOCK - layer.in_features)).unflatten(-1, (blocks, Q8_BLOCK))
+    sums = torch.einsum("...bk,nbk->...nb", q.double(), w)
+    return ((sums * d.double()[..., None, :]).sum(-1) * layer.weight_scale.double()).float()
+
+
+@pytest.fixture(scope="session")
+def int8_emulation():
+    """A function: int8 model -> a deep copy whose int8 layers compute in PyTorch what the C++
+    kernel's int8 path computes (csrc/q8dot.h), so tests can hold the kernel to it tightly."""
+    import copy
+    import functools
+
+    from smallcoder.quant import Int8Linear
+
+    def emulate(model):
+        twin = copy.deepcopy(model)
+        for module in twin.modules():
+            if isinstance(module, Int8Linear):
+                module.forward = functools.partial(q8_linear, module)
+        return twin
+
+    return emulate

@@ -178,9 +178,10 @@ def test_a_prefill_cancelled_between_chunks_stops_and_keeps_its_chunks(micro_che
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_a_short_prefill_chunk_runs_in_the_kernel_with_the_forwards_logits(micro_config, dtype):
+def test_a_short_prefill_chunk_runs_in_the_kernel_with_the_forwards_logits(micro_config, dtype, int8_emulation):
     """One row's T <= MAX_ROWS tokens in one kernel call (a row-stride-0 view of the cache) give
-    the logits of PyTorch's forward, and write the same keys and values."""
+    the logits of PyTorch's forward, and write the same keys and values. (int8: the forward of
+    the same arithmetic, activations quantized as the kernel does: conftest.int8_emulation.)"""
     from smallcoder.quant import quantize_model
 
     model = smallcoder.new_model(micro_config, seed=3).eval()
@@ -189,10 +190,11 @@ def test_a_short_prefill_chunk_runs_in_the_kernel_with_the_forwards_logits(micro
     kernel = build(model)
     if kernel is None:
         pytest.skip("the C++ kernel does not build here")
+    ref = int8_emulation(model) if dtype == "int8" else model
     ids = torch.randint(1, micro_config.vocab_size, (1, 5 * MAX_ROWS // 2), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want_cache = KVCache(micro_config, 1, 128)
-        want = model(ids, cache=want_cache)
+        want = ref(ids, cache=want_cache)
         cache = KVCache(micro_config, 3, 128)
         row = cache.rows(1, 2)
         got = torch.cat([model(ids[:, s:s + MAX_ROWS], cache=row, starts=[s], decode_kernel=kernel,

@@ -54,7 +54,7 @@ def test_free_running_counts_only_the_prefix_before_the_first_divergence(guard):
 
 
 def test_teacher_forced_agreement_is_total_for_one_model_and_not_for_another(guard, micro_checkpoint, micro_config):
-    from smallcoder import Engine, load, new_model
+    from smallcoder import Engine, kernels, load, new_model
 
     model, tok = load(micro_checkpoint)
     prompts = [tok.encode("def add(a, b):\n"), tok.encode("User: hello\nAssistant:")]
@@ -62,6 +62,10 @@ def test_teacher_forced_agreement_is_total_for_one_model_and_not_for_another(gua
     same = guard.teacher_forced(model, model, prompts, conts, tok.eos_id)
     assert (same.positions, same.agree, same.self_consistent) == (24, 24, 24)
     assert same.mean_kl == pytest.approx(0.0, abs=1e-6) and same.disagree_margins == []
+    kernel = kernels.build(model)
+    if kernel is not None:  # the decode-step logits line up with the forward's positions
+        stepped = guard.teacher_forced(model, model, prompts, conts, tok.eos_id, decode_kernel=kernel)
+        assert (stepped.positions, stepped.agree) == (24, 24) and stepped.mean_kl == pytest.approx(0.0, abs=1e-6)
     other = new_model(micro_config, seed=7).eval()
     diff = guard.teacher_forced(model, other, prompts, conts, tok.eos_id)
     assert diff.agreement < 0.9 and diff.mean_kl > 0.01
@@ -91,8 +95,14 @@ def test_guard_end_to_end_and_exit_status(guard, micro_checkpoint, data_dir, tmp
     # an unreachable target fails the run with status 1 and names it
     rc, out = _run(guard, capsys, *base, "--skip-wikitext", "--min-agreement", "1.01")
     assert rc == 1 and "FAIL: teacher-forced agreement" in out
-    rc, out = _run(guard, capsys, *base, "--skip-wikitext", "--min-agreement", "0", "--max-kl", "0")
+    rc, out = _run(guard, capsys, *base, "--skip-wikitext", "--min-agreement", "0", "--min-kernel-agreement", "0",
+                   "--max-kl", "0")
     assert rc == 1 and out.splitlines()[-1] == "verdict: FAIL: mean KL"
+    if r["kernel_decode"] is not None:  # the C++ kernel's decode steps are measured and gated too
+        assert r["kernel_decode"]["positions"] == 32 and r["kernel_decode"]["int8_path"] in out
+        rc, out = _run(guard, capsys, *base, "--skip-wikitext", "--min-agreement", "0",
+                       "--min-kernel-agreement", "1.01")
+        assert rc == 1 and out.splitlines()[-1] == "verdict: FAIL: kernel decode agreement"
     rc, out = _run(guard, capsys, *base, "--num-prompts", "1", "--max-ppl-rise", "-1")
     assert rc == 1 and "wikitext-2 perplexity rise" in out.splitlines()[-1]
 

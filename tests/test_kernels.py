@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.skipif(kernels.load_library() is None,
 CFG = ModelConfig(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=132, max_position_embeddings=64,
                   initializer_range=0.2)
+# the error of 8-bit activations relative to rms(logits), derived in test_int8_dot.py
+INT8_TOL = 10 * math.sqrt(4 * CFG.num_hidden_layers + 1) * math.sqrt(32) / (127 * math.sqrt(12))
 
 
 def _model(kind: str) -> smallcoder.SmallCoder:
@@ -42,7 +45,9 @@ def _reference(m: smallcoder.SmallCoder) -> smallcoder.SmallCoder:
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_kernel_decode_equals_pytorch_forward(kind, rows):
     """Rows at different positions (prefilled separately), several steps: same logits as the
-    PyTorch forward on the same weights, and the same cache contents."""
+    PyTorch forward on the same weights, and the same cache contents. int8 differs by design (the
+    kernel quantizes activations too): it is held to the error of 8-bit activations, the bound
+    derived in test_int8_dot.py (which also holds it to an exact emulation)."""
     m = _model(kind)
     ref = _reference(m)
     assert kernels.attach(m) and ref.decode_kernel is None
@@ -58,11 +63,19 @@ def test_kernel_decode_equals_pytorch_forward(kind, rows):
         got = m(tok, cache=ca)
         want = ref(tok, cache=cb)
         assert got.shape == want.shape == (rows, 1, CFG.vocab_size)
-        assert (got.float() - want.float()).abs().max().item() < 2e-4 * want.abs().max().item()
+        if kind == "int8":
+            rms = want.float().pow(2).mean(-1).sqrt()
+            assert ((got.float() - want.float()).abs().amax(-1) <= INT8_TOL * rms).all()
+        else:
+            assert (got.float() - want.float()).abs().max().item() < 2e-4 * want.abs().max().item()
     assert ca.lengths.tolist() == cb.lengths.tolist()
     for layer in range(CFG.num_hidden_layers):
-        assert (ca.k[layer] - cb.k[layer]).abs().max().item() < 1e-4
-        assert (ca.v[layer] - cb.v[layer]).abs().max().item() < 1e-4
+        if kind == "int8":
+            for a, b in ((ca.k[layer], cb.k[layer]), (ca.v[layer], cb.v[layer])):
+                assert (a - b).abs().max().item() <= INT8_TOL * b.pow(2).mean().sqrt().item()
+        else:
+            assert (ca.k[layer] - cb.k[layer]).abs().max().item() < 1e-4
+            assert (ca.v[layer] - cb.v[layer]).abs().max().item() < 1e-4
 
 
 @torch.inference_mode()

@@ -17,6 +17,8 @@ The library is compiled with the system C++ compiler (`$CXX`, else `g++`/`c++`) 
 `-O3 -march=native -fopenmp` into `$SMALLCODER_CACHE` (default `~/.cache/smallcoder`), keyed by the
 source, the flags and the CPU, and loaded with ctypes. Without a compiler (or with
 `SMALLCODER_KERNELS=0`), decoding falls back to PyTorch with a one-time warning.
+`SMALLCODER_KERNEL_FLAGS` appends compiler flags (for measurements and tests of another build:
+`-DSC_INT8_WIDEN` for the former int8 path, `-march=haswell` for the AVX2 instruction path).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+HEADERS = (Path(__file__).parent / "csrc" / "q8dot.h",)  # what SOURCE includes: part of the cache key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_ROWS = 16  # measured faster than the PyTorch path up to 16 rows (any dtype); beyond, MKL
 WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -52,12 +55,48 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def library_path() -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+def build_flags() -> list[str]:
+    """The compiler flags: FLAGS, then any from `SMALLCODER_KERNEL_FLAGS` (later ones win)."""
+    return FLAGS + os.environ.get("SMALLCODER_KERNEL_FLAGS", "").split()
+
+
+def library_path(flags: list[str] | None = None) -> Path:
+    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    flags = build_flags() if flags is None else flags
+    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_id().encode()).hexdigest()[:16]
     from .fsutil import cache_root
 
     return cache_root() / f"decode-{key}.so"
+
+
+def compile_library(flags: list[str]) -> ctypes.CDLL:
+    """The kernel built with `flags` (cached), loaded; raises RuntimeError or OSError where it cannot be."""
+    path = library_path(flags)
+    if not path.exists():
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        proc = subprocess.run([compiler, *flags, "-o", str(tmp), str(SOURCE)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    lib = ctypes.CDLL(str(path))
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.sc_decode.argtypes = [i, i, p, p, p, p, p, i, i, i, i, i, i, i, i64, i64, i, f, p, i, p]
+    lib.sc_decode.restype = i
+    lib.sc_int8_path.argtypes = []
+    lib.sc_int8_path.restype = ctypes.c_char_p
+    return lib
+
+
+def int8_path(lib: ctypes.CDLL) -> str:
+    """The int8 instruction path a built kernel uses: avx512-vnni, avx-vnni, avx2, portable (or
+    widen-to-fp32 for the former path)."""
+    return lib.sc_int8_path().decode()
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -68,30 +107,13 @@ def load_library() -> ctypes.CDLL | None:
     _tried = True
     if os.environ.get("SMALLCODER_KERNELS", "1") == "0":
         return None
-    path = library_path()
     try:
-        if not path.exists():
-            compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-            if compiler is None:
-                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)],
-                                  capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
-            os.replace(tmp, path)
-        lib = ctypes.CDLL(str(path))
+        _lib = compile_library(build_flags())
     except (OSError, RuntimeError) as e:
         warnings.warn(f"smallcoder: the C++ decode kernel is unavailable ({e}); decoding runs in "
                       "PyTorch (slower)", RuntimeWarning, stacklevel=2)
         return None
-    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.sc_decode.argtypes = [i, i, p, p, p, p, p, i, i, i, i, i, i, i, i64, i64, i, f, p, i, p]
-    lib.sc_decode.restype = i
-    _lib = lib
-    return lib
+    return _lib
 
 
 class DecodeKernel:

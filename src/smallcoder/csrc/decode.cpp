@@ -5,9 +5,13 @@
 // Why: at batch 1 a decode step reads every weight once and does 2 FLOPs per weight, so it is
 // bound by memory bandwidth. PyTorch's one-row matmul runs on one thread at ~40% of the bandwidth
 // here and each small op costs microseconds of dispatch; this loop keeps every core streaming.
-// Weights are fp32, bf16, or int8 with one fp32 scale per output row; activations, the KV cache
-// and all accumulation are fp32. Plain C++ with GCC vector extensions: -march=native picks AVX2,
-// AVX-512 or NEON. The arithmetic follows model.py (fp32 RMSNorm, rotate-half RoPE, softmax).
+// Weights are fp32, bf16, or int8 with one fp32 scale per output row. With fp32/bf16 weights the
+// activations and all accumulation are fp32; int8 weights meet int8 activations (q8dot.h: blocks
+// of 32 quantized on the fly, integer dot products). RMSNorm, RoPE, attention, softmax, the KV
+// cache and the residual stream are fp32 in every case. Plain C++ with GCC vector extensions:
+// -march=native picks AVX2, AVX-512 or NEON. The arithmetic follows model.py (fp32 RMSNorm,
+// rotate-half RoPE, softmax). Defining SC_INT8_WIDEN builds the former int8 path (each weight
+// widened to fp32), kept only so benchmarks/kernel_step.py can compare the two.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,6 +20,7 @@
 #if defined(__AVX2__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
+#include "q8dot.h"
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -115,7 +120,7 @@ static inline void dot_rows(int M0, const float* x, int64_t K, const char* wr, f
     }
 }
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(SC_INT8_WIDEN)
 // One int8 weight row against one x row with 512-bit vectors: the int8 -> fp32 widening, not the
 // memory, bounds a one-row int8 step on CPUs with AVX-512, and 16 lanes halve its instructions.
 static inline void dot_row_i8_512(const float* x, int64_t K, const int8_t* wr, float sc, float* out,
@@ -196,7 +201,7 @@ static void gemv_t(int M, const float* x, int64_t K, const void* W, const float*
         }
         return;
     }
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(SC_INT8_WIDEN)
     if (wt == I8 && M == 1) {
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++)
@@ -214,14 +219,24 @@ static void gemv_t(int M, const float* x, int64_t K, const void* W, const float*
     }
 }
 
-static void gemv(int M, const float* x, int64_t K, const void* W, const float* scale, int wt,
-                 int64_t N, float* y, int64_t ldy, bool accumulate) {
+#ifdef SC_INT8_WIDEN
+constexpr bool Q8 = false;
+#else
+constexpr bool Q8 = true;  // int8 weights take q8dot.h's integer path
+#endif
+
+// x (M x K, fp32) times W: with int8 weights (Q8) the product reads xq, x already quantized.
+static void gemv(int M, const float* x, const Q8Rows& xq, int64_t K, const void* W, const float* scale,
+                 int wt, int64_t N, float* y, int64_t ldy, bool accumulate) {
     if (wt == F32) gemv_t<F32>(M, x, K, W, scale, N, y, ldy, accumulate);
     else if (wt == BF16) gemv_t<BF16>(M, x, K, W, scale, N, y, ldy, accumulate);
+    else if (Q8) gemv_q8(M, xq, (const int8_t*)W, scale, N, y, ldy, accumulate);
     else gemv_t<I8>(M, x, K, W, scale, N, y, ldy, accumulate);
 }
 
-static void rmsnorm_rows(int M, const float* x, const float* w, int64_t H, float eps, float* out) {
+// out = RMSNorm(x) per row; with xq, also quantized for the int8 products that read it (in the
+// same loop, so no extra barrier)
+static void rmsnorm_rows(int M, const float* x, const float* w, int64_t H, float eps, float* out, Q8Rows* xq) {
     #pragma omp for schedule(static)
     for (int m = 0; m < M; m++) {
         const float* xr = x + (size_t)m * H;
@@ -229,6 +244,8 @@ static void rmsnorm_rows(int M, const float* x, const float* w, int64_t H, float
         for (int64_t i = 0; i < H; i++) ss += xr[i] * xr[i];
         const float r = 1.0f / std::sqrt(ss / (float)H + eps);
         for (int64_t i = 0; i < H; i++) out[(size_t)m * H + i] = w[i] * (xr[i] * r);
+        if (xq)
+            for (int64_t b = 0; b < q8_blocks(*xq); b++) q8_block(out + (size_t)m * H, *xq, m, b);
     }
 }
 
@@ -250,6 +267,18 @@ extern "C" int sc_decode(
     const float att_scale = 1.0f / std::sqrt((float)HD);
     const int half = HD / 2;
     const int group = NH / NKV;
+    // the quantized copy of the current matmul input (int8 weights): one buffer serves every
+    // input in turn, since each is consumed (and a barrier passed) before the next is made
+    const bool q8 = Q8 && wt == I8;
+    const int64_t KQ = q8_padded(H > QD ? (H > FF ? H : FF) : (QD > FF ? QD : FF));
+    std::vector<int8_t> qbuf(q8 ? (size_t)M * KQ : 0);
+    std::vector<uint8_t> auxbuf(qbuf.size());
+    std::vector<float> sbuf(q8 ? (size_t)M * KQ / Q8_BLOCK * Q8_SLANES : 0);
+    Q8Rows xq_h = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), H);    // normed hidden rows
+    Q8Rows xq_a = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), QD);   // attention output
+    Q8Rows xq_f = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), FF);   // SiLU(gate) * up
+    Q8Rows* hq = q8 ? &xq_h : nullptr;
+    const int64_t FB = q8 ? q8_blocks(xq_f) : (FF + Q8_BLOCK - 1) / Q8_BLOCK;
 
 #ifdef __SSE__
     const unsigned int csr = _mm_getcsr();
@@ -266,10 +295,10 @@ extern "C" int sc_decode(
             const int64_t* s = scale_ptrs ? scale_ptrs + (size_t)l * 7 : nullptr;
             float* kc = (float*)p[9];
             float* vc = (float*)p[10];
-            rmsnorm_rows(M, x.data(), (const float*)p[0], H, eps, xn.data());
-            gemv(M, xn.data(), H, (const void*)p[1], s ? (const float*)s[0] : nullptr, wt, QD, q.data(), QD, false);
-            gemv(M, xn.data(), H, (const void*)p[2], s ? (const float*)s[1] : nullptr, wt, KD, kv.data(), 2 * KD, false);
-            gemv(M, xn.data(), H, (const void*)p[3], s ? (const float*)s[2] : nullptr, wt, KD, kv.data() + KD, 2 * KD, false);
+            rmsnorm_rows(M, x.data(), (const float*)p[0], H, eps, xn.data(), hq);
+            gemv(M, xn.data(), xq_h, H, (const void*)p[1], s ? (const float*)s[0] : nullptr, wt, QD, q.data(), QD, false);
+            gemv(M, xn.data(), xq_h, H, (const void*)p[2], s ? (const float*)s[1] : nullptr, wt, KD, kv.data(), 2 * KD, false);
+            gemv(M, xn.data(), xq_h, H, (const void*)p[3], s ? (const float*)s[2] : nullptr, wt, KD, kv.data() + KD, 2 * KD, false);
             // RoPE on q and k, then store k and v at each row's position
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < (int64_t)M * (NH + NKV); t++) {
@@ -317,25 +346,42 @@ extern "C" int sc_decode(
                     for (int i = 0; i < HD; i++) out[i] += w * vb[(size_t)j * HD + i];
                 }
             }
-            gemv(M, att.data(), QD, (const void*)p[4], s ? (const float*)s[3] : nullptr, wt, H, x.data(), H, true);
-            rmsnorm_rows(M, x.data(), (const float*)p[5], H, eps, xn.data());
-            gemv(M, xn.data(), H, (const void*)p[6], s ? (const float*)s[4] : nullptr, wt, FF, g.data(), FF, false);
-            gemv(M, xn.data(), H, (const void*)p[7], s ? (const float*)s[5] : nullptr, wt, FF, u.data(), FF, false);
-            #pragma omp for schedule(static)
-            for (int64_t i = 0; i < (int64_t)M * FF; i++) {
-                const float a = g[i];
-                g[i] = a / (1.0f + std::exp(-a)) * u[i];
+            if (q8) {  // heads straddle blocks, so the attention output is quantized once it is whole
+                #pragma omp for schedule(static)
+                for (int64_t t = 0; t < (int64_t)M * q8_blocks(xq_a); t++)
+                    q8_block(att.data() + (size_t)(t / q8_blocks(xq_a)) * QD, xq_a, (int)(t / q8_blocks(xq_a)),
+                             t % q8_blocks(xq_a));
             }
-            gemv(M, g.data(), FF, (const void*)p[8], s ? (const float*)s[6] : nullptr, wt, H, x.data(), H, true);
+            gemv(M, att.data(), xq_a, QD, (const void*)p[4], s ? (const float*)s[3] : nullptr, wt, H, x.data(), H, true);
+            rmsnorm_rows(M, x.data(), (const float*)p[5], H, eps, xn.data(), hq);
+            gemv(M, xn.data(), xq_h, H, (const void*)p[6], s ? (const float*)s[4] : nullptr, wt, FF, g.data(), FF, false);
+            gemv(M, xn.data(), xq_h, H, (const void*)p[7], s ? (const float*)s[5] : nullptr, wt, FF, u.data(), FF, false);
+            // SiLU(gate) * up a block of 32 at a time, each block quantized as soon as it is made
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < (int64_t)M * FB; t++) {
+                const int m = (int)(t / FB);
+                const int64_t b = t % FB;
+                float* gr = g.data() + (size_t)m * FF;
+                const float* ur = u.data() + (size_t)m * FF;
+                for (int64_t i = b * Q8_BLOCK; i < FF && i < (b + 1) * Q8_BLOCK; i++) {
+                    const float a = gr[i];
+                    gr[i] = a / (1.0f + std::exp(-a)) * ur[i];
+                }
+                if (q8) q8_block(gr, xq_f, m, b);
+            }
+            gemv(M, g.data(), xq_f, FF, (const void*)p[8], s ? (const float*)s[6] : nullptr, wt, H, x.data(), H, true);
         }
         // logits of rows head_from.. only (a prefill needs its last row's: the others' would cost
         // a 2 x hidden x vocab product each for nothing)
         const int MH = M - head_from;
-        rmsnorm_rows(MH, x.data() + (size_t)head_from * H, (const float*)head_ptrs[0], H, eps, xn.data());
-        gemv(MH, xn.data(), H, (const void*)head_ptrs[1], (const float*)head_ptrs[2], wt, V, logits, V, false);
+        rmsnorm_rows(MH, x.data() + (size_t)head_from * H, (const float*)head_ptrs[0], H, eps, xn.data(), hq);
+        gemv(MH, xn.data(), xq_h, H, (const void*)head_ptrs[1], (const float*)head_ptrs[2], wt, V, logits, V, false);
     }
 #ifdef __SSE__
     _mm_setcsr(csr);
 #endif
     return 0;
 }
+
+// Which int8 instruction path this build uses (reported by benchmarks and tests).
+extern "C" const char* sc_int8_path() { return Q8 ? Q8_PATH : "widen-to-fp32"; }
