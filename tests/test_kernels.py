@@ -160,6 +160,14 @@ def test_int8_checkpoint_round_trip_and_errors(tmp_path, small_tokenizer):
         assert torch.equal(on_load(ids), saved(ids))
     with pytest.raises(SmallCoderError, match="int8-quantized.*--dtype int8"):
         smallcoder.load(dst)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(dst / "model.safetensors"))  # -128: outside the symmetric range we write
+    name = "model.layers.0.mlp.up_proj.weight"
+    weights[name][0, 0] = -128
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SmallCoderError, match=f"int8 tensor {name} holds -128"):
+        smallcoder.load(dst, dtype="int8")
     meta["quantization_config"]["quant_method"] = "gptq"
     (dst / "config.json").write_text(json.dumps(meta))
     with pytest.raises(SmallCoderError, match="quant_method 'gptq' is not supported"):

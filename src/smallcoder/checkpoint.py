@@ -274,6 +274,10 @@ def load_model_weights(model: SmallCoder, sd: dict[str, torch.Tensor], dtype: to
             raise SmallCoderError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)} but config.json "
                                   f"implies {tuple(shape)}")
     if is_quantized(model):  # int8 weights and their scales keep their dtypes
+        for k, v in sd.items():  # symmetric: the kernel's AVX2 sign trick has no +128 for a -128
+            if v.dtype == torch.int8 and bool((v == -128).any()):
+                raise SmallCoderError(f"{source}: int8 tensor {k} holds -128; int8 weights are in [-127, 127] "
+                                      "(symmetric, one fp32 scale per row)")
         sd = {k: v if v.dtype == torch.int8 or k.endswith(".weight_scale") else v.to(dtype) for k, v in sd.items()}
     else:
         sd = {k: v.to(dtype) for k, v in sd.items()}
