@@ -158,11 +158,28 @@ def _line_pattern(expected: str) -> re.Pattern:
     return re.compile(".*".join(re.escape(part) for part in expected.split("...")), re.DOTALL)
 
 
+def _one_line_answers(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    in_answer = False
+    for line in lines:
+        if line.startswith("Assistant: "):
+            in_answer = True
+            out.append(line)
+        elif in_answer and not line.startswith("["):
+            out[-1] += "\n" + line
+        else:
+            in_answer = False
+            out.append(line)
+    return out
+
+
 def mismatch(expected: list[str], actual: list[str], program: str) -> str | None:
     """None when `actual` is what the README shows, else a description of the first difference."""
     if program == "ls":  # a terminal shows names in columns, a pipe one per line
         return None if sorted(" ".join(expected).split()) == sorted(" ".join(actual).split()) else \
             f"README lists {' '.join(expected)!r}, got {' '.join(actual)!r}"
+    if program == "chat":  # an answer runs from `Assistant: ` to the summary line, over any lines
+        expected, actual = _one_line_answers(expected), _one_line_answers(actual)
     exp = [normalize(x, program) for x in expected]
     act = [normalize(x, program) for x in actual]
     if program in MODEL_TEXT_PROGRAMS:          # a completion may run over several lines

@@ -157,3 +157,22 @@ def _run_block(block: Block, project: Path, env: dict[str, str], servers: list[_
         r = subprocess.run(["bash", "-c", command.text], check=False, cwd=project, env=env, input=_stdin_for(command),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=LIVENESS_S)
         _check(command, r.returncode, re.sub(r"\r", "", r.stdout), record, problems)
+
+
+def test_masking_keeps_the_words_and_drops_what_varies():
+    """The comparison rules: numbers, durations and a model's text (over any lines) are masked;
+    any other change of wording, order or line count is a difference."""
+    from readme_examples import mismatch
+
+    chat = ["chatting with m (float32)", "", "User: hi", "Assistant: a b", "[end of answer (EOS); 3 tokens, 9.1 tok/s]"]
+    ran = ["chatting with m (float32)", "", "User: hi", "Assistant: x", "y", "", "z",
+           "[end of answer (EOS); 12 tokens, 1,230.5 tok/s]"]
+    assert mismatch(chat, ran, "chat") is None
+    assert mismatch(chat, ran[:-1] + ["[max-new-tokens reached; 12 tokens, 1.0 tok/s]"], "chat") is not None
+    assert mismatch(["trained x into runs/t: 152 steps in 1 min 4 s"], ["trained x into runs/t: 9 steps in 49 s"],
+                    "train") is None
+    assert mismatch(["wrote runs/a: 3 files"], ["wrote runs/b: 3 files"], "data") is not None
+    assert mismatch(["a", "...", "z"], ["a", "b", "c", "z"], "train") is None
+    assert mismatch(["a", "...", "z"], ["a", "b"], "train") is not None
+    assert mismatch(['{"id":"cmpl-1","text":"foo","n":3}'], ['{"id":"cmpl-2","text":"bar","n":4}'], "curl") is None
+    assert mismatch(['{"text":"foo","stop":true}'], ['{"text":"bar","stop":false}'], "curl") is not None
