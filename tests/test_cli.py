@@ -452,3 +452,27 @@ def test_chat_from_a_pipe_shows_each_line_after_its_prompt(micro_checkpoint, cap
     assert main(["chat", "--model", str(micro_checkpoint), "--max-new-tokens", "4", "--seed", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1:3] == ["", "User: hello"] and out[3].startswith("Assistant: ")
+
+
+def test_serve_loads_the_model_on_a_thread_that_then_exits():
+    """`serve` loads on a passing thread, so the load's OpenMP pool does not stay beside the engine
+    thread's (two pools on 2 cores made every decode-step barrier sleep); results and errors come back."""
+    import threading
+
+    from smallcoder.errors import SmallCoderError
+    from smallcoder.serve.cli import _on_a_passing_thread
+
+    seen = []
+
+    def work():
+        seen.append(threading.current_thread())
+        return 42
+
+    assert _on_a_passing_thread(work) == 42
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise SmallCoderError("runs/x/config.json: file not found")
+
+    with pytest.raises(SmallCoderError, match="file not found"):
+        _on_a_passing_thread(fail)
