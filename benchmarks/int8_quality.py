@@ -178,7 +178,7 @@ def decoded_logits(model: torch.nn.Module, kernel: kernels.DecodeKernel, inputs:
     width = max(len(x) for x in inputs)
     cfg = model.config
     out = torch.zeros(len(inputs), width, cfg.vocab_size)
-    cache = KVCache(cfg, len(inputs), width, torch.float32)
+    cache = KVCache(cfg, len(inputs), width, kernel.cache_dtype)  # what an Engine runs it with
     for r, (x, s) in enumerate(zip(inputs, starts)):
         if s > 0:
             model(torch.tensor([x[:s]]), cache=cache.rows(r, r + 1))
@@ -379,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kernel_decode": None if tk is None else {
             **asdict(tk), "agreement": tk.agreement, "target": args.min_kernel_agreement,
             "passed": tk.agreement >= args.min_kernel_agreement, "kl_target": args.max_kl,
-            "kl_passed": args.max_kl is None or tk.mean_kl <= args.max_kl, "int8_path": kernels.int8_path(kernel.lib)},
+            "kl_passed": args.max_kl is None or tk.mean_kl <= args.max_kl, "int8_path": kernels.int8_path(kernel.lib),
+            "kv_cache": str(kernel.cache_dtype).removeprefix("torch.")},
         "free_running": {**asdict(fr), "prefix_share": fr.prefix_share},
         "per_kind": per_kind,
         "wikitext2": wt,
@@ -420,7 +421,7 @@ def report(r: dict[str, Any]) -> str:
     if tk is None:
         rows.append(("C++ kernel decode steps", "the kernel does not build here", "-", "SKIP"))
     else:
-        rows.append((f"kernel decode steps ({tk['int8_path']}): teacher-forced top-1 (gated)",
+        rows.append((f"kernel decode steps ({tk['int8_path']}, {tk['kv_cache']} KV cache): teacher-forced top-1 (gated)",
                      f"{tk['agreement']:.2%} ({tk['agree']}/{tk['positions']})", f">= {tk['target']:.0%}",
                      "PASS" if tk["passed"] else "FAIL"))
         rows.append(("  kernel decode mean KL(fp32 || int8)" + (" (gated: --max-kl)" if tk["kl_target"] else ""),

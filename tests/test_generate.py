@@ -1100,9 +1100,21 @@ def test_a_failing_sample_fails_that_request_alone(monkeypatch, model, tok):
     assert engine.num_active == 0
 
 
-def test_non_finite_logits_fail_the_request_with_a_clear_error(monkeypatch, fresh):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("everywhere", [True, False])
+def test_non_finite_logits_fail_the_request_with_a_clear_error(monkeypatch, fresh, bad, everywhere):
+    """NaN or +inf in any one logit fails the request (-inf is a masked token, not an error)."""
     orig = fresh.model.forward
-    monkeypatch.setattr(fresh.model, "forward", lambda *a, **kw: orig(*a, **kw) * float("nan"))
+
+    def spoiled(*a, **kw):
+        out = orig(*a, **kw)
+        if everywhere:
+            return out * bad
+        out[..., 7] = bad
+        out[..., 9] = -float("inf")
+        return out
+
+    monkeypatch.setattr(fresh.model, "forward", spoiled)
     with pytest.raises(SmallCoderError, match="not finite"):
         fresh.generate(["def"], greedy(4))
     monkeypatch.undo()

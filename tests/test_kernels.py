@@ -41,19 +41,21 @@ def _reference(m: smallcoder.SmallCoder) -> smallcoder.SmallCoder:
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 6])
-def test_kernel_decode_equals_pytorch_forward(kind, rows):
+def test_kernel_decode_equals_pytorch_forward(kind, rows, kv):
     """Rows at different positions (prefilled separately), several steps: same logits as the
-    PyTorch forward on the same weights, and the same cache contents. int8 differs by design (the
-    kernel quantizes activations too): it is held to the error of 8-bit activations, the bound
-    derived in test_int8_dot.py (which also holds it to an exact emulation)."""
+    PyTorch forward on the same weights, and the same cache contents, with an fp32 or an fp16
+    cache (both sides store what they compute in it and attend over the stored values). int8
+    differs by design (the kernel quantizes activations too): it is held to the error of 8-bit
+    activations, the bound derived in test_int8_dot.py (which also holds it to an exact emulation)."""
     m = _model(kind)
     ref = _reference(m)
     assert kernels.attach(m) and ref.decode_kernel is None
     g = torch.Generator().manual_seed(rows)
     ids = torch.randint(0, CFG.vocab_size, (rows, 30), generator=g)
-    ca, cb = KVCache(CFG, rows, 40, torch.float32), KVCache(CFG, rows, 40, torch.float32)
+    ca, cb = KVCache(CFG, rows, 40, kv), KVCache(CFG, rows, 40, kv)
     for r in range(rows):
         n = 3 + 5 * r
         ref(ids[r:r + 1, :n], cache=ca.rows(r, r + 1))
@@ -73,9 +75,72 @@ def test_kernel_decode_equals_pytorch_forward(kind, rows):
         if kind == "int8":
             for a, b in ((ca.k[layer], cb.k[layer]), (ca.v[layer], cb.v[layer])):
                 assert (a - b).abs().max().item() <= INT8_TOL * b.pow(2).mean().sqrt().item()
-        else:
-            assert (ca.k[layer] - cb.k[layer]).abs().max().item() < 1e-4
-            assert (ca.v[layer] - cb.v[layer]).abs().max().item() < 1e-4
+        else:  # fp32 values 1e-6 apart may round to neighbouring fp16 values: one fp16 step apart
+            for a, b in ((ca.k[layer], cb.k[layer]), (ca.v[layer], cb.v[layer])):
+                a, b = a.float(), b.float()
+                assert ((a - b).abs() <= 1e-4 + (2 ** -10 * b.abs() if kv == torch.float16 else 0)).all()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 96, 104, 200])
+def test_kernel_attention_at_long_contexts_and_common_head_sizes(head_dim, kv):
+    """Head sizes whose value sums stay in registers (64, 96: 8 and 12 vectors), one past them
+    (104: a second pass) and one with a tail past 8 lanes (200), at contexts up to 300: past the
+    rows the kernel prefetches and not a multiple of its 4-key blocks."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=2 * head_dim, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=40, max_position_embeddings=320,
+                      initializer_range=0.2)
+    m = new_model(cfg, seed=1).eval()
+    ref = _reference(m)
+    assert kernels.attach(m)
+    ids = torch.randint(0, 64, (2, 300), generator=torch.Generator().manual_seed(head_dim))
+    ca, cb = KVCache(cfg, 2, 310, kv), KVCache(cfg, 2, 310, kv)
+    for r, n in enumerate((290, 157)):
+        ref(ids[r:r + 1, :n], cache=ca.rows(r, r + 1))
+        ref(ids[r:r + 1, :n], cache=cb.rows(r, r + 1))
+    for t in range(3):
+        tok = ids[:, 295 + t:296 + t]
+        got, want = m(tok, cache=ca), ref(tok, cache=cb)
+        assert (got - want).abs().max().item() < 2e-4 * want.abs().max().item()
+
+
+def test_engine_kv_cache_is_fp16_for_approximate_weights_and_fp32_for_fp32(small_tokenizer):
+    """The kernel's cache: fp32 where the weights are fp32 (the logits stay PyTorch's), fp16 for
+    bf16 and int8 weights (half the bytes a long-context step reads); `kv_dtype` chooses."""
+    assert Engine(_model("fp32"), small_tokenizer).kv_dtype == torch.float32
+    assert Engine(_model("bf16"), small_tokenizer).kv_dtype == torch.float16
+    assert Engine(_model("int8"), small_tokenizer).kv_dtype == torch.float16
+    assert Engine(_model("int8"), small_tokenizer, kv_dtype=torch.float32).kv_dtype == torch.float32
+    assert Engine(_model("bf16"), small_tokenizer, use_kernel=False).kv_dtype == torch.bfloat16
+    m = _model("int8")
+    engine = Engine(m, small_tokenizer)
+    params = SamplingParams(max_new_tokens=12, stop_at_eos=False)
+    out = engine.generate([[5, 6, 7, 8]], params)[0]
+    assert engine._cache.k[0].dtype == torch.float16 and len(out.token_ids) == 12
+
+
+F16_EDGES = [0.0, -0.0, 1.0, -2.5, 65504.0, 65519.0, 65520.0, 1e6, float("inf"), -float("inf"),
+             2 ** -14, 2 ** -24, 2 ** -25, 1.5 * 2 ** -25, 2 ** -26, 3 * 2 ** -25, 6.1e-5, 1e-8,
+             1 + 2 ** -11, 1 + 3 * 2 ** -11, 2049.0, 2051.0, -1e-7, 3.0e-6]
+
+
+@pytest.mark.parametrize("flags", [[], ["-mno-f16c"]], ids=["native", "portable"])
+def test_fp16_cache_holds_what_torch_stores(flags):
+    """The kernel writes its fp16 cache with the bits torch's .to(float16) makes (round to nearest
+    even, subnormals, overflow to inf, NaN kept) and reads them back exactly, on the F16C path
+    and on the portable one (built without F16C), so the kernel and a PyTorch prefill agree on
+    what a cache row holds."""
+    lib = kernels.compile_library(kernels.build_flags() + flags)
+    x = torch.cat([torch.tensor(F16_EDGES + [-v for v in F16_EDGES] + [float("nan")]),
+                   torch.randn(5000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-9, 5, 5000)])
+    h = torch.empty(x.numel(), dtype=torch.float16)
+    back = torch.empty(x.numel())
+    lib.sc_f16(x.data_ptr(), h.data_ptr(), back.data_ptr(), x.numel())
+    want = x.to(torch.float16)
+    assert torch.equal(h.view(torch.int16)[~x.isnan()], want.view(torch.int16)[~x.isnan()])
+    assert h[x.isnan()].isnan().all()
+    torch.testing.assert_close(back, want.float(), rtol=0, atol=0, equal_nan=True)
 
 
 @torch.inference_mode()

@@ -20,10 +20,9 @@
 #if defined(__AVX2__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
+#include "attend.h"
 #include "q8dot.h"
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int8_t v8b __attribute__((vector_size(8)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -60,26 +59,7 @@ static inline float loadw(const void* w, int64_t k, int wt) {
     return (float)((const int8_t*)w)[k];
 }
 
-static inline float hsum(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
 static inline size_t wsize(int wt) { return wt == F32 ? 4 : (wt == BF16 ? 2 : 1); }
-
-// sum_i a[i] * b[i] with two vector accumulators: GCC keeps a float reduction scalar (it may not
-// reorder the sum), and attention's query.key products are a quarter of a long-context step's work
-static inline float dot(const float* a, const float* b, int n) {
-    v8f acc0 = {}, acc1 = {};
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc0 += load8<F32>(a, i) * load8<F32>(b, i);
-        acc1 += load8<F32>(a, i + 8) * load8<F32>(b, i + 8);
-    }
-    for (; i + 8 <= n; i += 8) acc0 += load8<F32>(a, i) * load8<F32>(b, i);
-    float d = hsum(acc0 + acc1);
-    for (; i < n; i++) d += a[i] * b[i];
-    return d;
-}
 
 // y[m*ldy + n] (=, or +=) sum_k x[m*K + k] * W[n*K + k] * scale[n], rows n split across threads.
 // One weight row at a time (one sequential stream, which the prefetcher follows: four rows at a
@@ -250,22 +230,32 @@ static void rmsnorm_rows(int M, const float* x, const float* w, int64_t H, float
 }
 
 // Per layer, 11 pointers: input_norm, q, k, v, o, post_norm, gate, up, down weights, then the
-// layer's K and V caches. Scales (int8 only), per layer: q, k, v, o, gate, up, down (7).
+// layer's K and V caches (fp32 or fp16: kv_type). Scales (int8 only), per layer: q, k, v, o, gate, up, down (7).
 // Head: final norm, lm_head weight, lm_head scale.
 extern "C" int sc_decode(
     int M, int n_threads, const float* x_in, const int64_t* pos,
     const int64_t* layer_ptrs, const int64_t* scale_ptrs, const int64_t* head_ptrs,
     int L, int H, int NH, int NKV, int HD, int FF, int V, int64_t cache_row_stride, int64_t cache_len,
-    int wt, float eps, const float* inv_freq, int head_from, float* logits) {
+    int wt, int kv_type, float eps, const float* inv_freq, int head_from, float* logits) {
     const int64_t QD = (int64_t)NH * HD, KD = (int64_t)NKV * HD;
     std::vector<float> x(x_in, x_in + (size_t)M * H), xn((size_t)M * H), q((size_t)M * QD),
         kv((size_t)M * KD * 2), att((size_t)M * QD), g((size_t)M * FF), u((size_t)M * FF);
     int64_t max_pos = 0;
     for (int m = 0; m < M; m++) max_pos = pos[m] > max_pos ? pos[m] : max_pos;
     if (max_pos >= cache_len) return 1;
-    std::vector<float> scores((size_t)M * NH * (max_pos + 1));
+    const int64_t SR = (max_pos + 8) & ~int64_t(7);  // scores per (row, head), padded to 8
+    std::vector<float> scores((size_t)M * NH * SR);
     const float att_scale = 1.0f / std::sqrt((float)HD);
     const int half = HD / 2;
+    const size_t kvs = kv_type == KV_F32 ? 4 : 2;
+    // RoPE's cos and sin per row, the same for every layer
+    std::vector<float> rcos((size_t)M * half), rsin((size_t)M * half);
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < half; i++) {
+            const float f = (float)pos[m] * inv_freq[i];
+            rcos[(size_t)m * half + i] = std::cos(f);
+            rsin[(size_t)m * half + i] = std::sin(f);
+        }
     const int group = NH / NKV;
     // the quantized copy of the current matmul input (int8 weights): one buffer serves every
     // input in turn, since each is consumed (and a barrier passed) before the next is made
@@ -293,8 +283,8 @@ extern "C" int sc_decode(
         for (int l = 0; l < L; l++) {
             const int64_t* p = layer_ptrs + (size_t)l * 11;
             const int64_t* s = scale_ptrs ? scale_ptrs + (size_t)l * 7 : nullptr;
-            float* kc = (float*)p[9];
-            float* vc = (float*)p[10];
+            char* kc = (char*)p[9];
+            char* vc = (char*)p[10];
             rmsnorm_rows(M, x.data(), (const float*)p[0], H, eps, xn.data(), hq);
             gemv(M, xn.data(), xq_h, H, (const void*)p[1], s ? (const float*)s[0] : nullptr, wt, QD, q.data(), QD, false);
             gemv(M, xn.data(), xq_h, H, (const void*)p[2], s ? (const float*)s[1] : nullptr, wt, KD, kv.data(), 2 * KD, false);
@@ -307,8 +297,7 @@ extern "C" int sc_decode(
                 float* vec = h < NH ? q.data() + (size_t)m * QD + (size_t)h * HD
                                     : kv.data() + (size_t)m * 2 * KD + (size_t)(h - NH) * HD;
                 for (int i = 0; i < half; i++) {
-                    const float f = (float)pos[m] * inv_freq[i];
-                    const float c = std::cos(f), sn = std::sin(f);
+                    const float c = rcos[(size_t)m * half + i], sn = rsin[(size_t)m * half + i];
                     const float a = vec[i], b = vec[i + half];
                     vec[i] = a * c - b * sn;
                     vec[i + half] = b * c + a * sn;
@@ -316,8 +305,8 @@ extern "C" int sc_decode(
                 if (h >= NH) {
                     const int kh = h - NH;
                     const size_t off = (size_t)m * cache_row_stride + ((size_t)kh * cache_len + pos[m]) * HD;
-                    std::memcpy(kc + off, vec, HD * sizeof(float));
-                    std::memcpy(vc + off, kv.data() + (size_t)m * 2 * KD + KD + (size_t)kh * HD, HD * sizeof(float));
+                    store_kv(kc + off * kvs, vec, HD, kv_type);
+                    store_kv(vc + off * kvs, kv.data() + (size_t)m * 2 * KD + KD + (size_t)kh * HD, HD, kv_type);
                 }
             }
             // attention: row m, head h over positions 0..pos[m] of its own cache row. Head-major, so
@@ -328,23 +317,9 @@ extern "C" int sc_decode(
                 const int m = (int)(t % M), h = (int)(t / M), kh = h / group;
                 const int64_t S = pos[m] + 1;
                 const float* qv = q.data() + (size_t)m * QD + (size_t)h * HD;
-                const float* kb = kc + (size_t)m * cache_row_stride + (size_t)kh * cache_len * HD;
-                const float* vb = vc + (size_t)m * cache_row_stride + (size_t)kh * cache_len * HD;
-                float* sr = scores.data() + (size_t)t * (max_pos + 1);
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < S; j++) {
-                    const float d = dot(qv, kb + (size_t)j * HD, HD);
-                    sr[j] = d * att_scale;
-                    mx = sr[j] > mx ? sr[j] : mx;
-                }
-                float sum = 0;
-                for (int64_t j = 0; j < S; j++) { sr[j] = std::exp(sr[j] - mx); sum += sr[j]; }
-                float* out = att.data() + (size_t)m * QD + (size_t)h * HD;
-                for (int i = 0; i < HD; i++) out[i] = 0;
-                for (int64_t j = 0; j < S; j++) {
-                    const float w = sr[j] / sum;
-                    for (int i = 0; i < HD; i++) out[i] += w * vb[(size_t)j * HD + i];
-                }
+                const size_t base = ((size_t)m * cache_row_stride + (size_t)kh * cache_len * HD) * kvs;
+                attend(qv, kc + base, vc + base, S, HD, att_scale, kv_type, scores.data() + (size_t)t * SR,
+                       att.data() + (size_t)m * QD + (size_t)h * HD);
             }
             if (q8) {  // heads straddle blocks, so the attention output is quantized once it is whole
                 #pragma omp for schedule(static)
@@ -363,10 +338,16 @@ extern "C" int sc_decode(
                 const int64_t b = t % FB;
                 float* gr = g.data() + (size_t)m * FF;
                 const float* ur = u.data() + (size_t)m * FF;
-                for (int64_t i = b * Q8_BLOCK; i < FF && i < (b + 1) * Q8_BLOCK; i++) {
-                    const float a = gr[i];
-                    gr[i] = a / (1.0f + std::exp(-a)) * ur[i];
+                int64_t i = b * Q8_BLOCK;
+                const int64_t e = FF < (b + 1) * Q8_BLOCK ? FF : (b + 1) * Q8_BLOCK;
+                for (; i + 8 <= e; i += 8) {
+                    v8f a, up;
+                    std::memcpy(&a, gr + i, 32);
+                    std::memcpy(&up, ur + i, 32);
+                    a = a / (1.0f + vexp(-a)) * up;
+                    std::memcpy(gr + i, &a, 32);
                 }
+                for (; i < e; i++) gr[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
                 if (q8) q8_block(gr, xq_f, m, b);
             }
             gemv(M, g.data(), xq_f, FF, (const void*)p[8], s ? (const float*)s[6] : nullptr, wt, H, x.data(), H, true);
@@ -385,3 +366,12 @@ extern "C" int sc_decode(
 
 // Which int8 instruction path this build uses (reported by benchmarks and tests).
 extern "C" const char* sc_int8_path() { return Q8 ? Q8_PATH : "widen-to-fp32"; }
+
+// fp32 -> the fp16 cache's bits (h) -> fp32 (back), through the same conversions as a step: what
+// tests compare with torch's, on the path this build has (F16C or the portable one).
+extern "C" void sc_f16(const float* x, uint16_t* h, float* back, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) store_kv(h + i, x + i, n - i < 8 ? (int)(n - i) : 8, KV_F16);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) { v8f v = load_kv(h, i, KV_F16); std::memcpy(back + i, &v, 32); }
+    for (; i < n; i++) back[i] = load_kv1(h, i, KV_F16);
+}

@@ -48,11 +48,13 @@ class Engine(Scoring):
     it. A free row keeps its last prompt's keys and values, and a new prompt goes to the row that
     shares its longest (chunk-aligned) prefix and recomputes only the rest (few-shot prompts, chat
     turns, an editor's repeated context). `generate`/`stream` run the loop in the calling thread;
-    `start` runs it in a background thread that `submit` feeds (the server).
+    `start` runs it in a background thread that `submit` feeds (the server). `kv_dtype` sets the
+    cache's dtype (default: the kernel's `cache_dtype`, else the weights').
     """
 
     def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16,
-                 use_kernel: bool = True, prefix_cache: bool = True, prefill_chunk: int = 128) -> None:
+                 use_kernel: bool = True, prefix_cache: bool = True, prefill_chunk: int = 128,
+                 kv_dtype: torch.dtype | None = None) -> None:
         integer(max_batch, "max_batch")
         integer(prefill_chunk, "prefill_chunk")
         self.model = model  # used as given: no train-only layers, every forward under inference_mode
@@ -60,15 +62,16 @@ class Engine(Scoring):
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         # the engine's own C++ decode step, passed to each forward: the caller's model is not changed
         self.decode_kernel: DecodeKernel | None = None
         if use_kernel and self.device.type == "cpu" and model.decode_kernel is None:
             from ..kernels import build
 
             self.decode_kernel = build(model)
-        if self.decode_kernel is not None or model.decode_kernel is not None:
-            self.dtype = torch.float32  # the kernel's KV cache (prefill writes it in any dtype)
+        kernel = self.decode_kernel or model.decode_kernel
+        # the KV cache's dtype: the weights' in PyTorch, the kernel's choice with it (fp16 for
+        # bf16 and int8 weights: half the bytes a long-context step reads)
+        self.kv_dtype = kv_dtype or (kernel.cache_dtype if kernel is not None else next(model.parameters()).dtype)
         self._queue: deque[_Job] = deque()
         self._slots: list[Request | None] = []
         self._cache: KVCache | None = None
@@ -424,15 +427,15 @@ class Engine(Scoring):
             rows, length = max(rows, old.batch_size), max(length, old.max_length)
         length = min(self.context_length, -(-length // 128) * 128)
         if old is None:
-            self._cache = KVCache(self.model.config, rows, length, self.dtype, self.device)
+            self._cache = KVCache(self.model.config, rows, length, self.kv_dtype, self.device)
         else:
             self._cache = old.grown(rows, length)
 
     def _sample_and_advance(self, rows: list[tuple[int, Request, torch.Tensor]]) -> None:
         """Pick each row's next token and advance its text. A failure here (non-finite logits, a
         sampler or callback error) ends that request with the error; the other rows go on."""
-        logits = torch.stack([x for _, _, x in rows])
-        bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1).tolist()
+        logits = torch.stack([x for _, _, x in rows]) if len(rows) > 1 else rows[0][2][None]
+        bad = (~(logits.amax(dim=-1) < float("inf"))).tolist()  # NaN or +inf anywhere (one pass)
         greedy = [j for j, (_, r, _) in enumerate(rows) if r.params.greedy and not bad[j]]
         chosen: dict[int, int] = {}
         if greedy:  # one argmax for all greedy rows
