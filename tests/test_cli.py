@@ -198,6 +198,38 @@ def test_generate_matches_engine(micro_checkpoint, engine, capsys):
     assert captured.err == ""
 
 
+@pytest.mark.parametrize("kv", ["fp16", "int8"])
+def test_generate_kv_cache_choice_reaches_the_engine(micro_checkpoint, small_tokenizer, capsys, monkeypatch, kv):
+    """--kv-cache sets the engine's cache dtype; the text is the engine's with that cache."""
+    import torch
+
+    from smallcoder import load
+
+    dtype = {"fp16": torch.float16, "int8": torch.int8}[kv]
+    model, tok = load(micro_checkpoint)
+    want = Engine(model, tok, kv_dtype=dtype).generate([PROMPT], SamplingParams(max_new_tokens=5))[0]
+    seen = []
+    real = Engine.__init__
+
+    def init(self, *a, **kw):
+        real(self, *a, **kw)
+        seen.append(self.kv_dtype)
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    assert main(["generate", "--model", str(micro_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "5",
+                 "--kv-cache", kv]) == 0
+    assert capsys.readouterr().out == want.text + "\n"
+    assert seen == [dtype]
+
+
+def test_generate_unknown_kv_cache_is_one_line(micro_checkpoint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(micro_checkpoint), "--prompt", "x", "--kv-cache", "q4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache" in err and "'q4'" in err and "int8" in err
+
+
 def record_prompts(monkeypatch) -> list[str]:
     """Make Engine.stream record each prompt it is given; return the list it fills."""
     prompts: list[str] = []

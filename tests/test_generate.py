@@ -284,7 +284,7 @@ def test_kv_cache_keeps_no_per_call_state(model, micro_config):
     model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache)  # uniform prefill
     model(torch.tensor([[7], [8]]), cache=cache, starts=[3, 1])  # one token per row, rows apart
     model(torch.tensor([[7, 9], [8, 9]]), cache=cache, starts=[0, 5])  # several, rows apart
-    assert set(vars(cache)) == set(fields) == {"k", "v", "lengths", "max_length", "batch_size"}
+    assert set(vars(cache)) == set(fields) == {"k", "v", "lengths", "max_length", "batch_size", "k_scale", "v_scale"}
     assert all(vars(cache)[name] is value for name, value in fields.items())
     assert cache.lengths.tolist() == [2, 7]
 

@@ -8,7 +8,8 @@ import sys
 
 # everything `import smallcoder.model` may load of the package: the model, its config and loss
 MODEL_SIDE = {"smallcoder", "smallcoder.model", "smallcoder.config", "smallcoder.loss", "smallcoder.labels",
-              "smallcoder.errors", "smallcoder.checks"}  # checks: standard library only
+              "smallcoder.errors", "smallcoder.checks",  # checks: standard library only
+              "smallcoder.quant"}  # torch only: the int8 KV cache's quantizer
 
 
 def _modules_after(statement: str) -> set[str]:

@@ -9,6 +9,7 @@ import argparse
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from .checks import integer
@@ -82,10 +83,27 @@ def program_name() -> str:
     return f"{exe} -m smallcoder"
 
 
+KV_CACHES = {"auto": None, "fp32": "float32", "fp16": "float16", "int8": "int8"}
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", choices=tuple(KV_CACHES), default="auto",
+                   help="the KV cache's dtype (default auto: as precise as the weights; with the CPU decode "
+                        "kernel fp32 for float32 weights, fp16 for bfloat16, int8 for int8)")
+
+
+def kv_dtype(name: str) -> Any:
+    """The torch dtype of a --kv-cache choice (None: the engine's default)."""
+    import torch
+
+    return None if KV_CACHES[name] is None else getattr(torch, KV_CACHES[name])
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model and --dtype, the same for every command that runs a model."""
+    """--model, --dtype and --kv-cache, the same for every command that runs a model."""
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub repo id")
     p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    add_kv_cache_arg(p)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -112,7 +130,7 @@ def _engine(args: argparse.Namespace):
     from .inference import Engine
 
     model, tokenizer = load(args.model, dtype=args.dtype)
-    return Engine(model, tokenizer)
+    return Engine(model, tokenizer, kv_dtype=kv_dtype(args.kv_cache))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

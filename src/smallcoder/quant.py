@@ -62,10 +62,12 @@ class Int8Linear(nn.Module):
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: scale = max|w| / 127, q = round(w / scale)."""
+    """Symmetric int8 along the last dimension: scale = max|w| / 127, q = round(w / scale). Weight
+    rows here; the int8 KV cache's key and value vectors (model.KVCache, and the decode kernel
+    with the same arithmetic) too."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
 
 

@@ -18,7 +18,10 @@
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-enum KVType { KV_F32 = 0, KV_F16 = 1 };
+// the cache's element type; int8 rows (one head's key or value at one position) carry an fp32 scale
+enum KVType { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
+
+static inline int kv_bytes(int kt) { return kt == KV_F32 ? 4 : (kt == KV_F16 ? 2 : 1); }
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -85,6 +88,11 @@ static inline uint16_t f2h(float f) {
 
 static inline v8f load_kv(const void* p, int64_t i, int kt) {
     if (kt == KV_F32) { v8f r; std::memcpy(&r, (const float*)p + i, 32); return r; }
+    if (kt == KV_I8) {
+        typedef int8_t v8b __attribute__((vector_size(8)));
+        v8b b; std::memcpy(&b, (const int8_t*)p + i, 8);
+        return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
+    }
 #if defined(__F16C__)
     return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
 #else
@@ -95,12 +103,25 @@ static inline v8f load_kv(const void* p, int64_t i, int kt) {
 }
 
 static inline float load_kv1(const void* p, int64_t i, int kt) {
+    if (kt == KV_I8) return (float)((const int8_t*)p)[i];
     return kt == KV_F32 ? ((const float*)p)[i] : h2f(((const uint16_t*)p)[i]);
 }
 
-// n values from src into a cache row of type kt
-static inline void store_kv(void* dst, const float* src, int n, int kt) {
+// n values from src into a cache row of type kt (int8: its scale to *scale, as quant.quantize_rows:
+// max|x| / 127, at least 1e-12 / 127, and round(x / scale) half to even)
+static inline void store_kv(void* dst, float* scale, const float* src, int n, int kt) {
     if (kt == KV_F32) { std::memcpy(dst, src, n * sizeof(float)); return; }
+    if (kt == KV_I8) {
+        float amax = 0;
+        for (int i = 0; i < n; i++) amax = std::fmax(amax, std::fabs(src[i]));
+        const float sc = std::fmax(amax, 1e-12f) / 127.0f;
+        for (int i = 0; i < n; i++) {
+            const float r = std::nearbyint(src[i] / sc);
+            ((int8_t*)dst)[i] = (int8_t)(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
+        }
+        *scale = sc;
+        return;
+    }
     uint16_t* d = (uint16_t*)dst;
     int i = 0;
 #if defined(__F16C__)
@@ -126,7 +147,7 @@ static inline void weigh_values(const float* p, int64_t S, const void* vb, int H
                                 float* out) {
     v8f acc[NV];
     for (int i = 0; i < NV; i++) acc[i] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
-    const int64_t rb = (int64_t)HD * (kt == KV_F32 ? 4 : 2), ahead = kv_ahead(rb);
+    const int64_t rb = (int64_t)HD * kv_bytes(kt), ahead = kv_ahead(rb);
     for (int64_t j = 0; j < S; j++) {
         if (c == 0 && j + ahead < S) prefetch_row((const char*)vb + (j + ahead) * rb, rb);
         const float w = p[j];
@@ -140,12 +161,13 @@ static inline void weigh_values(const float* p, int64_t S, const void* vb, int H
 // (the conversions and FMAs, not the bytes, bounded the 8-lane loops at fp16).
 static inline __m512 load16_kv(const void* p, int64_t i, int kt) {
     if (kt == KV_F32) return _mm512_loadu_ps((const float*)p + i);
+    if (kt == KV_I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)p + i))));
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
 }
 
 static inline void scores16(const float* qv, const void* kb, int64_t S, int HD, float scale, int kt,
                             float* sr) {
-    const int64_t rb = (int64_t)HD * (kt == KV_F32 ? 4 : 2), ahead = kv_ahead(rb);
+    const int64_t rb = (int64_t)HD * kv_bytes(kt), ahead = kv_ahead(rb);
     int64_t j = 0;
     for (; j + 4 <= S; j += 4) {
         if (j + 4 + ahead <= S) prefetch_row((const char*)kb + (j + ahead) * rb, 4 * rb);
@@ -173,7 +195,7 @@ template <int NV>
 static inline void values16(const float* p, int64_t S, const void* vb, int HD, int kt, float* out) {
     __m512 acc[NV];
     for (int i = 0; i < NV; i++) acc[i] = _mm512_setzero_ps();
-    const int64_t rb = (int64_t)HD * (kt == KV_F32 ? 4 : 2), ahead = kv_ahead(rb);
+    const int64_t rb = (int64_t)HD * kv_bytes(kt), ahead = kv_ahead(rb);
     for (int64_t j = 0; j < S; j++) {
         if (j + ahead < S) prefetch_row((const char*)vb + (j + ahead) * rb, rb);
         const __m512 w = _mm512_set1_ps(p[j]);
@@ -184,18 +206,22 @@ static inline void values16(const float* p, int64_t S, const void* vb, int HD, i
 #endif
 
 // softmax(q . k_j * scale) . v over positions 0..S-1 of one head (keys and values at kb and vb,
-// HD values a position); sr is scratch for S scores (rounded up to 8)
-static void attend(const float* qv, const void* kb, const void* vb, int64_t S, int HD, float scale,
-                   int kt, float* sr, float* out) {
+// HD values a position; an int8 cache's row scales at ks and vs); sr is scratch for S scores
+// (rounded up to 8)
+static void attend(const float* qv, const void* kb, const void* vb, const float* ks, const float* vs,
+                   int64_t S, int HD, float scale, int kt, float* sr, float* out) {
     const int HD8 = HD & ~7;
-    const int64_t rb = (int64_t)HD * (kt == KV_F32 ? 4 : 2), ahead = kv_ahead(rb);
+    const int64_t rb = (int64_t)HD * kv_bytes(kt), ahead = kv_ahead(rb);
     float mx = -INFINITY;
     int64_t j = 0;
 #if defined(__AVX512F__)
     const bool wide = HD % 16 == 0 && HD <= 128;
     if (wide) {
         scores16(qv, kb, S, HD, scale, kt, sr);
-        for (; j < S; j++) mx = sr[j] > mx ? sr[j] : mx;
+        for (; j < S; j++) {
+            if (ks) sr[j] *= ks[j];
+            mx = sr[j] > mx ? sr[j] : mx;
+        }
     }
 #endif
     for (; j + 4 <= S; j += 4) {  // four keys share each load of q
@@ -211,7 +237,7 @@ static void attend(const float* qv, const void* kb, const void* vb, int64_t S, i
         float d[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
         for (int r = 0; r < 4; r++) {
             for (int i = HD8; i < HD; i++) d[r] += qv[i] * load_kv1(kb, (j + r) * HD + i, kt);
-            sr[j + r] = d[r] * scale;
+            sr[j + r] = d[r] * scale * (ks ? ks[j + r] : 1.0f);
             mx = sr[j + r] > mx ? sr[j + r] : mx;
         }
     }
@@ -223,21 +249,21 @@ static void attend(const float* qv, const void* kb, const void* vb, int64_t S, i
         }
         float d = hsum(a);
         for (int i = HD8; i < HD; i++) d += qv[i] * load_kv1(kb, j * HD + i, kt);
-        sr[j] = d * scale;
+        sr[j] = d * scale * (ks ? ks[j] : 1.0f);
         mx = sr[j] > mx ? sr[j] : mx;
     }
     // exponentials 8 at a time; the padding lanes past S are computed and not counted
     for (int64_t t = S; t < ((S + 7) & ~int64_t(7)); t++) sr[t] = mx;
-    v8f vs = {};
+    v8f total = {};
     for (int64_t t = 0; t < S; t += 8) {
         v8f e; std::memcpy(&e, sr + t, 32);
         e = vexp(e - mx);
         std::memcpy(sr + t, &e, 32);
-        if (t + 8 <= S) vs += e;
-        else for (int64_t r = t; r < S; r++) vs[0] += e[r - t];
+        if (t + 8 <= S) total += e;
+        else for (int64_t r = t; r < S; r++) total[0] += e[r - t];
     }
-    const float inv = 1.0f / hsum(vs);
-    for (int64_t t = 0; t < S; t++) sr[t] *= inv;
+    const float inv = 1.0f / hsum(total);
+    for (int64_t t = 0; t < S; t++) sr[t] *= vs ? inv * vs[t] : inv;  // an int8 value row's scale joins its weight
 #if defined(__AVX512F__)
     if (wide) {
         switch (HD / 16) {

@@ -229,8 +229,8 @@ static void rmsnorm_rows(int M, const float* x, const float* w, int64_t H, float
     }
 }
 
-// Per layer, 11 pointers: input_norm, q, k, v, o, post_norm, gate, up, down weights, then the
-// layer's K and V caches (fp32 or fp16: kv_type). Scales (int8 only), per layer: q, k, v, o, gate, up, down (7).
+// Per layer, 13 pointers: input_norm, q, k, v, o, post_norm, gate, up, down weights, then the
+// layer's K and V caches (fp32, fp16 or int8: kv_type) and, for int8, their row scales (else 0). Scales (int8 only), per layer: q, k, v, o, gate, up, down (7).
 // Head: final norm, lm_head weight, lm_head scale.
 extern "C" int sc_decode(
     int M, int n_threads, const float* x_in, const int64_t* pos,
@@ -247,7 +247,7 @@ extern "C" int sc_decode(
     std::vector<float> scores((size_t)M * NH * SR);
     const float att_scale = 1.0f / std::sqrt((float)HD);
     const int half = HD / 2;
-    const size_t kvs = kv_type == KV_F32 ? 4 : 2;
+    const size_t kvs = kv_bytes(kv_type);
     // RoPE's cos and sin per row, the same for every layer
     std::vector<float> rcos((size_t)M * half), rsin((size_t)M * half);
     for (int m = 0; m < M; m++)
@@ -281,10 +281,12 @@ extern "C" int sc_decode(
         _mm_setcsr(_mm_getcsr() | 0x8040);
 #endif
         for (int l = 0; l < L; l++) {
-            const int64_t* p = layer_ptrs + (size_t)l * 11;
+            const int64_t* p = layer_ptrs + (size_t)l * 13;
             const int64_t* s = scale_ptrs ? scale_ptrs + (size_t)l * 7 : nullptr;
             char* kc = (char*)p[9];
             char* vc = (char*)p[10];
+            float* ksc = (float*)p[11];  // scale (m, head, position) at [(m * row stride) / HD + head * len + pos]
+            float* vsc = (float*)p[12];
             rmsnorm_rows(M, x.data(), (const float*)p[0], H, eps, xn.data(), hq);
             gemv(M, xn.data(), xq_h, H, (const void*)p[1], s ? (const float*)s[0] : nullptr, wt, QD, q.data(), QD, false);
             gemv(M, xn.data(), xq_h, H, (const void*)p[2], s ? (const float*)s[1] : nullptr, wt, KD, kv.data(), 2 * KD, false);
@@ -305,8 +307,10 @@ extern "C" int sc_decode(
                 if (h >= NH) {
                     const int kh = h - NH;
                     const size_t off = (size_t)m * cache_row_stride + ((size_t)kh * cache_len + pos[m]) * HD;
-                    store_kv(kc + off * kvs, vec, HD, kv_type);
-                    store_kv(vc + off * kvs, kv.data() + (size_t)m * 2 * KD + KD + (size_t)kh * HD, HD, kv_type);
+                    const size_t so = off / HD;
+                    store_kv(kc + off * kvs, ksc ? ksc + so : nullptr, vec, HD, kv_type);
+                    store_kv(vc + off * kvs, vsc ? vsc + so : nullptr, kv.data() + (size_t)m * 2 * KD + KD + (size_t)kh * HD,
+                             HD, kv_type);
                 }
             }
             // attention: row m, head h over positions 0..pos[m] of its own cache row. Head-major, so
@@ -317,8 +321,9 @@ extern "C" int sc_decode(
                 const int m = (int)(t % M), h = (int)(t / M), kh = h / group;
                 const int64_t S = pos[m] + 1;
                 const float* qv = q.data() + (size_t)m * QD + (size_t)h * HD;
-                const size_t base = ((size_t)m * cache_row_stride + (size_t)kh * cache_len * HD) * kvs;
-                attend(qv, kc + base, vc + base, S, HD, att_scale, kv_type, scores.data() + (size_t)t * SR,
+                const size_t base = (size_t)m * cache_row_stride + (size_t)kh * cache_len * HD;
+                attend(qv, kc + base * kvs, vc + base * kvs, ksc ? ksc + base / HD : nullptr,
+                       vsc ? vsc + base / HD : nullptr, S, HD, att_scale, kv_type, scores.data() + (size_t)t * SR,
                        att.data() + (size_t)m * QD + (size_t)h * HD);
             }
             if (q8) {  // heads straddle blocks, so the attention output is quantized once it is whole
@@ -370,7 +375,7 @@ extern "C" const char* sc_int8_path() { return Q8 ? Q8_PATH : "widen-to-fp32"; }
 // fp32 -> the fp16 cache's bits (h) -> fp32 (back), through the same conversions as a step: what
 // tests compare with torch's, on the path this build has (F16C or the portable one).
 extern "C" void sc_f16(const float* x, uint16_t* h, float* back, int64_t n) {
-    for (int64_t i = 0; i < n; i += 8) store_kv(h + i, x + i, n - i < 8 ? (int)(n - i) : 8, KV_F16);
+    for (int64_t i = 0; i < n; i += 8) store_kv(h + i, nullptr, x + i, n - i < 8 ? (int)(n - i) : 8, KV_F16);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) { v8f v = load_kv(h, i, KV_F16); std::memcpy(back + i, &v, 32); }
     for (; i < n; i++) back[i] = load_kv1(h, i, KV_F16);

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import number
-from ..cli import DTYPE_HELP
+from ..cli import DTYPE_HELP, add_kv_cache_arg, kv_dtype
 from ..errors import SmallCoderError
 from ..prompts import FIM_ORDERS
 from .data import EVAL_TASKS as TASKS
@@ -57,6 +57,7 @@ def register(subparsers: Any) -> None:
                         "(extract). Default: extract for the instruct format, raw for --format base, MBPP "
                         "and --samples")
     p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    add_kv_cache_arg(p)
     p.add_argument("--batch-size", type=int, default=8,
                    help="sequences decoded together (continuous batching) / scored per forward")
     p.add_argument("--workers", type=int, default=None, help="parallel sandbox processes (default: all cores)")
@@ -211,7 +212,7 @@ def _engine(args: argparse.Namespace) -> Any:
     from ..inference import Engine
 
     model, tokenizer = load(args.model, dtype=args.dtype)
-    return Engine(model, tokenizer, max_batch=args.batch_size)
+    return Engine(model, tokenizer, max_batch=args.batch_size, kv_dtype=kv_dtype(args.kv_cache))
 
 
 def _run_task(task: str, engine: Any, data: Any, args: argparse.Namespace, ks: list[int], progress: bool) -> Any:

@@ -80,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     key = " (API key required)" if app.state.server.api_key else ""
-    print(f"serving {args.model_name or args.model} ({args.dtype}, max batch {args.max_batch}, context "
+    kv = str(engine.kv_dtype).removeprefix("torch.")
+    print(f"serving {args.model_name or args.model} ({args.dtype}, KV cache {kv}, max batch {args.max_batch}, context "
           f"{engine.context_length}) at http://{shown}:{port}/v1{key}", flush=True)
     config = uvicorn_config(app, limits, log_level=args.log_level, timeout_graceful_shutdown=5,
                             access_log=args.log_level == "debug")
@@ -101,13 +102,14 @@ def _load(args: argparse.Namespace, limits: ServeLimits) -> tuple[Any, Any]:
         log.warning("listening on %s, reachable from other machines%s", args.host,
                     "" if api_key else " WITHOUT an API key (set --api-key or SMALLCODER_API_KEY)")
     from ..checkpoint import load
-    from ..cli import set_threads
+    from ..cli import kv_dtype, set_threads
     from ..inference import Engine
     from .app import create_app
 
     set_threads(args.threads)
     model, tokenizer = _on_a_passing_thread(lambda: load(args.model, dtype=args.dtype))
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                    kv_dtype=kv_dtype(args.kv_cache))
     return create_app(engine, model_name=args.model_name or args.model, api_key=api_key, limits=limits,
                       fim_order=args.fim_order), engine
 
