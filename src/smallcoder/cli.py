@@ -9,8 +9,8 @@ import argparse
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from .checks import integer
 from .errors import SmallCoderError
