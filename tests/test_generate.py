@@ -747,13 +747,14 @@ def test_top_k_draws_from_its_candidates_with_the_full_vocabulary_distribution(m
         logits[0, 299] = logits.max() + 1.0
     params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, samplers=samplers)
     seen = {}
-    real = torch.multinomial
+    sampling = importlib.import_module("smallcoder.inference.sampling")
+    real = sampling.draw
 
-    def multinomial(probs, n, generator=None):
+    def draw(probs, generator):
         seen["probs"] = probs
-        return real(probs, n, generator=generator)
+        return real(probs, generator)
 
-    monkeypatch.setattr(torch, "multinomial", multinomial)
+    monkeypatch.setattr(sampling, "draw", draw)
     want = _full_vocabulary_probs(logits, params)[0]
     for seed in range(30):
         token = int(sample(logits, params, torch.Generator().manual_seed(seed))[0])
@@ -766,6 +767,28 @@ def test_top_k_draws_from_its_candidates_with_the_full_vocabulary_distribution(m
         _, order = torch.topk(want, probs.shape[-1])
         got[order] = probs[torch.argsort(probs, descending=True)].to(got.dtype)
     assert torch.allclose(got.double(), want, atol=1e-12), (got[want > 0], want[want > 0])
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero(monkeypatch):
+    """The inverse-CDF draw: frequencies match the probabilities (a chi-square bound, fixed seed),
+    zero-probability indices (first, inner, last) never come up, and a one-hot row always gives its index."""
+    sampling = importlib.import_module("smallcoder.inference.sampling")
+    p = torch.tensor([[0.0, 0.1, 0.0, 0.25, 0.4, 0.25, 0.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(11)
+    n = 20000
+    got = torch.cat([sampling.draw(p.expand(100, -1), g)[:, 0] for _ in range(n // 100)])
+    counts = torch.bincount(got, minlength=7).double()
+    assert counts[p[0] == 0].sum() == 0
+    expected = p[0] * n
+    chi2 = ((counts - expected)[p[0] > 0] ** 2 / expected[p[0] > 0]).sum()
+    assert chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+    one_hot = torch.zeros(3, 5, dtype=torch.float64)
+    one_hot[0, 0] = one_hot[1, 4] = one_hot[2, 2] = 1
+    assert sampling.draw(one_hot, g)[:, 0].tolist() == [0, 4, 2]
+    assert sampling.draw(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64), None)[0, 0] in (0, 1)
+    # a uniform number that rounds up to the total lands on the last index with mass
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.ones(*a[:2], dtype=kw.get("dtype")))
+    assert sampling.draw(torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64), None).tolist() == [[1]]
 
 
 def test_sample_top_p_keeps_the_nucleus():

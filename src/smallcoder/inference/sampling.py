@@ -98,16 +98,42 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
             else:  # ties with the k-th value beyond k: they all stay, as on the full vocabulary
                 x = x.masked_fill(x < kth, float("-inf"))
         elif step == "top_p" and params.top_p < 1.0:
-            sorted_x, order = torch.sort(x, dim=-1, descending=True)
-            probs = sorted_x.softmax(dim=-1)
-            # drop a token when the tokens ranked above it already reach top_p (the first always stays:
-            # its mass above is exactly 0, and top_p > 0 even in float64's smallest denormal)
-            drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
-            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-            x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+            sorted_x, order, drop = _nucleus(x, params.top_p)
+            x, ids = sorted_x.masked_fill(drop, float("-inf")), order if ids is None else ids.gather(-1, order)
         elif step == "min_p" and params.min_p > 0:
             # p < min_p * p_max  <=>  x - x_max < log(min_p); the likeliest token always stays
             top = x.max(dim=-1, keepdim=True).values
             x = x.masked_fill(x - top < math.log(params.min_p), float("-inf"))
-    choice = torch.multinomial(x.softmax(dim=-1), 1, generator=generator)
+    choice = draw(x.softmax(dim=-1), generator)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
+def _nucleus(x: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The likeliest candidates of x (B, n) in descending order (values, their indices) and which of
+    them top-p drops: a token whose better-ranked tokens already hold top_p of the mass (the first
+    always stays: its mass above is exactly 0, and top_p > 0 even in float64's smallest denormal).
+    Only as many candidates as the nucleus needs are sorted (64, then 8x more while some row's
+    nucleus runs past them): a full sort of 49,152 float64 values took 7 ms a token here."""
+    n = x.shape[-1]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    k = min(n, 64)
+    while True:
+        vals, order = torch.topk(x, k, dim=-1)
+        probs = (vals - lse).exp()
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        if k == n or bool(drop[:, -1].all()):
+            return vals, order, drop
+        k = min(n, k * 8)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row (B, 1) drawn from probs (B, n), by the inverse CDF of one uniform number.
+    Why not torch.multinomial: on a 49,152-token vocabulary it took 1.5 ms a token here (a
+    temperature without top-k, as Continue sends), this 0.1 ms. A zero-probability index is never
+    drawn: its CDF interval is empty."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype) * total
+    idx = torch.searchsorted(cdf, u, right=True)
+    # u rounded up to the total (rand just below 1): the first index that reaches it, which has mass
+    return torch.where(idx < probs.shape[-1], idx, torch.searchsorted(cdf, total))
