@@ -81,11 +81,22 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Next token ids (B,) from logits (B, V): greedy, or the `samplers` steps, then a draw."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    steps = list(params.samplers)
+    x = ids = None  # ids: once top-k has run, the token ids of the candidates x holds (B, k)
+    first = steps.index("top_k") if "top_k" in steps else -1
+    if 0 < params.top_k < logits.shape[-1] and set(steps[:max(first, 0)]) <= {"temperature", "min_p"} and first >= 0:
+        # top-k first, on the float32 logits: the steps before it keep the order and the likeliest
+        # token, so they commute with it; three passes over the vocabulary fewer (each cache-cold
+        # after a decode step: ~0.4 ms a token)
+        vals, order = torch.topk(logits, params.top_k, dim=-1)
+        kth = vals[:, -1:]
+        if bool(((logits >= kth).sum(-1) == params.top_k).all()) or bool(torch.isinf(kth).all()):
+            x, ids = vals.double(), order
+            steps.remove("top_k")
     # shifted to max 0 (then divided): finite or -inf for every temperature > 0 (see the module doc)
-    x = logits.double()
+    x = logits.double() if x is None else x
     x = x - x.max(dim=-1, keepdim=True).values
-    ids = None  # once top-k has run: the token ids of the candidates x now holds (B, k)
-    for step in params.samplers:
+    for step in steps:
         if step == "temperature":
             x = x / params.temperature  # > 0 here: temperature 0 is greedy, above
         elif step == "top_k" and params.top_k and params.top_k < x.shape[-1]:
