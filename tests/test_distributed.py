@@ -69,9 +69,17 @@ SCRIPT = textwrap.dedent('''
         return [Component("code", Records("packed", packed), 0.5), Component("chat", Records("sft", sft), 0.5)]
 
 
-    def train(strategy, info, steps):
+    def train(spec, info, steps):
+        strategy, _, optimizer = spec.partition("+")  # "ddp+muon": Muon on the matrices, AdamW on the rest
         model = wrap_model(new_model(CONFIG, seed=0), info, strategy)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        if optimizer == "muon":
+            from smallcoder.train.muon import Muon, MuonAdamW, named_split
+
+            matrices, rest = named_split(model)
+            opt = MuonAdamW(Muon([p for _, p in matrices], lr=1e-2, weight_decay=0.1),
+                            torch.optim.AdamW([p for _, p in rest], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1))
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
         # global batch 8 in micro-batches of 2: 4 accumulated micro-steps alone, 2 per rank on 2 ranks
         loader = MixtureLoader(components(), seq_len=SEQ, global_batch=8, micro_batch=2, seed=3, pad_id=0,
                                rank=info.rank, world_size=info.world_size)
@@ -162,9 +170,9 @@ def runs(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("dist")
     (work / "out").mkdir()
     (work / "dist_train.py").write_text(SCRIPT)
-    _run([sys.executable, "dist_train.py", "--strategies", "none", "--out", "out", "--steps", str(STEPS),
+    _run([sys.executable, "dist_train.py", "--strategies", "none,none+muon", "--out", "out", "--steps", str(STEPS),
           "--tag", "single"], work)
-    strategies = "ddp,fsdp2" if _fsdp2_available() is None else "ddp"
+    strategies = "ddp,ddp+muon,fsdp2" if _fsdp2_available() is None else "ddp,ddp+muon"
     _run([*_torchrun(2), "dist_train.py", "--strategies", strategies, "--out", "out", "--steps", str(STEPS),
           "--tag", "torchrun"], work)
     return work / "out"
@@ -189,17 +197,19 @@ def test_torchrun_collectives(runs: Path) -> None:
         assert rep["broadcast"] == {"from": 1}  # src=1's object reached rank 0 too
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "ddp+muon"])
 def test_two_processes_match_single_process(runs: Path, strategy: str) -> None:
+    """Also with Muon (`+muon`): each rank orthogonalizes the same all-reduced whole gradients."""
     if strategy == "fsdp2" and (why := _fsdp2_available()):
         pytest.skip(why)
-    ref_state = torch.load(runs / "none.pt")
+    single = "none+muon" if strategy.endswith("+muon") else "none"
+    ref_state = torch.load(runs / f"{single}.pt")
     state = torch.load(runs / f"{strategy}.pt")
     assert sorted(state) == sorted(ref_state)
     for key, ref in ref_state.items():
         assert state[key].device.type == "cpu" and not hasattr(state[key], "placements"), key  # plain, unsharded
         torch.testing.assert_close(state[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
-    ref_run = _report(runs, "single")["runs"]["none"]
+    ref_run = _report(runs, "single")["runs"][single]
     rank_runs = [_report(runs, "torchrun", r)["runs"][strategy] for r in (0, 1)]
     assert rank_runs[0]["losses"] == rank_runs[1]["losses"]  # all-reduced: one global loss
     assert rank_runs[0]["losses"] == pytest.approx(ref_run["losses"], rel=1e-6)
@@ -214,6 +224,9 @@ def test_two_processes_match_single_process(runs: Path, strategy: str) -> None:
                      seed=0).state_dict()
     moved = max((ref_state[k] - init[k]).abs().max().item() for k in init)
     assert moved > 1e-2  # training moved the weights far beyond the tolerance
+    if single != "none":  # and Muon moved the matrices otherwise than AdamW
+        adamw = torch.load(runs / "none.pt")
+        assert (ref_state["model.layers.0.mlp.up_proj.weight"] - adamw["model.layers.0.mlp.up_proj.weight"]).abs().max() > 1e-3
 
 
 # ---- single process: no torchrun environment ---------------------------------------------------

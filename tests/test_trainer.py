@@ -224,16 +224,24 @@ def test_loss_normalised_over_the_whole_step(workdir, small_tokenizer, micro_con
 # ---- resume --------------------------------------------------------------------------------------
 
 
-def test_kill_and_resume_is_bit_identical(workdir):
+MUON = ["--set", "stages.0.optimizer=muon", "--set", "stages.2.optimizer=muon", "--set", "stages.2.muon_lr=0.01"]
+
+
+@pytest.mark.parametrize("optimizers", ["adamw", "muon"])
+def test_kill_and_resume_is_bit_identical(workdir, optimizers):
+    """A SIGKILL at a random moment, then --resume: the final weights equal an uninterrupted run's.
+    `muon`: Muon on stages 1 and 3, AdamW on 2 and 4, so its state and both switches are resumed too."""
     recipe = _recipe(workdir, ckpt=1, keep=3, tokens=1536)  # 12 steps a stage, a checkpoint each step
-    ref = _cli([str(recipe), "--out", str(workdir / "ref")], workdir)
-    _finish(ref)
+    extra = MUON if optimizers == "muon" else []
+    ref = _cli([str(recipe), "--out", str(workdir / "ref"), *extra], workdir)
+    ref_out = _finish(ref)
+    assert ("stage prose: muon on 14 matrices" in ref_out) == (optimizers == "muon"), ref_out
     reference = _weights(workdir / "ref" / "final")
     seed = int(time.time() * 1000) % 10_000
     rng = random.Random(seed)
     for attempt in range(3):
         out = workdir / f"killed{attempt}"
-        proc = _cli([str(recipe), "--out", str(out)], workdir)
+        proc = _cli([str(recipe), "--out", str(out), *extra], workdir)
         deadline = time.monotonic() + 120
         while not list_checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -246,7 +254,7 @@ def test_kill_and_resume_is_bit_identical(workdir):
         pytest.fail(f"the run always finished before the kill (seed {seed})")
     assert proc.returncode == -signal.SIGKILL
     before = {p.name for _, p in list_checkpoints(out)}
-    out_text = _finish(_cli([str(recipe), "--out", str(out), "--resume"], workdir))
+    out_text = _finish(_cli([str(recipe), "--out", str(out), "--resume", *extra], workdir))
     assert "resuming from" in out_text, out_text
     assert _same(_weights(out / "final"), reference), f"kill seed {seed}: resumed weights differ"
     assert before  # the kill came after the first checkpoint

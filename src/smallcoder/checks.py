@@ -149,6 +149,15 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class Unset:
+    """`check`, or None left as None (a field whose absence means "derive it from others")."""
+    check: Any
+
+    def __call__(self, value: Any, name: str) -> Any:
+        return None if value is None else self.check(value, name)
+
+
+@dataclass(frozen=True)
 class Bool:
     def __call__(self, value: Any, name: str) -> bool:
         return boolean(value, name)

@@ -53,7 +53,14 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
     weight_decay = 0.1
     grad_clip = 1.0
     sft = false                      # conversations with the card's EOS-fix loss mask
-    carry_optimizer = true           # keep AdamW moments from the previous stage
+    carry_optimizer = true           # keep the optimizer's state from the previous stage (a stage whose
+                                     # optimizer differs from the one before starts a new one regardless)
+    optimizer = "adamw"              # adamw | muon: Muon (train/muon.py) on the layers' 2-D matrices, AdamW
+                                     # (lr, weight_decay) on the embedding, the head and the norms
+    muon_lr = 3e-4                   # muon only (an error on an AdamW stage); default lr: Muon's update is
+                                     # scaled to AdamW's RMS (Liu et al. 2025), so the schedule carries over
+    muon_weight_decay = 0.1          # muon only; default weight_decay
+    muon_momentum = 0.95             # muon only; nesterov momentum, default 0.95
     decontaminate = false            # drop documents sharing a 13-gram with HumanEval/MBPP/GSM8k
     fim_rate = 0.0                   # fill-in-the-middle: share of documents transformed, 0 = off (the
                                      # default); not on an SFT stage; needs the tokenizer's FIM tokens

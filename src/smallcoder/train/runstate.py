@@ -206,7 +206,8 @@ def load_resume_point(out: Path, model: torch.nn.Module, info: Any, n_stages: in
 
 def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       fsdp: bool) -> dict[str, torch.Tensor]:
-    """AdamW's state as CPU tensors named `<parameter>.<key>` (step, exp_avg, exp_avg_sq).
+    """The optimizer's state as CPU tensors named `<parameter>.<key>` (AdamW: step, exp_avg,
+    exp_avg_sq; Muon: momentum_buffer).
     Under FSDP2 a collective (the shards are gathered): every rank calls it."""
     from .distributed import unwrap
 
@@ -255,16 +256,28 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
             for g in optimizer.param_groups]}
         set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
         return
+    from .muon import Muon
+
+    parts = getattr(optimizer, "parts", (optimizer,))  # MuonAdamW: each parameter's own optimizer
+    owner = {id(p): part for part in parts for g in part.param_groups for p in g["params"]}
     for name, p in unwrap(model).named_parameters():
-        if f"{name}.exp_avg" not in tensors:
+        part = owner.get(id(p))
+        if part is None:
             continue
+        keys, other = ((("momentum_buffer",), "exp_avg") if isinstance(part, Muon)
+                       else (("step", "exp_avg", "exp_avg_sq"), "momentum_buffer"))
+        if f"{name}.{other}" in tensors:
+            raise SmallCoderError(f"{folder / OPTIM_FILE}: {name} has {other} (another optimizer's state) but "
+                                  f"this stage's optimizer keeps {', '.join(keys)}")
+        if not any(f"{name}.{k}" in tensors for k in keys):
+            continue  # never stepped
         st = {}
-        for k in ("step", "exp_avg", "exp_avg_sq"):
+        for k in keys:
             t = tensors.get(f"{name}.{k}")
             if t is None:
                 raise SmallCoderError(f"{folder / OPTIM_FILE}: tensor {name}.{k} is missing")
             st[k] = t if k == "step" else t.to(p.device)
-        optimizer.state[p] = st
+        part.state[p] = st
 
 
 # ---- writing ---------------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checks import Bool, Choice, FieldError, Int, Number, check_fields, checked, integer
+from ..checks import Bool, Choice, FieldError, Int, Number, Unset, check_fields, checked, integer
 from ..errors import SmallCoderError
 from .schedule import SCHEDULES
+
+OPTIMIZERS = ("adamw", "muon")  # per stage; train/optim.py builds them
 
 STRATEGIES = ("ddp", "fsdp2", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -181,9 +183,19 @@ class StageSpec:
     decontaminate: bool = checked(False, Bool())
     fim_rate: float = checked(0.0, Number(maximum=1.0))      # share of documents FIM-transformed; 0 = off
     fim_spm_rate: float = checked(0.5, Number(maximum=1.0))  # of those, the share in SPM order (else PSM)
+    optimizer: str = checked("adamw", Choice(OPTIMIZERS))
+    # Muon's group (train/muon.py); unset = lr, weight_decay and 0.95; an error on an AdamW stage
+    muon_lr: float | None = checked(None, Unset(Number(strict=True)))
+    muon_weight_decay: float | None = checked(None, Unset(Number()))
+    muon_momentum: float | None = checked(None, Unset(Number(below=1.0)))
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.optimizer != "muon":
+            for f in ("muon_lr", "muon_weight_decay", "muon_momentum"):
+                if getattr(self, f) is not None:
+                    raise FieldError(f, f"{getattr(self, f)} on a stage with optimizer = {self.optimizer!r}: "
+                                     "it sets Muon's group; set optimizer = \"muon\" or remove it", ": ")
         if self.sft and self.fim_rate > 0:
             raise FieldError("fim_rate", f"{self.fim_rate:g} on an SFT stage: FIM transforms packed documents, "
                              "and an SFT stage's conversations keep their EOS-fix loss mask; set fim_rate = 0 "
@@ -206,6 +218,13 @@ class StageSpec:
         if self.sources and abs(total - 1.0) > 1e-6:
             detail = ", ".join(f"{s.name}={s.weight:g}" for s in self.sources)
             raise FieldError("sources", f"weights must sum to 1, got {total:.6g} ({detail})", ": ")
+
+    @property
+    def muon_settings(self) -> tuple[float, float, float]:
+        """Muon's (lr, weight_decay, momentum) with the defaults filled in."""
+        return (self.lr if self.muon_lr is None else self.muon_lr,
+                self.weight_decay if self.muon_weight_decay is None else self.muon_weight_decay,
+                0.95 if self.muon_momentum is None else self.muon_momentum)
 
     @property
     def global_batch(self) -> int:

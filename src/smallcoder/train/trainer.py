@@ -46,7 +46,7 @@ from .evaluation import run_eos_check, validation_loss
 from .hardware import bf16_is_fast, device_peak_flops, keep_freed_memory, measure_cpu_peak
 from .interrupt import StopRequest, TrainingInterrupted
 from .metrics import MetricsLog, Window
-from .optim import build_optimizer, set_lr, set_weight_decay
+from .optim import apply_stage, build_optimizer, kind, set_lr
 from .recipe import Recipe
 from .rng import rng_state, seed_all, set_rng_state
 from .runfolder import check_out, claim_out, run_record, starts_over
@@ -237,7 +237,10 @@ class Trainer:
         model = wrap_model(model, info, run.strategy)
         forward = torch.compile(model) if run.compile else model
         model.train()
-        optimizer = build_optimizer(model, stages[min(state.stage, len(stages) - 1)].spec, fsdp)
+        # the optimizer the checkpoint holds: its stage's, or at a stage's first step the one
+        # before's (that stage's start then rebuilds it, as without the interruption)
+        holder = state.stage - 1 if state.step_in_stage == 0 and state.stage > 0 else state.stage
+        optimizer = build_optimizer(model, stages[min(holder, len(stages) - 1)].spec, fsdp)
         if resume_from is not None:
             load_optimizer(model, optimizer, resume_from, fsdp)
             if state.rng:
@@ -346,9 +349,15 @@ class Trainer:
         data, st, state = ctx.stages[si], ctx.stages[si].spec, ctx.state
         if state.step_in_stage == 0:
             state.stage_start_tokens = state.tokens
-            if si > 0 and not st.carry_optimizer:
+            # a stage that switches optimizer (AdamW SFT after Muon pre-training) starts a new one
+            if si > 0 and (not st.carry_optimizer or kind(ctx.optimizer) != st.optimizer):
                 ctx.optimizer = build_optimizer(ctx.model, st, ctx.fsdp)
-        set_weight_decay(ctx.optimizer, st.weight_decay)
+            if st.optimizer == "muon" and ctx.info.is_main:
+                from .distributed import unwrap
+                from .muon import describe
+
+                print(f"stage {st.name}: {describe(unwrap(ctx.model))}", file=sys.stderr)
+        apply_stage(ctx.optimizer, st)
         loader = MixtureLoader([Component(s.name, s.train, s.weight) for s in data.sources],
                                seq_len=st.seq_len, global_batch=st.global_batch,
                                micro_batch=st.micro_batch_on(ctx.info.world_size),
