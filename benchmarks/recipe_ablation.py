@@ -137,7 +137,8 @@ def main() -> None:
         best = min(tuned, key=lambda lr: tuned[lr][-1][1])
         curves[arm] = [tuned[best]] + [run(work, tok, arm, best, s, args.tokens, args.eval_every) for s in seeds[1:]]
         finals[arm] = [c[-1][1] for c in curves[arm]]
-        print(f"  {arm}: best lr {best:g}", flush=True)
+        edge = " (at the grid's edge: widen the grid)" if best in (min(grid), max(grid)) and len(grid) > 1 else ""
+        print(f"  {arm}: best lr {best:g}{edge}", flush=True)
     print(f"\n{'arm':6s} {'final val loss per seed':32s} {'median':>8s} {'spread':>8s}")
     for arm, vals in finals.items():
         print(f"{arm:6s} {', '.join(f'{v:.4f}' for v in vals):32s} {statistics.median(vals):8.4f} "
