@@ -99,6 +99,42 @@ def test_build_optimizer_for_a_muon_stage_and_the_schedule_on_both_groups():
         build_optimizer(model, stage, fsdp=True)
 
 
+def test_muon_adamw_state_holds_both_parts_and_round_trips(tmp_path):
+    """What a checkpoint saves of a MuonAdamW: Muon's momentum for the matrices and AdamW's moments
+    for the rest; loaded into a fresh optimizer, the next steps are bit-identical."""
+    from safetensors.torch import save_file
+
+    from smallcoder.train.runstate import OPTIM_FILE, load_optimizer, optimizer_tensors
+
+    stage = _stage(stage_extra='optimizer = "muon"')
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(model, opt):
+        model(ids, labels=ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    a = new_model(CFG, seed=0)
+    opt_a = build_optimizer(a, stage, fsdp=False)
+    step(a, opt_a)
+    saved = optimizer_tensors(a, opt_a, fsdp=False)
+    matrices, rest = named_split(a)
+    assert {f"{n}.momentum_buffer" for n, _ in matrices} <= set(saved)
+    assert {f"{n}.{k}" for n, _ in rest for k in ("step", "exp_avg", "exp_avg_sq")} <= set(saved)
+    save_file(saved, str(tmp_path / OPTIM_FILE))
+    b = new_model(CFG, seed=0)
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, stage, fsdp=False)
+    load_optimizer(b, opt_b, tmp_path, fsdp=False)
+    for _ in range(2):
+        step(a, opt_a)
+        step(b, opt_b)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = new_model(CFG, seed=0)
+    with pytest.raises(SmallCoderError, match="another optimizer's state"):
+        load_optimizer(c, build_optimizer(c, _stage(), fsdp=False), tmp_path, fsdp=False)
+
+
 def test_muon_settings_default_to_the_stages():
     stage = _stage(stage_extra='optimizer = "muon"\nlr = 3e-3\nweight_decay = 0.2')
     assert stage.muon_settings == (3e-3, 0.2, 0.95)

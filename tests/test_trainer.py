@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,6 +259,22 @@ def test_kill_and_resume_is_bit_identical(workdir, optimizers):
     assert "resuming from" in out_text, out_text
     assert _same(_weights(out / "final"), reference), f"kill seed {seed}: resumed weights differ"
     assert before  # the kill came after the first checkpoint
+
+
+def test_resume_from_a_checkpoint_inside_a_muon_stage_is_bit_identical(workdir):
+    """Deterministic twin of the kill test: resume from a checkpoint in the middle of a Muon stage
+    (Muon's momentum and the AdamW part's moments both restored) and from one at a switch."""
+    recipe = _recipe(workdir, ckpt=1, keep=100, tokens=1536)
+    _finish(_cli([str(recipe), "--out", str(workdir / "ref"), *MUON], workdir))
+    reference = _weights(workdir / "ref" / "final")
+    for k in (6, 24):  # mid "prose" (Muon); "code" -> "math", AdamW -> Muon
+        out = workdir / f"from{k}"
+        shutil.copytree(workdir / "ref", out, ignore=shutil.ignore_patterns("final", "stage-*"))
+        for c in (out / "checkpoints").iterdir():
+            if int(c.name.split("-")[1]) > k:
+                shutil.rmtree(c)
+        _finish(_cli([str(recipe), "--out", str(out), "--resume", *MUON], workdir))
+        assert _same(_weights(out / "final"), reference), f"resumed from step {k}: weights differ"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "no_marker"])

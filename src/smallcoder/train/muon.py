@@ -16,7 +16,6 @@ sharded matrices would need gathering first and are refused (specs.StageSpec).
 from __future__ import annotations
 
 import math
-from collections import ChainMap
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,8 +90,10 @@ class MuonAdamW:
         return self.muon.param_groups + self.adamw.param_groups
 
     @property
-    def state(self) -> ChainMap:
-        return ChainMap(self.muon.state, self.adamw.state)
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Both parts' per-parameter state, read-only (a merged copy: each part's state is a
+        defaultdict, which a ChainMap would let answer {} for the other part's parameters)."""
+        return {**self.muon.state, **self.adamw.state}
 
     def step(self) -> None:
         self.muon.step()
