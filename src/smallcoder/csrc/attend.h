@@ -5,8 +5,9 @@
 // reads (147 MB in fp32), and the former loop took 9 ms of a 24 ms step for them: a scalar exp
 // per score, the output vector reloaded and stored once per position, no prefetch. Here four keys
 // share each query load, the output accumulates in registers, the rows ahead are prefetched, and
-// the cache may hold fp16 (half the bytes; model.KVCache stores what torch's .to(float16) makes,
-// round to nearest even, the same bits this file writes).
+// the cache may hold fp16 (half the bytes; torch's .to(float16) bits, round to nearest even) or
+// int8 with one fp32 scale per head and position (a quarter; quant.quantize_rows' bits), the
+// same values model.KVCache stores from a PyTorch prefill.
 #pragma once
 #include <cmath>
 #include <cstdint>

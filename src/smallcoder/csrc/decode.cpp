@@ -230,7 +230,8 @@ static void rmsnorm_rows(int M, const float* x, const float* w, int64_t H, float
 }
 
 // Per layer, 13 pointers: input_norm, q, k, v, o, post_norm, gate, up, down weights, then the
-// layer's K and V caches (fp32, fp16 or int8: kv_type) and, for int8, their row scales (else 0). Scales (int8 only), per layer: q, k, v, o, gate, up, down (7).
+// layer's K and V caches (fp32, fp16 or int8: kv_type) and, for int8, their row scales (else 0).
+// Weight scales (int8 weights only), per layer: q, k, v, o, gate, up, down (7).
 // Head: final norm, lm_head weight, lm_head scale.
 extern "C" int sc_decode(
     int M, int n_threads, const float* x_in, const int64_t* pos,

@@ -10,7 +10,7 @@ cols)), so its RMS matches AdamW's and the AdamW schedule (lr, warmup, decay) ca
 Checkpoints stay plain Llama: only the optimizer differs. The state is the usual per-parameter
 dict (`momentum_buffer` for Muon; AdamW's own), saved and restored by runstate like AdamW's.
 Under DDP every rank holds whole gradients, so each rank computes the same update; FSDP2's
-sharded matrices would need gathering first and are refused (specs.StageSpec).
+sharded matrices would need gathering first and are refused (optim.build_optimizer).
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ class MuonAdamW:
 
     @property
     def state(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """Both parts' per-parameter state, read-only (a merged copy: each part's state is a
-        defaultdict, which a ChainMap would let answer {} for the other part's parameters)."""
+        """Both parts' per-parameter state, read-only (a merged copy; each part's own is a
+        defaultdict, so a chained lookup would answer {} for the other part's parameters)."""
         return {**self.muon.state, **self.adamw.state}
 
     def step(self) -> None:
@@ -114,15 +114,11 @@ def named_split(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
 
 
 def describe(model: torch.nn.Module) -> str:
-    """Which tensors get Muon, in a line: printed at a Muon stage's start and kept in run.json."""
+    """Which tensors get Muon, in a line: printed at a Muon stage's start."""
     muon, rest = named_split(model)
 
-    def kinds(pairs: list[tuple[str, torch.Tensor]]) -> Iterator[str]:
-        seen: dict[str, None] = {}
-        for name, _ in pairs:
-            parts = name.split(".")
-            seen[".".join(p if not p.isdigit() else "*" for p in parts)] = None
-        return iter(seen)
+    def kinds(pairs: list[tuple[str, torch.Tensor]]) -> Iterator[str]:  # layer numbers as *, in order
+        return iter(dict.fromkeys(".".join("*" if p.isdigit() else p for p in n.split(".")) for n, _ in pairs))
 
     n_muon = sum(p.numel() for _, p in muon)
     n_rest = sum(p.numel() for _, p in rest)

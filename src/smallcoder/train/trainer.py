@@ -46,7 +46,7 @@ from .evaluation import run_eos_check, validation_loss
 from .hardware import bf16_is_fast, device_peak_flops, keep_freed_memory, measure_cpu_peak
 from .interrupt import StopRequest, TrainingInterrupted
 from .metrics import MetricsLog, Window
-from .optim import apply_stage, build_optimizer, kind, set_lr
+from .optim import apply_stage, build_optimizer, check_strategy, kind, set_lr
 from .recipe import Recipe
 from .rng import rng_state, seed_all, set_rng_state
 from .runfolder import check_out, claim_out, run_record, starts_over
@@ -209,6 +209,9 @@ class Trainer:
 
         recipe, run = self.recipe, self.recipe.run
         recipe.check_world_size(info.world_size)  # before any work: a torchrun that cannot split a batch
+        for i, stage in enumerate(recipe.stages):
+            check_strategy(stage, run.strategy == "fsdp2" and info.backend is not None,
+                           f"{recipe.path}: stages[{i}].optimizer")
         record = run_record(recipe.raw, self.max_steps)
 
         def lock_and_check() -> None:  # the run, not each rank, excludes other runs
