@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py --preset tiny                      # batch 8 x 512
     python benchmarks/bench_train.py --preset smallcoder-303m --steps 1 --rounds 10 --compile smallcoder
     python benchmarks/bench_train.py --preset smallcoder-303m --device cuda --dtype bfloat16 --batch 16
+    python benchmarks/bench_train.py --preset smallcoder-303m --steps 1 --rounds 3 --optimizers adamw,muon
 
 Both models get the same config and weights, the same batch and the same optimizer (AdamW β 0.9/0.95,
 weight decay 0.1, foreach or fused alike) and grad clipping at 1.0. Ours is trained the way the
@@ -18,6 +19,12 @@ split, and the median of the per-round ratios. FLOPs per token: `ModelConfig.flo
 (attention scores and values, fwd + bwd); MFU is against the matmul peak measured here (2048^3 fp32 on CPU, 8192^3 in --dtype on
 CUDA). bf16 runs under autocast with fp32 master weights, as the trainer does; on a CPU without
 native bf16 that is ~20x slower than fp32, so train and measure fp32 there.
+
+`--optimizers adamw,muon` times our model under each optimizer instead (AdamW as above; Muon as the
+trainer builds it for `optimizer = "muon"`: train/muon.py on the layers' matrices, fused AdamW on
+the rest), and prints Muon's step cost over AdamW's per timed step and per optimizer step of a
+global batch (`--global-batch-tokens`, default the 303M recipe's 524,288: forward and backward run
+once per micro-batch, the optimizer once per global batch).
 """
 
 from __future__ import annotations
@@ -64,10 +71,18 @@ class Runner:
     """One model + its optimizer; `step()` runs one timed optimizer step and returns its phases."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 args: argparse.Namespace, device: torch.device, amp: torch.dtype | None) -> None:
+                 args: argparse.Namespace, device: torch.device, amp: torch.dtype | None, muon: bool = False) -> None:
         self.model, self.loss_fn, self.device, self.amp = model, loss_fn, device, amp
         opt_kw = {"fused": True} if args.optimizer == "fused" else {"foreach": True}
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **opt_kw)
+        if muon:
+            from smallcoder.train.muon import Muon, MuonAdamW, named_split
+
+            matrices, rest = named_split(model)
+            self.opt = MuonAdamW(Muon([p for _, p in matrices], lr=1e-4, weight_decay=0.1),
+                                 torch.optim.AdamW([p for _, p in rest], lr=1e-4, betas=(0.9, 0.95),
+                                                   weight_decay=0.1, **opt_kw))
+        else:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **opt_kw)
 
     def step(self, ids: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -92,13 +107,13 @@ def build(name: str, args: argparse.Namespace, config: ModelConfig, device: torc
     """Our model, or transformers' loaded with the same weights (same work, same numbers)."""
     amp = None if args.dtype == "float32" else getattr(torch, args.dtype)
     ours = new_model(config, seed=0).to(device).train()
-    if name == "smallcoder":
+    if name.startswith("smallcoder"):
         fwd: torch.nn.Module = torch.compile(ours) if args.compile else ours
 
         def ours_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return fwd(ids, labels=labels) / (labels.shape[0] * (labels.shape[1] - 1))
 
-        return Runner(ours, ours_loss, args, device, amp)
+        return Runner(ours, ours_loss, args, device, amp, muon=name == "smallcoder+muon")
     import transformers
 
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf_dict().items()
@@ -119,7 +134,7 @@ def build(name: str, args: argparse.Namespace, config: ModelConfig, device: torc
 def run_worker(args: argparse.Namespace, config: ModelConfig, batch: int, seq: int) -> None:
     """Child process: build one model, warm it up, then time one step per `step` line on stdin."""
     device = torch.device(args.device)
-    if args.worker == "smallcoder" and device.type == "cpu" and not args.same_allocator:
+    if args.worker.startswith("smallcoder") and device.type == "cpu" and not args.same_allocator:
         from smallcoder.train.hardware import keep_freed_memory
 
         keep_freed_memory()  # what `smallcoder train` does on a CPU
@@ -185,7 +200,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, help="untimed steps per model first (default 1; 2 with --compile, "
                     "whose second call recompiles once)")
     ap.add_argument("--only", choices=["smallcoder", "transformers"], help="time one model (profiling)")
-    ap.add_argument("--worker", choices=["smallcoder", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--optimizers", choices=["adamw,muon"], help="time our model under AdamW and under Muon")
+    ap.add_argument("--global-batch-tokens", type=int, default=524_288,
+                    help="--optimizers: the global batch the per-optimizer-step ratio is given for")
+    ap.add_argument("--worker", choices=["smallcoder", "smallcoder+muon", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -209,7 +227,8 @@ def main() -> None:
           flush=True)
 
     workers = []
-    for name in [args.only] if args.only else ["smallcoder", "transformers"]:
+    names = ["smallcoder", "smallcoder+muon"] if args.optimizers else ["smallcoder", "transformers"]
+    for name in [args.only] if args.only else names:
         workers.append(Worker(name))
         workers[-1].expect("READY")  # one at a time: warm-up and compilation do not overlap
     tokens = batch * seq
@@ -220,7 +239,7 @@ def main() -> None:
                 w.rates.append(tokens * args.steps / sum(sum(p.values()) for p in phases))
                 for p in PHASES:
                     w.times[p].append(statistics.median(ph[p] for ph in phases))
-                print(f"round {rnd} {w.name:12s} {w.rates[-1]:9.1f} tok/s", flush=True)
+                print(f"round {rnd} {w.name:15s} {w.rates[-1]:9.1f} tok/s", flush=True)
     finally:
         for w in workers:
             w.close()
@@ -230,8 +249,20 @@ def main() -> None:
     for w in workers:
         med[w.name] = m = statistics.median(w.rates)
         split = "  ".join(f"{p} {statistics.median(w.times[p]) * 1e3:7.0f} ms" for p in PHASES)
-        print(f"{w.name:12s} median {m:9.1f} tok/s  MFU {m * fpt / peak:6.1%}  per step: {split}")
-    if len(med) == 2:
+        print(f"{w.name:15s} median {m:9.1f} tok/s  MFU {m * fpt / peak:6.1%}  per step: {split}")
+    if len(med) == 2 and args.optimizers:
+        a, m = workers
+        paired = [x / y for x, y in zip(a.rates, m.rates)]  # time ratio muon/adamw = rate ratio adamw/muon
+        fb = statistics.median(a.times["forward"] + m.times["forward"]) + \
+            statistics.median(a.times["backward"] + m.times["backward"])
+        opt_a, opt_m = statistics.median(a.times["optimizer"]), statistics.median(m.times["optimizer"])
+        micro = max(1, args.global_batch_tokens // tokens)
+        print(f"step cost muon/adamw, one step of {tokens:,} tokens: per-round {' '.join(f'{x:.2f}' for x in paired)}, "
+              f"median {statistics.median(paired):.2f}x (optimizer {opt_m:.2f} s vs {opt_a:.2f} s)")
+        print(f"per optimizer step of a {args.global_batch_tokens:,}-token global batch ({micro} micro-steps of "
+              f"forward+backward {fb:.2f} s, then one optimizer step): "
+              f"{(micro * fb + opt_m) / (micro * fb + opt_a):.3f}x")
+    elif len(med) == 2:
         # Each round times both models back to back, so a per-round ratio cancels most of the drift of a
         # shared, noisy machine; its median is the figure to quote (the ratio of medians is printed too).
         paired = [a / b for a, b in zip(workers[0].rates, workers[1].rates)]

@@ -1,7 +1,7 @@
 """Optimizer ablation at the tiny recipe's shape: AdamW+WSD against Muon+WSD at one token budget.
 
-    python benchmarks/recipe_ablation.py [--tokens 120000] [--seeds 0,1,2] [--adamw-lrs 1e-3,3e-3,1e-2]
-        [--muon-lrs 1e-3,3e-3,1e-2] [--work DIR]
+    python benchmarks/recipe_ablation.py [--tokens 300000] [--seeds 0,1,2] [--adamw-lrs 3e-4,1e-3,3e-3,1e-2]
+        [--muon-lrs 3e-3,1e-2,3e-2,1e-1] [--work DIR] [--plot PNG]
 
 Each arm trains the tiny recipe's model (hidden 192, 4 layers, its 4,096-token tokenizer) on one
 stage of the built-in corpus (code 80% / prose 20%, as the tiny recipe's code stage, FIM off) for
@@ -12,7 +12,10 @@ the final validation loss per seed, the median and the spread (max - min) across
 tokens each Muon seed needs to reach the AdamW arm's median final validation loss (linear between
 evaluations), against AdamW's whole budget: the tokens-to-target ratio. A claim holds only where the
 difference exceeds the spread. Validation losses are deterministic given the seed (no timing), so
-the machine's load does not change them.
+the machine's load does not change them. Every run holds out the same documents (`split_seed = 0`),
+so seeds differ in initialization and data order only and are scored on one validation set. The
+plot (--plot, default WORK/ablation.png) shows each arm's validation loss against tokens at its best
+LR: the median over seeds, the band between the lowest and the highest seed, and the target line.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ tokenizer = "{tokenizer}"
 
 [run]
 seed = {seed}
+split_seed = 0
 dtype = "float32"
 device = "cpu"
 keep_last = 1
@@ -111,13 +115,42 @@ def tokens_to(curve: list[tuple[int, float]], target: float) -> float | None:
     return None
 
 
+def plot(curves: dict[str, list[list[tuple[int, float]]]], lrs: dict[str, float], target: float, out: Path) -> Path:
+    """Validation loss against tokens per arm: the median over seeds and the min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for k, (arm, runs) in enumerate(curves.items()):
+        n = min(len(c) for c in runs)
+        xs = [runs[0][i][0] / 1e3 for i in range(n)]
+        per = [[c[i][1] for c in runs] for i in range(n)]
+        ax.plot(xs, [statistics.median(v) for v in per], "o-", ms=2.5, color=f"C{k}",
+                label=f"{arm} (lr {lrs[arm]:g}), median of {len(runs)} seeds")
+        ax.fill_between(xs, [min(v) for v in per], [max(v) for v in per], color=f"C{k}", alpha=0.2)
+    ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"target: AdamW's median final {target:.3f}")
+    ax.set_xlabel("tokens (thousands)")
+    ax.set_ylabel("validation loss (nats per token)")
+    ax.set_ylim(top=min(ax.get_ylim()[1], target + 2.0))
+    ax.set_title("optimizer ablation, tiny shape, one code stage, WSD")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=120_000)
+    ap.add_argument("--tokens", type=int, default=300_000)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
-    ap.add_argument("--muon-lrs", default="1e-3,3e-3,1e-2")
-    ap.add_argument("--eval-every", type=int, default=5, help="steps (2,048 tokens each) between evaluations")
+    ap.add_argument("--adamw-lrs", default="3e-4,1e-3,3e-3,1e-2")
+    ap.add_argument("--muon-lrs", default="3e-3,1e-2,3e-2,1e-1")
+    ap.add_argument("--plot", default=None, help="PNG of the curves (default: WORK/ablation.png)")
+    ap.add_argument("--eval-every", type=int, default=10, help="steps (2,048 tokens each) between evaluations")
     ap.add_argument("--work", default=None, help="folder for the runs, kept (default: a temporary one); finished "
                                                  "runs found there are reused")
     args = ap.parse_args()
@@ -129,12 +162,13 @@ def main() -> None:
              "muon": [float(x) for x in args.muon_lrs.split(",")]}
     finals: dict[str, list[float]] = {}
     curves: dict[str, list[list[tuple[int, float]]]] = {}
+    best_lr: dict[str, float] = {}
     print(f"tiny shape, one code stage of {args.tokens:,} tokens, WSD; LR grid on seed {seeds[0]}:")
     for arm, grid in grids.items():
         tuned = {lr: run(work, tok, arm, lr, seeds[0], args.tokens, args.eval_every) for lr in grid}
         for lr, curve in tuned.items():
             print(f"  {arm:5s} lr {lr:<8g} final val loss {curve[-1][1]:.4f}", flush=True)
-        best = min(tuned, key=lambda lr: tuned[lr][-1][1])
+        best = best_lr[arm] = min(tuned, key=lambda lr: tuned[lr][-1][1])
         curves[arm] = [tuned[best]] + [run(work, tok, arm, best, s, args.tokens, args.eval_every) for s in seeds[1:]]
         finals[arm] = [c[-1][1] for c in curves[arm]]
         edge = " (at the grid's edge: widen the grid)" if best in (min(grid), max(grid)) and len(grid) > 1 else ""
@@ -157,6 +191,8 @@ def main() -> None:
     print(f"Muon's median final val loss is {abs(rel):.1%} {'lower' if gap > 0 else 'higher'} than AdamW's "
           f"(difference {gap:+.4f}); the largest spread across seeds {spread:.4f}: the difference "
           f"{'exceeds' if abs(gap) > spread else 'does not exceed'} it")
+    png = plot(curves, {arm: best_lr[arm] for arm in curves}, target, Path(args.plot or work / "ablation.png"))
+    print(f"plot: {png}")
     print(f"runs in {work}")
 
 

@@ -110,26 +110,62 @@ def test_refuses_a_non_empty_target_and_leaves_it_untouched(corpus, tmp_path, ca
 
 
 def test_sft_renders_in_the_chat_format_with_code_fences(corpus):
+    from smallcoder.train.report import answer_kind
+
     convs = [r["messages"] for r in records(corpus, "sft")]
-    code_convs = [c for c in convs if "```python" in c[1]["content"]]
-    assert len(code_convs) > 100 and len(convs) - len(code_convs) == MATH_PROBLEMS // 4
+    kinds = [answer_kind(c[-1]["content"]) for c in convs]
+    n = kinds.count("math")
+    # n of each kind besides the generated code requests: n stdlib functions + 2n generated
+    assert n > 100 and kinds.count("prose") == n and kinds.count("code") == 3 * n
     for messages in convs:
         assert [m["role"] for m in messages] == ["user", "assistant"]
         rendered = format_chat(messages, add_generation_prompt=False)
         assert rendered == f"User: {messages[0]['content']}\nAssistant: {messages[1]['content']}<|endoftext|>"
-    for messages in code_convs:
+    for messages, kind in zip(convs, kinds):
         request, answer = messages[0]["content"], messages[1]["content"]
-        assert request.startswith(("Write a Python function `", "Implement `", "I need a Python function `"))
-        name = request.split("`", 2)[1].split("(")[0]
+        assert "fibonacci" not in (request + answer).lower()  # the card's prompt stays held out
+        if kind == "prose":  # names what it explains, and says something about it
+            asked = request.split("`")[1]
+            assert asked.rsplit(".", 1)[-1] in answer and len(answer.split()) >= 5
+        if kind != "code":
+            continue
+        assert request.startswith(("Write a Python function ", "Implement `", "I need a Python function "))
         code = answer.split("```python\n", 1)[1].rsplit("\n```", 1)[0]
         tree = ast.parse(code)  # the answer is complete, parseable Python ...
-        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}  # ... defining that function
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        if "`" in request:  # ... defining the function the request names
+            named = {t.split("(")[0] for t in request.split("`")[1::2]}
+            assert named & defined, (request, code)
+        else:
+            assert defined
         assert len(code.splitlines()) <= 2 * builtin.MAX_SFT_FUNCTION_LINES + 20
+
+
+def test_generated_code_tasks_are_right_under_every_name_and_body():
+    import copy
+    import itertools
+
+    from smallcoder.data.builtin.codegen import render
+
+    checked = 0
+    for task in builtin.TASKS:
+        for name, body, params in itertools.product(task.names, task.bodies, itertools.product(*task.params)):
+            scope: dict = {}
+            exec(compile(render(task, name, params, body), name, "exec"), scope)  # noqa: S102 - our own templates
+            for args, want in task.cases:
+                assert scope[name](*copy.deepcopy(args)) == want, (name, params, body, args)
+            checked += 1
+    assert checked > 300
+    seen = {(c["messages"][0]["content"], c["messages"][1]["content"]) for c in builtin.code_conversations(0, 600)}
+    assert len(seen) > 400  # varied, not a few conversations repeated
 
 
 def test_math_answers_are_arithmetically_right(corpus):
     docs = [r["text"] for r in records(corpus, "math")]
-    sft_math = [r["messages"] for r in records(corpus, "sft") if "```" not in r["messages"][1]["content"]]
+    from smallcoder.train.report import answer_kind
+
+    sft_math = [r["messages"] for r in records(corpus, "sft") if answer_kind(r["messages"][1]["content"]) == "math"]
+    assert sft_math
     answers = [d.split("\nAnswer: ", 1)[1] for d in docs] + [m[1]["content"] for m in sft_math]
     for doc in docs:
         assert doc.startswith("Question: ") and "\nAnswer: " in doc
@@ -166,7 +202,7 @@ def test_builtin_source_kind_reads_the_parts(corpus):
 def test_ensure_builtin_reuses_a_built_folder_and_catches_damage(corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("SMALLCODER_CACHE", raising=False)  # it would win over SMALLCODER_HOME
     monkeypatch.setenv("SMALLCODER_HOME", str(tmp_path / "home"))
-    assert builtin.default_builtin_dir(3) == tmp_path / "home" / f"builtin-py{builtin.PYTHON_VERSION}-seed3"
+    assert builtin.default_builtin_dir(3) == tmp_path / "home" / f"builtin-v{builtin.FORMAT_VERSION}-py{builtin.PYTHON_VERSION}-seed3"
     before = (corpus / "code.jsonl").stat().st_mtime_ns
     assert builtin.ensure_builtin(corpus) == corpus
     assert (corpus / "code.jsonl").stat().st_mtime_ns == before

@@ -172,7 +172,7 @@ def runs(tmp_path_factory) -> Path:
     (work / "dist_train.py").write_text(SCRIPT)
     _run([sys.executable, "dist_train.py", "--strategies", "none,none+muon", "--out", "out", "--steps", str(STEPS),
           "--tag", "single"], work)
-    strategies = "ddp,ddp+muon,fsdp2" if _fsdp2_available() is None else "ddp,ddp+muon"
+    strategies = "ddp,ddp+muon,fsdp2,fsdp2+muon" if _fsdp2_available() is None else "ddp,ddp+muon"
     _run([*_torchrun(2), "dist_train.py", "--strategies", strategies, "--out", "out", "--steps", str(STEPS),
           "--tag", "torchrun"], work)
     return work / "out"
@@ -197,10 +197,11 @@ def test_torchrun_collectives(runs: Path) -> None:
         assert rep["broadcast"] == {"from": 1}  # src=1's object reached rank 0 too
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "ddp+muon"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "ddp+muon", "fsdp2+muon"])
 def test_two_processes_match_single_process(runs: Path, strategy: str) -> None:
-    """Also with Muon (`+muon`): each rank orthogonalizes the same all-reduced whole gradients."""
-    if strategy == "fsdp2" and (why := _fsdp2_available()):
+    """Also with Muon (`+muon`): under DDP each rank orthogonalizes the same all-reduced whole
+    gradients; under FSDP2 each gathers the whole matrix and keeps its own shard of the update."""
+    if strategy.startswith("fsdp2") and (why := _fsdp2_available()):
         pytest.skip(why)
     single = "none+muon" if strategy.endswith("+muon") else "none"
     ref_state = torch.load(runs / f"{single}.pt")
@@ -378,16 +379,18 @@ def test_trainer_under_torchrun_matches_single_process(train_folder: Path, strat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp2+muon"])
 def test_resume_under_torchrun_is_bit_identical(train_folder: Path, strategy: str) -> None:
-    """A 2-process run resumed from its step-1 checkpoint (weights, AdamW state gathered from and
-    scattered back to the FSDP2 shards, loader, RNGs) ends with the uninterrupted run's weights."""
+    """A 2-process run resumed from its step-1 checkpoint (weights, AdamW's or Muon's state gathered
+    from and scattered back to the FSDP2 shards, loader, RNGs) ends with the uninterrupted run's weights."""
     import shutil
 
-    if strategy == "fsdp2" and (why := _fsdp2_available()):
+    if strategy.startswith("fsdp2") and (why := _fsdp2_available()):
         pytest.skip(why)
-    args = ["recipe.toml", "--set", f"run.strategy={strategy}", "--set", "run.checkpoint_every=1"]
-    whole, resumed = train_folder / f"whole-{strategy}", train_folder / f"resumed-{strategy}"
+    name, (strategy, _, optimizer) = strategy, strategy.partition("+")
+    args = ["recipe.toml", "--set", f"run.strategy={strategy}", "--set", "run.checkpoint_every=1",
+            "--set", f"stages.0.optimizer={optimizer or 'adamw'}"]
+    whole, resumed = train_folder / f"whole-{name}", train_folder / f"resumed-{name}"
     _run([*_torchrun(2), "-m", "smallcoder", "train", *args, "--out", whole.name], train_folder)
     shutil.copytree(whole, resumed)
     for name in ("final", "stage-base", "checkpoints/step-0000002"):

@@ -171,7 +171,15 @@ def test_four_stages_end_to_end(workdir):
     assert any("val_loss" in x for x in train_lines)
     assert train_lines[-1]["step"] == result.steps and train_lines[-1]["stage"] == "sft"
     eos = [x for x in lines if x.get("event") == "eos_check"]
-    assert eos and 0 <= eos[0]["eos_share"] <= 1 and eos[0]["prompts"] == 20
+    assert eos and 0 <= eos[0]["eos_share"] <= 1 and eos[0]["prompts"] == 8  # this SFT data is all prose
+    # the learning report: the same measurements before the first step and on final/
+    report = json.loads((out / "learning.json").read_text())
+    assert result.report == report and result.eos_share == report["after"]["eos_share"]
+    for side in ("before", "after"):
+        assert list(report[side]["loss"]) == ["prose", "code", "math", "sft"]
+        assert report[side]["kinds"]["prose"]["prompts"] == 8 and len(report[side]["answers"]) == 8
+        assert report[side]["samples"][0]["prompt"].endswith("compute Fibonacci numbers.")
+    assert all(report["after"]["loss"][k] < report["before"]["loss"][k] for k in report["before"]["loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # keep_last=2: only the two newest resume points remain, each complete and valid
     ckpts = list_checkpoints(out)

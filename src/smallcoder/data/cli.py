@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("builtin", help="build the built-in corpus from this Python's standard library "
                                               "(no network)")
-    p.add_argument("--out", default=None, help="folder to create (default: CACHE/builtin-pyX.Y.Z-seedS, CACHE "
+    p.add_argument("--out", default=None, help="folder to create (default: CACHE/builtin-vV-pyX.Y.Z-seedS, CACHE "
                                                "being $SMALLCODER_CACHE or $SMALLCODER_HOME, else ~/.cache/smallcoder)")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated math and the SFT requests")
     p.add_argument("--math-problems", type=int, default=DEFAULT_MATH_PROBLEMS,

@@ -134,6 +134,21 @@ def records(spec: SourceSpec, fields: list[str], parquet_batch_rows: int) -> Ite
                               f"(conversations need jsonl, parquet, hub or builtin)")
 
 
+def fingerprint(spec: SourceSpec) -> Any:
+    """What identifies the source's content beside its spec, for caches keyed on it: a built-in
+    part's SHA-256 (from its manifest), each local file's size and mtime; None for the Hub (its
+    revision is in the spec)."""
+    if spec.kind == "builtin":
+        from .builtin import ensure_builtin, read_manifest
+
+        return read_manifest(ensure_builtin(spec.path))["parts"][spec.name]["sha256"]
+    if spec.kind in ("jsonl", "parquet", "text"):
+        suffixes = {"jsonl": JSONL_SUFFIXES, "parquet": (".parquet",), "text": None}[spec.kind]
+        files = _local_files(spec, suffixes) if suffixes else [Path(spec.path)]  # type: ignore[arg-type]
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return None
+
+
 def _decode_text(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8").lstrip("\ufeff")

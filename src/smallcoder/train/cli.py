@@ -55,6 +55,7 @@ def format_stage_table(result) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     from ..cli import program_name, set_threads
     from .recipe import load_recipe
+    from .report import MAX_NEW_TOKENS, REPORT_FILE, format_report
     from .trainer import Trainer
 
     path = _recipe_path(args.recipe)
@@ -70,10 +71,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
     print(f"\ntrained {path.name} into {out}: {result.steps:,} steps in {took}")
     print(format_stage_table(result))
+    if result.report.get("after"):
+        print(format_report(result.report))
     if result.eos_share is not None:
-        print(f"answers ending with EOS (greedy, held-out SFT prompts, <= 256 new tokens): "
+        print(f"answers ending with EOS (greedy, held-out SFT prompts of every kind, <= {MAX_NEW_TOKENS} new tokens): "
               f"{result.eos_share:.0%}")
-    print(f"metrics: {out / 'metrics.jsonl'}; loss curve: {out / 'loss.png'}")
+    print(f"metrics: {out / 'metrics.jsonl'}; loss curve: {out / 'loss.png'}; report: {out / REPORT_FILE}")
     print(f"checkpoint: {result.final}")
     print(f"chat with it: {program_name()} chat --model {result.final}")
 

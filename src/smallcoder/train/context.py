@@ -40,6 +40,7 @@ class RunContext:
     metrics: MetricsLog
     progress: bool              # show the progress bar (rank 0, a terminal or asked for)
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the OUT lock
+    before: dict[str, Any] | None = None  # the learning report's "before" side (a fresh run's rank 0)
 
     def autocast(self) -> Any:
         """The forward's autocast: bf16 where `autocast_bf16`, else nothing."""

@@ -9,8 +9,10 @@ cols)), so its RMS matches AdamW's and the AdamW schedule (lr, warmup, decay) ca
 
 Checkpoints stay plain Llama: only the optimizer differs. The state is the usual per-parameter
 dict (`momentum_buffer` for Muon; AdamW's own), saved and restored by runstate like AdamW's.
-Under DDP every rank holds whole gradients, so each rank computes the same update; FSDP2's
-sharded matrices would need gathering first and are refused (optim.build_optimizer).
+Under DDP every rank holds whole gradients, so each rank computes the same update. Under FSDP2 a
+rank holds a row shard of each matrix: the momentum stays sharded, the matrix to orthogonalize is
+gathered whole (one all-gather per matrix, every rank in the same order), and each rank keeps its
+own shard of the result, so 2 ranks step as 1 does.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (x.T if tall else x).to(g.dtype)
 
 
+def _orthogonalized(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """`orthogonalize(g)`; for an FSDP2 DTensor, of the gathered whole matrix, returned as this
+    rank's shard (computed from the local copy, no scatter)."""
+    if not hasattr(g, "full_tensor"):
+        return orthogonalize(g, steps)
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = orthogonalize(g.full_tensor(), steps)
+    return distribute_tensor(whole, g.device_mesh, g.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon over 2-D parameters: nesterov momentum, orthogonalized, decoupled weight decay."""
 
@@ -68,7 +81,7 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - m)
-                update = orthogonalize(p.grad.lerp(buf, m), group["ns_steps"])
+                update = _orthogonalized(p.grad.lerp(buf, m), group["ns_steps"])
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))  # Liu et al.: AdamW's RMS
 

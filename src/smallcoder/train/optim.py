@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from ..errors import SmallCoderError
 from .recipe import StageSpec
 
 
@@ -35,13 +34,6 @@ def _adamw(named: Iterable[tuple[str, torch.Tensor]], stage: StageSpec, fsdp: bo
                              **kind)
 
 
-def check_strategy(stage: StageSpec, fsdp: bool, where: str | None = None) -> None:
-    """Refuse Muon under FSDP2 (trainer setup calls it before any work, naming the stage's field)."""
-    if fsdp and stage.optimizer == "muon":
-        raise SmallCoderError(f"{where or f'stage {stage.name!r}'}: optimizer = \"muon\" with run.strategy = "
-                              "\"fsdp2\": Muon orthogonalizes whole matrices, which FSDP2 shards; use strategy \"ddp\"")
-
-
 def build_optimizer(model: torch.nn.Module, stage: StageSpec, fsdp: bool) -> Any:
     """The stage's optimizer over the wrapped `model`'s parameters at the stage's LR: AdamW (betas
     0.9 / 0.95, eps 1e-8), or for `optimizer = "muon"` a MuonAdamW whose Muon group's LR is
@@ -52,7 +44,6 @@ def build_optimizer(model: torch.nn.Module, stage: StageSpec, fsdp: bool) -> Any
         return _adamw(unwrap(model).named_parameters(), stage, fsdp)
     from .muon import Muon, MuonAdamW, named_split
 
-    check_strategy(stage, fsdp)
     matrices, rest = named_split(unwrap(model))
     lr, weight_decay, momentum = stage.muon_settings
     muon = Muon([{"params": [p for _, p in matrices], "name": "muon", "lr_scale": lr / stage.lr}],

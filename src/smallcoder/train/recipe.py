@@ -15,6 +15,8 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
 
     [run]
     seed = 0                         # init, data order and every RNG
+    split_seed = 0                   # which documents are held out for validation (default: seed), so
+                                     # runs that differ in seed can be scored on the same documents
     dtype = "float32"                # "bfloat16": autocast where the device runs it fast (CUDA, CPUs with AVX512-BF16 or AMX)
     device = "auto"                  # auto | cpu | cuda
     compile = false                  # torch.compile the model
@@ -57,8 +59,9 @@ Layout (every table and key is optional unless noted; see recipes/tiny.toml for 
                                      # optimizer differs from the one before starts a new one regardless)
     optimizer = "adamw"              # adamw | muon: Muon (train/muon.py) on the layers' 2-D matrices, AdamW
                                      # (lr, weight_decay) on the embedding, the head and the norms
-    muon_lr = 3e-4                   # muon only (an error on an AdamW stage); default lr: Muon's update is
-                                     # scaled to AdamW's RMS (Liu et al. 2025), so the schedule carries over
+    muon_lr = 3e-4                   # muon only (an error in an AdamW stage's table; from [defaults] it
+                                     # reaches the Muon stages only); default lr: Muon's update is scaled
+                                     # to AdamW's RMS (Liu et al. 2025), so the schedule carries over
     muon_weight_decay = 0.1          # muon only; default weight_decay
     muon_momentum = 0.95             # muon only; nesterov momentum, default 0.95
     decontaminate = false            # drop documents sharing a 13-gram with HumanEval/MBPP/GSM8k
@@ -322,6 +325,22 @@ def _stage(d: dict[str, Any], i: int, where: str, base_dir: Path) -> StageSpec:
     return _build(lambda **kw: dataclasses.replace(stage, **kw), where, sources=sources)
 
 
+MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_momentum")
+
+
+def _with_defaults(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A stage's table over [defaults]; the defaults' Muon fields reach only the stages that use
+    Muon (so one [defaults] serves Muon pre-training and an AdamW SFT stage, and `--set
+    defaults.optimizer=adamw` switches a Muon recipe whole), while a Muon field in an AdamW stage's
+    own table stays an error."""
+    merged = {**defaults, **own}
+    if merged.get("optimizer", "adamw") != "muon":
+        for f in MUON_FIELDS:
+            if f not in own:
+                merged.pop(f, None)
+    return merged
+
+
 def parse_recipe(raw: dict[str, Any], path: str | Path, base_dir: str | Path | None = None) -> Recipe:
     """Validate a recipe dict (TOML already parsed, overrides applied); errors name `path` and the field."""
     path = str(path)
@@ -335,7 +354,7 @@ def parse_recipe(raw: dict[str, Any], path: str | Path, base_dir: str | Path | N
         stages_raw = raw.get("stages")
         if not isinstance(stages_raw, list) or not stages_raw:
             raise SmallCoderError("stages: at least one [[stages]] table is needed")
-        stages = [_stage({**defaults, **_table(s, f"stages[{i}]")}, i, f"stages[{i}]", base)
+        stages = [_stage(_with_defaults(defaults, _table(s, f"stages[{i}]")), i, f"stages[{i}]", base)
                   for i, s in enumerate(stages_raw)]
         names = [s.name for s in stages]
         dup = next((n for n in names if names.count(n) > 1), None)

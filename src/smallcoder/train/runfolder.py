@@ -18,8 +18,8 @@ from typing import Any
 
 from ..errors import SmallCoderError
 from ..fsutil import LOCK_FILE, atomic_write_text, refuse_used_folder
-from .evaluation import EOS_FILE
 from .metrics import METRICS_FILE, PLOT_FILE
+from .report import REPORT_FILE
 from .runstate import CKPT_DIR, list_checkpoints
 from .stagedata import digest
 
@@ -103,14 +103,14 @@ def check_out(out: Path, record: dict[str, Any], resume: bool, force: bool, star
 
 def claim_out(out: Path, record: dict[str, Any], start_over: bool) -> None:
     """Write run.json; when `start_over`, first delete the previous run's outputs (checkpoints,
-    stage and final models, metrics, plot, EOS check; not the data and tokenizer caches). Rank 0,
+    stage and final models, metrics, plot, learning report; not the data and tokenizer caches). Rank 0,
     once the data, the tokenizer and the model are ready."""
     if start_over:
         for name in (CKPT_DIR, "final"):
             shutil.rmtree(out / name, ignore_errors=True)
         for p in out.glob("stage-*"):
             shutil.rmtree(p, ignore_errors=True)
-        for name in (METRICS_FILE, PLOT_FILE, EOS_FILE, RUN_FILE):
+        for name in (METRICS_FILE, PLOT_FILE, REPORT_FILE, RUN_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
     atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1) + "\n")

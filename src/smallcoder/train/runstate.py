@@ -215,7 +215,7 @@ def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        sd = get_optimizer_state_dict(model, optimizer,
+        sd = get_optimizer_state_dict(model, list(getattr(optimizer, "parts", (optimizer,))),
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         for name, st in sd.get("state", {}).items():
             for k, v in st.items():
@@ -254,7 +254,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
             {**{k: v for k, v in g.items() if k != "params"},
              "params": [n for n, p in unwrap(model).named_parameters() if any(p is q for q in g["params"])]}
             for g in optimizer.param_groups]}
-        set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, list(getattr(optimizer, "parts", (optimizer,))), full, options=StateDictOptions(full_state_dict=True))
         return
     from .muon import Muon
 

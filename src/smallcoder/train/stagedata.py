@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.readers import fingerprint
 from ..errors import SmallCoderError
 from ..fsutil import atomic_folder
 from .recipe import Recipe, StageSpec
@@ -198,7 +199,8 @@ def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, ou
         cap = float(stage.tokens) * src.weight * 1.1 * HUB_CHARS_PER_TOKEN
     key = digest({"format": DATA_FORMAT, "spec": dataclasses.asdict(src.spec), "tokenizer": tok_hash,
                   "seq_len": stage.seq_len, "sft": stage.sft, "decontaminate": stage.decontaminate,
-                  "val_fraction": run.val_fraction, "val_docs": run.val_docs, "cap": cap, "seed": run.seed})
+                  "val_fraction": run.val_fraction, "val_docs": run.val_docs, "cap": cap, "seed": run.held_out_seed(),
+                  "content": fingerprint(src.spec)})
     folder = out / "data" / stage.name / f"{src.name}-{key[:12]}"
     packed = None
     if (folder / "info.json").is_file():
@@ -211,7 +213,7 @@ def prepare_source(stage: StageSpec, src: Any, tokenizer: Any, tok_hash: str, ou
     if packed is None:
         what = "conversations" if stage.sft else "documents"
         print(f"packing stage {stage.name}: {src.name} ({src.spec.display_label}) -> {folder}", file=sys.stderr)
-        split_seed = f"{run.seed}:{stage.name}:{src.name}"
+        split_seed = f"{run.held_out_seed()}:{stage.name}:{src.name}"
         with atomic_folder(folder, overwrite=True) as tmp:
             held: list[Any] = []
             pack = _pack_sft if stage.sft else _pack_texts

@@ -7,7 +7,7 @@ Output folder (OUT)::
     checkpoints/step-0000120/     resume points (runstate.py)
     stage-<name>/                 the model at the end of each stage (HF folder, tokenizer included)
     final/                        the model at the end (chat-ready HF folder)
-    metrics.jsonl, loss.png       (metrics.py); eos_check.json (evaluation.py)
+    metrics.jsonl, loss.png       (metrics.py); learning.json (report.py)
 
 `setup()` prepares a run (lock, data, model, resume point, optimizer) into a `RunContext`; the
 stage loop runs `train_step()` for each optimizer step and logs, evaluates and checkpoints
@@ -42,12 +42,13 @@ from ..errors import SmallCoderError
 from ..fsutil import folder_lock
 from .context import RunContext
 from .distributed import all_reduce_sum, from_main
-from .evaluation import run_eos_check, validation_loss
+from .evaluation import validation_loss
 from .hardware import bf16_is_fast, device_peak_flops, keep_freed_memory, measure_cpu_peak
 from .interrupt import StopRequest, TrainingInterrupted
 from .metrics import MetricsLog, Window
-from .optim import apply_stage, build_optimizer, check_strategy, kind, set_lr
+from .optim import apply_stage, build_optimizer, kind, set_lr
 from .recipe import Recipe
+from .report import log_side, measure, read_report, write_report
 from .rng import rng_state, seed_all, set_rng_state
 from .runfolder import check_out, claim_out, run_record, starts_over
 from .runstate import (
@@ -72,7 +73,8 @@ class TrainResult:
     final: Path
     stages: list[StageResult]
     wall_s: float
-    eos_share: float | None
+    eos_share: float | None     # the learning report's share of held-out answers ending with EOS
+    report: dict[str, Any]      # OUT/learning.json: {"before": ..., "after": ...} (report.py)
     steps: int
 
 
@@ -175,15 +177,34 @@ class Trainer:
         t_start = time.perf_counter()
         ctx = self.context = self.setup()
         try:
+            if ctx.before is not None:  # a fresh run: its report starts anew
+                write_report(self.out, {"before": ctx.before})
             self.train_stages(ctx)
             final = self.out / "final"
             save_model_folder(ctx, final)
-            eos_share = run_eos_check(ctx) if ctx.info.is_main else None
+            report = self.report_after(ctx, final) if ctx.info.is_main else {}
             ctx.metrics.plot()
+            eos_share = (report.get("after") or {}).get("eos_share")
             return TrainResult(self.out, final, list(ctx.state.stage_results), time.perf_counter() - t_start,
-                               eos_share, ctx.state.global_step)
+                               eos_share, report, ctx.state.global_step)
         finally:
             ctx.close()
+
+    def report_after(self, ctx: RunContext, final: Path) -> dict[str, Any]:
+        """The learning report's "after" side, measured on the saved final checkpoint (a plain model
+        whatever the strategy), written beside the "before" side; rank 0."""
+        from ..checkpoint import load
+
+        print("learning report: measuring the final checkpoint", file=sys.stderr, flush=True)
+        model, _ = load(final, device=ctx.info.device, with_tokenizer=False)
+        after = measure(model, ctx.tokenizer, ctx.stages, ctx.recipe.run, ctx.info.device)
+        del model
+        log_side("after", after)
+        report = write_report(self.out, {**read_report(self.out), "after": after})
+        if after["eos_share"] is not None:
+            ctx.metrics.write({"step": ctx.state.global_step, "event": "eos_check", "eos_share": after["eos_share"],
+                               "prompts": len(after["answers"])})
+        return report
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -209,9 +230,6 @@ class Trainer:
 
         recipe, run = self.recipe, self.recipe.run
         recipe.check_world_size(info.world_size)  # before any work: a torchrun that cannot split a batch
-        for i, stage in enumerate(recipe.stages):
-            check_strategy(stage, run.strategy == "fsdp2" and info.backend is not None,
-                           f"{recipe.path}: stages[{i}].optimizer")
         record = run_record(recipe.raw, self.max_steps)
 
         def lock_and_check() -> None:  # the run, not each rank, excludes other runs
@@ -230,6 +248,11 @@ class Trainer:
         state, resume_from = RunState(), None
         if self.resume and not start_over:
             state, resume_from = load_resume_point(self.out, model, info, len(stages))
+        before = None
+        if resume_from is None and info.is_main:  # the learning report's first side, on the untrained model
+            print("learning report: measuring the model before training", file=sys.stderr, flush=True)
+            before = measure(model.to(info.device), tokenizer, stages, run, info.device)
+            log_side("before", before)
 
         autocast_bf16 = run.dtype == "bfloat16" and bf16_is_fast(info.device)
         if run.dtype == "bfloat16" and not autocast_bf16 and info.is_main:
@@ -265,7 +288,7 @@ class Trainer:
         return RunContext(recipe=recipe, out=self.out, info=info, tokenizer=tokenizer, config=config, stages=stages,
                           model=model, forward=forward, optimizer=optimizer, state=state,
                           autocast_bf16=autocast_bf16, fsdp=fsdp, peak=peak, peak_src=peak_src,
-                          metrics=metrics, progress=progress, held=held)
+                          metrics=metrics, progress=progress, held=held, before=before)
 
     # -- the loop ----------------------------------------------------------------------------------
 

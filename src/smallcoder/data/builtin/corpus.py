@@ -21,24 +21,26 @@ from typing import Any
 from ...checks import integer
 from ...errors import SmallCoderError
 from ...fsutil import atomic_folder, cache_root, refuse_used_folder
-from .functions import sft_functions
+from .codegen import code_conversations
+from .functions import sft_explanations, sft_functions
 from .mathgen import math_documents
 from .stdlib import is_codec_table, module_name, prose_from_module, prose_from_topics, stdlib_dir, stdlib_files
 
 PARTS = ("prose", "code", "math", "sft")
 MANIFEST = "manifest.json"
 FORMAT = "smallcoder-builtin-corpus"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3             # 3: sft adds generated code requests and prose questions (1: functions, 5,000 math)
+GENERATED_CODE_PER_FUNCTION = 2  # generated code requests per stdlib function request
 DEFAULT_MATH_PROBLEMS = 20_000
-SFT_MATH_FRACTION = 4          # sft holds math_problems // 4 math conversations
 PYTHON_VERSION = platform.python_version()
 STDLIB_LICENSE = f"PSF-2.0 (derived from the Python {PYTHON_VERSION} standard library)"
 MATH_LICENSE = "generated, Apache-2.0 like the project"
 
 
-def _scan_stdlib(seed: int, progress: bool,
-                 max_files: int | None = None) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-    """One pass over the standard library: (code documents, prose documents, function conversations)."""
+def _scan_stdlib(seed: int, progress: bool, max_files: int | None = None
+                 ) -> tuple[list[str], list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One pass over the standard library: (code documents, prose documents, function
+    conversations, explanation conversations)."""
     from tqdm import tqdm
 
     root = stdlib_dir()
@@ -46,7 +48,7 @@ def _scan_stdlib(seed: int, progress: bool,
     if not files:
         raise SmallCoderError(f"{root}: no standard library sources found (is this a full Python install?)")
     rng = random.Random(f"smallcoder-builtin:sft:{seed}")
-    code, prose, convs = [], prose_from_topics(), []
+    code, prose, convs, explained = [], prose_from_topics(), [], []
     seen_code: set[str] = set()
     for path in tqdm(files, desc="stdlib", unit="file", file=sys.stderr, disable=None if progress else True):
         rel = path.relative_to(root)
@@ -70,7 +72,8 @@ def _scan_stdlib(seed: int, progress: bool,
             if key not in seen_code:
                 seen_code.add(key)
                 convs.append(conv)
-    return code, prose, convs
+        explained += sft_explanations(module, tree, rng)
+    return code, prose, convs, explained
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -103,11 +106,16 @@ def build_builtin(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
     out = Path(out_dir)
     refuse_used_folder(out, overwrite=overwrite)  # before the scan, so a refusal comes first
     t0 = time.perf_counter()
-    code, prose, func_convs = _scan_stdlib(seed, progress, max_stdlib_files)
+    code, prose, func_convs, explained = _scan_stdlib(seed, progress, max_stdlib_files)
     math = math_documents(seed, math_problems, "math")
+    # n of each kind besides 2n generated code requests (n = the stdlib function requests), so an
+    # SFT stage teaches each kind, and its held-out prompts test each of them
+    n = max(1, len(func_convs))
+    explained = random.Random(f"smallcoder-builtin:sft-prose:{seed}").sample(explained, min(n, len(explained)))
     sft_math = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                for q, a in math_documents(seed, max(1, math_problems // SFT_MATH_FRACTION), "sft-math")]
-    sft = func_convs + sft_math
+                for q, a in math_documents(seed, n, "sft-math")]
+    generated = code_conversations(seed, GENERATED_CODE_PER_FUNCTION * n)
+    sft = func_convs + generated + explained + sft_math
     random.Random(f"smallcoder-builtin:sft-order:{seed}").shuffle(sft)
     records = {
         "prose": [{"text": t} for t in prose],
@@ -119,7 +127,9 @@ def build_builtin(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
         "prose": "language reference topics (pydoc_data) and standard-library docstrings",
         "code": "standard-library .py sources (no tests, idlelib or codec tables)",
         "math": "generated word problems with worked answers ending '#### N'",
-        "sft": (f"{len(func_convs)} function requests answered with stdlib source, "
+        "sft": (f"{len(func_convs)} function requests answered with stdlib source, {len(generated)} generated "
+                f"requests for small functions answered with code, {len(explained)} "
+                f"questions about stdlib functions answered from their docstrings, "
                 f"{len(sft_math)} math questions answered step by step"),
     }
     licenses = {"prose": STDLIB_LICENSE, "code": STDLIB_LICENSE, "math": MATH_LICENSE,
@@ -152,6 +162,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     found = manifest.get("format") if isinstance(manifest, dict) else manifest
     if found != FORMAT:
         raise SmallCoderError(f"{path}: field 'format' is {found!r:.60}, expected {FORMAT!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise SmallCoderError(f"{path}: field 'version' is {manifest.get('version')!r:.20}, this SmallCoder builds "
+                              f"version {FORMAT_VERSION}; rebuild it with `smallcoder data builtin --out {folder} --force`")
     parts = manifest.get("parts")
     if not isinstance(parts, dict) or sorted(parts) != sorted(PARTS):
         raise SmallCoderError(f"{path}: field 'parts' must list {', '.join(PARTS)}, got {parts!r:.80}")
@@ -167,12 +180,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def default_builtin_dir(seed: int = 0, math_problems: int = DEFAULT_MATH_PROBLEMS,
                         max_stdlib_files: int | None = None) -> Path:
-    """CACHE/builtin-py{X.Y.Z}-seed{S}[-mathN][-filesN], CACHE being `fsutil.cache_root()`
+    """CACHE/builtin-v{FORMAT_VERSION}-py{X.Y.Z}-seed{S}[-mathN][-filesN], CACHE being `fsutil.cache_root()`
     ($SMALLCODER_CACHE, else $SMALLCODER_HOME, else ~/.cache/smallcoder)."""
     base = cache_root()
     suffix = "" if math_problems == DEFAULT_MATH_PROBLEMS else f"-math{math_problems}"
     suffix += f"-files{max_stdlib_files}" if max_stdlib_files else ""
-    return base / f"builtin-py{PYTHON_VERSION}-seed{seed}{suffix}"
+    return base / f"builtin-v{FORMAT_VERSION}-py{PYTHON_VERSION}-seed{seed}{suffix}"
 
 
 def ensure_builtin(path: str | Path | None = None, seed: int = 0,

@@ -1,9 +1,10 @@
 """The built-in corpus, part 2: SFT conversations extracted from standard-library functions.
 
-A short, documented, self-contained function becomes a request (written from its signature and
-docstring) answered with its source, carrying the imports, constants and helpers it needs so the
-answer runs on its own. Source segments are cut from the file's own lines, so the code is the
-library's, byte for byte.
+Two kinds. A short, documented, self-contained function becomes a request (written from its
+signature and docstring) answered with its source, carrying the imports, constants and helpers it
+needs so the answer runs on its own; source segments are cut from the file's own lines, so the
+code is the library's, byte for byte. And any documented public function or class becomes a
+question about what it does, answered in prose from its docstring's first paragraph.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ REQUEST_TEMPLATES = (
     "Implement `{sig}` in Python.\n\n{doc}",
     "I need a Python function `{sig}`. Here is what it must do:\n\n{doc}",
 )
+QUESTION_TEMPLATES = (
+    "What does `{qual}` do in Python?",
+    "Explain what the Python function `{qual}` does.",
+    "In Python's `{module}` module, what is `{name}` for?",
+)
+CLASS_QUESTION_TEMPLATES = ("What is the `{qual}` class in Python?", QUESTION_TEMPLATES[2])
 ANSWER_INTROS = ("Here is an implementation:", "Here is the function:", "Sure. This does it:",
                  "Here is one way to write it:")
 
@@ -278,4 +285,37 @@ def sft_functions(module: str, source: str, tree: ast.Module, rng: random.Random
         code = _answer_code(node, lines, defs, imports, consts)
         if code is not None:
             out.append(_conversation(node, doc, code, rng))
+    return out
+
+
+def _explanation(module: str, node: ast.FunctionDef | ast.ClassDef, doc: str, rng: random.Random) -> dict[str, Any]:
+    """'What does `module.name` do?' answered with the docstring's first paragraph, as a sentence
+    about the named function (`module.f(args)` returns ...) where the summary opens with a verb."""
+    qual = f"{module}.{node.name}"
+    summary = _summary(doc)
+    clause = _that_clause(summary) if isinstance(node, ast.FunctionDef) else None
+    if clause:
+        answer = f"`{module}.{signature(node)}` {_verbs_to_third_person(clause)}"  # type: ignore[arg-type]
+    else:
+        answer = f"`{qual}`: {summary}"
+    templates = QUESTION_TEMPLATES if isinstance(node, ast.FunctionDef) else CLASS_QUESTION_TEMPLATES
+    question = rng.choice(templates).format(qual=qual, module=module, name=node.name)
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def sft_explanations(module: str, tree: ast.Module, rng: random.Random) -> list[dict[str, Any]]:
+    """Question -> prose conversations from the module's public top-level functions and classes
+    whose docstring summary is a sentence of 5+ words (at most 600 characters)."""
+    out = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+            continue
+        doc = docstring(node)
+        if not doc:
+            continue
+        summary = _summary(doc)
+        if (len(summary) < 30 or len(summary) > 600 or len(summary.split()) < 5 or not summary[0].isalpha()
+                or summary.lower().startswith(_SKIPPED_SUMMARIES)):
+            continue
+        out.append(_explanation(module, node, doc, rng))
     return out
