@@ -899,4 +899,4 @@ def test_without_a_progress_bar_the_run_prints_progress_lines(workdir, capsys):
     total = int(steps[-1][1])
     assert {t for _, t, _ in steps} == {str(total)} and steps[-1][:2] == (str(total), str(total))
     assert LOG_LINES // 2 <= len(steps) <= total and [s for *_, s in steps][-1] == "sft"
-    assert "EOS check: 20 held-out SFT prompts" in err
+    assert "learning report (before training)" in err and "learning report (after training)" in err

@@ -191,12 +191,18 @@ class Trainer:
             ctx.close()
 
     def report_after(self, ctx: RunContext, final: Path) -> dict[str, Any]:
-        """The learning report's "after" side, measured on the saved final checkpoint (a plain model
-        whatever the strategy), written beside the "before" side; rank 0."""
-        from ..checkpoint import load
+        """The learning report's "after" side, written beside the "before" side; rank 0. It measures
+        the trained model in memory (the weights final/ holds); under FSDP2, whose rank 0 holds only
+        shards, final/ loaded as a plain model."""
+        from .distributed import unwrap
 
-        print("learning report: measuring the final checkpoint", file=sys.stderr, flush=True)
-        model, _ = load(final, device=ctx.info.device, with_tokenizer=False)
+        print("learning report: measuring the final model", file=sys.stderr, flush=True)
+        if ctx.fsdp:
+            from ..checkpoint import load
+
+            model, _ = load(final, device=ctx.info.device, with_tokenizer=False)
+        else:
+            model = unwrap(ctx.model)
         after = measure(model, ctx.tokenizer, ctx.stages, ctx.recipe.run, ctx.info.device)
         del model
         log_side("after", after)
