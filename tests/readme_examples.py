@@ -93,9 +93,10 @@ def blocks(readme: str) -> tuple[list[Block], list[tuple[int, str]]]:
         if not lines[i].startswith("```"):
             i += 1
             continue
-        info, start = lines[i][3:].strip(), i + 1
+        ticks = len(lines[i]) - len(lines[i].lstrip("`"))  # a longer fence holds ``` in its output
+        info, start = lines[i][ticks:].strip(), i + 1
         end = start
-        while end < len(lines) and lines[end] != "```":
+        while end < len(lines) and not (lines[end].startswith("`" * ticks) and not lines[end].strip("`")):
             end += 1
         body = lines[start:end]
         prev = lines[i - 1] if i else ""
