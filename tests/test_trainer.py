@@ -245,6 +245,15 @@ def test_kill_and_resume_is_bit_identical(workdir, optimizers):
     ref = _cli([str(recipe), "--out", str(workdir / "ref"), *extra], workdir)
     ref_out = _finish(ref)
     assert ("stage prose: muon on 14 matrices" in ref_out) == (optimizers == "muon"), ref_out
+    groups = json.loads((workdir / "ref" / "run.json").read_text())["optimizer_groups"]  # the recipe dump
+    muon = ["model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight", "model.layers.*.self_attn.o_proj.weight",
+            "model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight",
+            "model.layers.*.mlp.down_proj.weight"]
+    assert [g["optimizer"] for g in groups.values()] == (["muon", "adamw"] * 2 if extra else ["adamw"] * 4)
+    assert groups["prose"].get("muon", []) == (muon if extra else [])
+    assert "model.embed_tokens.weight" in groups["prose"]["adamw"] and "lm_head.weight" in groups["prose"]["adamw"]
+    assert set(groups["code"]["adamw"]) >= set(muon)  # an AdamW stage steps the matrices with AdamW
     reference = _weights(workdir / "ref" / "final")
     seed = int(time.time() * 1000) % 10_000
     rng = random.Random(seed)

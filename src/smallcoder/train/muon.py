@@ -18,7 +18,6 @@ own shard of the result, so 2 ranks step as 1 does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -126,14 +125,23 @@ def named_split(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
     return muon, rest
 
 
+def _kinds(pairs: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Parameter names with layer numbers as *, each once, in order."""
+    return list(dict.fromkeys(".".join("*" if p.isdigit() else p for p in n.split(".")) for n, _ in pairs))
+
+
+def grouping(model: torch.nn.Module, optimizer: str) -> dict[str, list[str]]:
+    """Which tensors (layer numbers as *) each optimizer of a stage steps: run.json records it."""
+    muon, rest = named_split(model)
+    if optimizer != "muon":
+        return {"adamw": _kinds(muon + rest)}
+    return {"muon": _kinds(muon), "adamw": _kinds(rest)}
+
+
 def describe(model: torch.nn.Module) -> str:
     """Which tensors get Muon, in a line: printed at a Muon stage's start."""
     muon, rest = named_split(model)
-
-    def kinds(pairs: list[tuple[str, torch.Tensor]]) -> Iterator[str]:  # layer numbers as *, in order
-        return iter(dict.fromkeys(".".join("*" if p.isdigit() else p for p in n.split(".")) for n, _ in pairs))
-
     n_muon = sum(p.numel() for _, p in muon)
     n_rest = sum(p.numel() for _, p in rest)
-    return (f"muon on {len(muon)} matrices ({n_muon:,} weights: {', '.join(kinds(muon))}); "
-            f"adamw on {len(rest)} tensors ({n_rest:,}: {', '.join(kinds(rest))})")
+    return (f"muon on {len(muon)} matrices ({n_muon:,} weights: {', '.join(_kinds(muon))}); "
+            f"adamw on {len(rest)} tensors ({n_rest:,}: {', '.join(_kinds(rest))})")

@@ -90,6 +90,7 @@ def check_out(out: Path, record: dict[str, Any], resume: bool, force: bool, star
         resume = False
     if resume and used and (out / RUN_FILE).exists():
         saved = read_run_record(out / RUN_FILE)
+        saved = {k: saved.get(k) for k in record}  # what was run; not what it derived (optimizer_groups)
         if digest(saved) != digest(record):
             diff = _first_difference(saved, record)
             raise SmallCoderError(f"{out / RUN_FILE}: the run in {out} used a different recipe or --max-steps "
@@ -101,8 +102,9 @@ def check_out(out: Path, record: dict[str, Any], resume: bool, force: bool, star
                                 "(checkpoints there are then deleted)")
 
 
-def claim_out(out: Path, record: dict[str, Any], start_over: bool) -> None:
-    """Write run.json; when `start_over`, first delete the previous run's outputs (checkpoints,
+def claim_out(out: Path, record: dict[str, Any], start_over: bool, derived: dict[str, Any] | None = None) -> None:
+    """Write run.json (the record, and `derived`: what the run made of it, such as each stage's
+    optimizer grouping); when `start_over`, first delete the previous run's outputs (checkpoints,
     stage and final models, metrics, plot, learning report; not the data and tokenizer caches). Rank 0,
     once the data, the tokenizer and the model are ready."""
     if start_over:
@@ -113,4 +115,4 @@ def claim_out(out: Path, record: dict[str, Any], start_over: bool) -> None:
         for name in (METRICS_FILE, PLOT_FILE, REPORT_FILE, RUN_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
-    atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out / RUN_FILE, json.dumps({**record, **(derived or {})}, indent=1) + "\n")

@@ -278,7 +278,11 @@ class Trainer:
             if state.rng:
                 set_rng_state(state.rng)
         # everything that can refuse this run has run: only now may --force delete the old outputs
-        from_main(info, lambda: claim_out(self.out, record, start_over))
+        from .muon import grouping
+
+        groups = {d.spec.name: {"optimizer": d.spec.optimizer, **grouping(unwrap(model), d.spec.optimizer)}
+                  for d in stages}
+        from_main(info, lambda: claim_out(self.out, record, start_over, {"optimizer_groups": groups}))
 
         if self.peak_tflops is not None:
             peak, peak_src = self.peak_tflops * 1e12, f"--peak-tflops {self.peak_tflops:g}"
