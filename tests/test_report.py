@@ -25,6 +25,8 @@ from smallcoder.train.report import (
     ("So the answer is 1,250.\n#### 1,250", "math"),
     ("`textwrap.dedent(text)` removes common leading whitespace.", "prose"),
     ("The year 2024 was #### not a number", "prose"),
+    ("Run it:\n\n```bash\npython x.py\n```\nthen read the output.", "prose"),   # not Python
+    ("Shell first:\n```bash\nls\n```\nthen:\n```py\nprint(1)\n```", "code"),
 ])
 def test_answer_kind_is_read_off_the_reference(reference, kind):
     assert answer_kind(reference) == kind
@@ -38,8 +40,11 @@ def test_answer_kind_is_read_off_the_reference(reference, kind):
     ("```python\ndef f(x):\n    return x\n", True),                            # stopped inside the fence: parses
     ("```python\ndef f(x):\n    return os.\n```", False),                       # a syntax error
     ("```python\nx = 1\nprint(x)\n```", False),                               # parses, defines nothing
+    ("```bash\necho hi\n```\n```python\ndef f():\n    return 1\n```", True),   # the Python block counts
+    ("  ```python\n  def f(x):\n      return x\n  ```", False),                  # indented: a syntax error
     ("def f(x):\n    return x + 1", True),                                    # no fence: the whole answer
     ("Sure. Here is the function: it returns x.", False),
+    ("```python\nreturn x + 1\n```", False),                                  # parses, but not as a module
     ("   \n\n  ", False),                                                     # whitespace is not an answer
     ("", False),
 ])

@@ -42,30 +42,49 @@ SAMPLE_PROMPTS = (
     "Write a Python function to compute Fibonacci numbers.",  # the model card's usage example
     "Mia has 4 bags with 6 apples in each bag. She eats 5 apples. How many apples does she have left?",
 )
-_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:\n```|\Z)", re.DOTALL)
+PYTHON_FENCES = ("", "python", "py", "python3")  # a fence's info string that says Python (or nothing)
 _FINAL = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
 
 
+def _python_block(text: str) -> str | None:
+    """The first fenced block whose fence says Python or nothing (to its closing fence, or to the
+    end of a text that stops inside it); None when there is none. Other fences (```bash) are skipped
+    whole."""
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("```"):
+            info = line[3:].strip().lower()
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), len(lines))
+            if info in PYTHON_FENCES:
+                return "\n".join(lines[i + 1:end])
+            i = end
+        i += 1
+    return None
+
+
 def answer_kind(reference: str) -> str:
-    """'code' when the reference answer holds a code fence, 'math' when it ends with `#### N`,
-    else 'prose'."""
-    if "```" in reference:
+    """'code' when the reference answer holds a Python (or unlabelled) code fence, 'math' when it
+    ends with `#### N`, else 'prose'."""
+    if _python_block(reference) is not None:
         return "code"
     return "math" if _FINAL.search(reference.strip()) else "prose"
 
 
 def code_of(answer: str) -> str:
-    """The code of an answer: its first fenced block (to the closing fence, or to the end when the
+    """The code of an answer: its first Python block (to the closing fence, or to the end when the
     answer stops inside it), else the whole answer."""
-    m = _FENCE.search(answer)
-    return m.group(1) if m else answer
+    block = _python_block(answer)
+    return answer if block is None else block
 
 
 def defines_something(code: str) -> bool:
-    """True when `code` parses as Python and defines a function or class, binds a lambda, or
-    returns a value."""
+    """True when `code` compiles as a Python module (compiled, never run: a `return` outside a
+    function is refused) and defines a function or class, binds a lambda, or returns a value."""
     try:
         tree = ast.parse(code)
+        compile(tree, "<answer>", "exec")
     except (SyntaxError, ValueError):
         return False
     for node in ast.walk(tree):
