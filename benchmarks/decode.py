@@ -163,6 +163,9 @@ def main() -> None:
         except ImportError:
             print("llama-cpp-python is not installed: llama.cpp rows skipped")
 
+    for _, e in engines:  # warm-up, untimed: first calls build kernels, caches and allocator state
+        e.generate(prompt[:1], NEW)
+        e.prefill(long)
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in range(args.rounds):
         for dt, e in engines:
@@ -177,11 +180,12 @@ def main() -> None:
     flops = 2.0 * cfg.matmul_parameters(head=False)  # the layers' matmuls per decoded token
     rows = []
     for dt, e in engines:
-        decode = (NEW - 1) / max(1e-9, med[e.label, "t128"] - med[e.label, "t1"])
+        decode = decode_rate(times[e.label, "t1"], times[e.label, "t128"], NEW)
         prefill = PREFILL / med[e.label, "prefill"]
         batch = BATCH * NEW / med[e.label, "batch"] if (e.label, "batch") in med else None
-        gbs = decode * nbytes[dt] / 1e9
-        rows.append((dt, e.label, decode, gbs, gbs / bw, batch, prefill, prefill * flops / 1e9 / peak))
+        gbs = None if decode is None else decode * nbytes[dt] / 1e9
+        rows.append((dt, e.label, decode, gbs, None if gbs is None else gbs / bw, batch, prefill,
+                     prefill * flops / 1e9 / peak))
     print()
     print(f"303M, prompt {PROMPT} -> {NEW} new tokens; batch {BATCH}; prefill {PREFILL}; "
           f"medians of {args.rounds} rounds; ceiling: read {bw:.1f} GB/s, matmul {peak:.0f} GFLOP/s")
@@ -191,15 +195,25 @@ def main() -> None:
     for dt, label, d, gbs, frac, b, p, pf in rows:
         tf = by.get(f"transformers {dt}") or by.get("transformers float32")
         ll = next((v for k, v in by.items() if k.startswith("llama.cpp") and v[0] == dt), None)
-        vs_tf = f"{d / tf[1]:.2f}x" if tf and not label.startswith("transformers") else ""
-        vs_ll = f"{d / ll[1]:.2f}x" if ll and label.startswith("ours") else ""
+        vs_tf = f"{d / tf[1]:.2f}x" if d and tf and tf[1] and not label.startswith("transformers") else ""
+        vs_ll = f"{d / ll[1]:.2f}x" if d and ll and ll[1] and label.startswith("ours") else ""
         bt = f"{b:.1f}" if b else "-"
         bvs = f"{b / tf[2]:.2f}x" if b and tf and tf[2] and not label.startswith("transformers") else ""
         pvs = f"{p / tf[3]:.2f}x" if tf and not label.startswith("transformers") else ""
-        print(f"{label:24s} {d:12.1f} {gbs:6.1f} {frac:6.0%} {vs_tf:>6s} {vs_ll:>8s} {bt:>13s} {bvs:>6s} "
+        shown = (f"{d:12.1f} {gbs:6.1f} {frac:6.0%}" if d is not None
+                 else f"{'-':>12s} {'-':>6s} {'-':>6s}")  # every round's t(128) - t(1) was <= 0: no rate
+        print(f"{label:24s} {shown} {vs_tf:>6s} {vs_ll:>8s} {bt:>13s} {bvs:>6s} "
               f"{p:13.1f} {pf:7.0%} {pvs:>6s}")
     print("\nweights read per decode step: " + ", ".join(f"{dt} {n / 1e6:.0f} MB" for dt, n in nbytes.items())
           + "; batch-1 ceilings: " + ", ".join(f"{dt} {bw * 1e9 / n:.0f} tok/s" for dt, n in nbytes.items()))
+
+
+def decode_rate(t1: list[float], t_new: list[float], new: int) -> float | None:
+    """Decode tok/s from paired rounds: (new - 1) over the median of the rounds' t(new) - t(1),
+    counting only positive differences (a noisy round can make one non-positive); None when no
+    round gives one, never a rate from a non-positive difference."""
+    diffs = [b - a for a, b in zip(t1, t_new) if b - a > 0]
+    return (new - 1) / statistics.median(diffs) if diffs else None
 
 
 def _tokenizer(tmp: Path, vocab: int):
