@@ -136,8 +136,8 @@ def records(spec: SourceSpec, fields: list[str], parquet_batch_rows: int) -> Ite
 
 def fingerprint(spec: SourceSpec) -> Any:
     """What identifies the source's content beside its spec, for caches keyed on it: a built-in
-    part's SHA-256 (from its manifest), each local file's size and mtime; None for the Hub (its
-    revision is in the spec)."""
+    part's SHA-256 (from its manifest), each local jsonl/parquet/text file's size and mtime; None
+    for the Hub (its revision is in the spec) and for a `files` folder (not walked twice)."""
     if spec.kind == "builtin":
         from .builtin import ensure_builtin, read_manifest
 
