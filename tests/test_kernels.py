@@ -299,3 +299,239 @@ def test_the_kernel_source_states_the_row_limit_kernels_py_uses():
     stated = {int(n) for n in re.findall(r"MAX_ROWS \((\d+)\)", header)}
     assert stated == {kernels.MAX_ROWS}
     assert not re.search(r"batch\s*(<=|≤)\s*\d+", header)
+
+
+# Ragged steps (DecodeKernel.rows, SmallCoder.forward_rows): tokens of several cache rows in one
+# call. ODD: every size off the kernel's vector widths (hidden 44, head_dim 22, FFN 70, vocab 97).
+ODD = ModelConfig(vocab_size=97, hidden_size=44, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=70, max_position_embeddings=64,
+                  initializer_range=0.2)
+KINDS = ["fp32", "bf16", "int8"]
+KVS = [torch.float32, torch.float16, torch.int8]
+# (cache row, tokens) in call order: decode rows of rows 2 and 3 around spans of rows 0 and 1
+SCHEDULE = [(2, 1), (0, 5), (3, 1), (1, 3)]
+PROMPTS = [4, 9, 2, 6]  # the tokens each cache row holds before the call
+
+
+def _model_for(cfg: ModelConfig, kind: str) -> smallcoder.SmallCoder:
+    m = new_model(cfg, seed=3)
+    if kind == "bf16":
+        m = m.to(torch.bfloat16)
+    elif kind == "int8":
+        quantize_model(m)
+    return m.eval()
+
+
+def _prefilled(ref: smallcoder.SmallCoder, cfg: ModelConfig, kv: torch.dtype, ids: torch.Tensor) -> KVCache:
+    """A cache whose row r holds PROMPTS[r] tokens of ids[r], written by the PyTorch forward."""
+    cache = KVCache(cfg, len(PROMPTS), 40, kv)
+    for r, n in enumerate(PROMPTS):
+        ref(ids[r:r + 1, :n], cache=cache.rows(r, r + 1))
+    return cache
+
+
+def _schedule(ids: torch.Tensor, schedule=SCHEDULE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens, rows, positions of a ragged call: each row's next tokens after its prompt."""
+    tokens, rows, positions = [], [], []
+    for r, t in schedule:
+        p0 = PROMPTS[r] + sum(n for rr, n in schedule[:schedule.index((r, t))] if rr == r)
+        tokens += ids[r, p0:p0 + t].tolist()
+        rows += [r] * t
+        positions += list(range(p0, p0 + t))
+    return torch.tensor(tokens), torch.tensor(rows), torch.tensor(positions)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, kind: str) -> None:
+    """The tolerances of test_kernel_decode_equals_pytorch_forward, per row of logits."""
+    got, want = got.float(), want.float()
+    if kind == "int8":
+        rms = want.pow(2).mean(-1).sqrt()
+        assert ((got - want).abs().amax(-1) <= INT8_TOL * rms).all()
+    else:
+        assert (got - want).abs().max().item() < 2e-4 * want.abs().max().item()
+
+
+def _caches_close(ca: KVCache, cb: KVCache, kind: str, kv: torch.dtype) -> None:
+    """As test_kernel_decode_equals_pytorch_forward compares them."""
+    for layer in range(len(ca.k)):
+        for a, b in zip(_stored(ca, layer), _stored(cb, layer)):
+            if kind == "int8":
+                assert (a - b).abs().max().item() <= INT8_TOL * b.pow(2).mean().sqrt().item()
+            else:
+                step = {torch.float32: 0, torch.float16: 2 ** -10 * b.abs(),
+                        torch.int8: b.abs().amax(-1, keepdim=True) / 127}[kv]
+                assert ((a - b).abs() <= 1e-4 + step * 1.01).all()
+
+
+def _caches_equal(ca: KVCache, cb: KVCache) -> None:
+    for pa, pb in zip(ca.planes(), cb.planes()):
+        for a, b in zip(pa, pb):
+            assert torch.equal(a, b)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kv", KVS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", [CFG, ODD], ids=["gqa", "odd"])
+def test_ragged_kernel_step_equals_the_pytorch_forward_of_each_span(cfg, kind, kv):
+    """One kernel call of decode rows of two cache rows and spans of 5 and 3 positions of two
+    others: each token's logits are the PyTorch forward's of its row's span, and the caches hold
+    what that forward stores."""
+    m = _model_for(cfg, kind)
+    ref = _reference(m)
+    kernel = kernels.build(m)
+    ids = torch.randint(0, cfg.vocab_size, (len(PROMPTS), 20), generator=torch.Generator().manual_seed(11))
+    ca, cb = _prefilled(ref, cfg, kv, ids), _prefilled(ref, cfg, kv, ids)
+    tokens, rows, positions = _schedule(ids)
+    got = kernel.rows(m.model.embed_tokens(tokens), ca, rows, positions, torch.arange(len(tokens)))
+    assert got.shape == (len(tokens), cfg.vocab_size) and got.dtype == torch.float32
+    i = 0
+    for r, t in SCHEDULE:
+        want = ref(tokens[i:i + t][None], cache=cb.rows(r, r + 1), starts=[int(positions[i])])[0]
+        _close(got[i:i + t], want, kind)
+        i += t
+    _caches_close(ca, cb, kind, kv)
+    # only some logits: the same rows' values, in the order asked
+    pick = torch.tensor([6, 0, 9, 6])
+    again = kernel.rows(m.model.embed_tokens(tokens), _prefilled(ref, cfg, kv, ids), rows, positions, pick)
+    assert torch.equal(again, got[pick])
+
+
+def _groupings(tokens, rows, positions):
+    """The same tokens in other calls: one token per call, each row's span alone, the rows in
+    reverse order, and two rows' spans per call."""
+    spans, i = [], 0
+    for r, t in SCHEDULE:
+        spans.append(list(range(i, i + t)))
+        i += t
+    yield [[n] for n in range(len(tokens))]
+    yield spans
+    yield [[n for s in reversed(spans) for n in s]]
+    yield [spans[0] + spans[1], spans[2] + spans[3]]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kv", KVS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", [CFG, ODD], ids=["gqa", "odd"])
+def test_a_tokens_kernel_logits_do_not_depend_on_the_tokens_beside_it(cfg, kind, kv):
+    """Bit for bit: each token's logits (and the keys and values stored) from one mixed ragged call
+    equal those of the same tokens one position per call and in other groupings (a speculative
+    verify step must give plain decoding's tokens)."""
+    m = _model_for(cfg, kind)
+    ref = _reference(m)
+    kernel = kernels.build(m)
+    ids = torch.randint(0, cfg.vocab_size, (len(PROMPTS), 20), generator=torch.Generator().manual_seed(12))
+    tokens, rows, positions = _schedule(ids)
+    x = m.model.embed_tokens(tokens)
+    mixed = _prefilled(ref, cfg, kv, ids)
+    want = kernel.rows(x, mixed, rows, positions, torch.arange(len(tokens)))
+    for calls in _groupings(tokens, rows, positions):
+        cache = _prefilled(ref, cfg, kv, ids)
+        got = torch.empty_like(want)
+        for call in calls:
+            idx = torch.tensor(call)
+            got[idx] = kernel.rows(x[idx], cache, rows[idx], positions[idx], torch.arange(len(call)))
+        assert torch.equal(got, want), calls
+        _caches_equal(cache, mixed)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("flags", [["-march=haswell"], ["-march=x86-64"]], ids=["avx2", "portable"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_instruction_paths_are_row_independent_and_match_pytorch(kind, flags):
+    """The AVX2 and portable builds (gemm.h's other paths, q8dot.h's): a ragged step matches the
+    PyTorch forward and each token's logits equal those of one token per call."""
+    lib = kernels.compile_library(kernels.build_flags() + flags)
+    assert kernels.gemm_path(lib) == ("avx2" if "haswell" in flags[0] else "portable")
+    m = _model_for(ODD, kind)
+    ref = _reference(m)
+    kernel = kernels.DecodeKernel(m, lib)
+    ids = torch.randint(0, ODD.vocab_size, (len(PROMPTS), 20), generator=torch.Generator().manual_seed(13))
+    tokens, rows, positions = _schedule(ids)
+    x = m.model.embed_tokens(tokens)
+    ca, cb, cc = (_prefilled(ref, ODD, torch.float32, ids) for _ in range(3))
+    got = kernel.rows(x, ca, rows, positions, torch.arange(len(tokens)))
+    one = torch.cat([kernel.rows(x[n:n + 1], cc, rows[n:n + 1], positions[n:n + 1], torch.tensor([0]))
+                     for n in range(len(tokens))])
+    assert torch.equal(got, one)
+    i = 0
+    for r, t in SCHEDULE:
+        _close(got[i:i + t], ref(tokens[i:i + t][None], cache=cb.rows(r, r + 1), starts=[int(positions[i])])[0], kind)
+        i += t
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kv", KVS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_rows_without_the_kernel_equals_the_kernel_path(kind, kv, monkeypatch):
+    """forward_rows through the kernel (it runs: counted) and through PyTorch alone (no kernel;
+    and with one, where the size policy says PyTorch) agree within the tolerances above, and
+    leave every touched row's length at its last position + 1 (row 0 rewrites positions it held
+    past them, as a rejected speculation's), the others' as they were."""
+    m = _model_for(CFG, kind)
+    ref = _reference(m)
+    assert kernels.attach(m)
+    ids = torch.randint(0, CFG.vocab_size, (len(PROMPTS), 20), generator=torch.Generator().manual_seed(14))
+    schedule = [(2, 1), (0, 5), (1, 3)]  # row 3 untouched
+    tokens, rows, positions = _schedule(ids, schedule)
+    positions[1:6] -= 2  # row 0 rewrites 2 of its 4 prompt positions and adds 3
+    logit_rows = [5, 0, 3, 8]
+    calls = []
+    real = kernels.DecodeKernel.rows
+    monkeypatch.setattr(kernels.DecodeKernel, "rows", lambda self, *a: calls.append(1) or real(self, *a))
+    fast = _prefilled(ref, CFG, kv, ids)
+    got = m.forward_rows(tokens, fast, rows, positions, logit_rows)
+    assert calls == [1] and got.shape == (4, CFG.vocab_size) and got.dtype == torch.float32
+    for model, decode_kernel in ((ref, None), (m, m.decode_kernel)):
+        if model is m:
+            monkeypatch.setattr(kernels, "kernel_faster", lambda *a: False)
+        slow = _prefilled(ref, CFG, kv, ids)
+        want = model.forward_rows(tokens, slow, rows.tolist(), positions.tolist(), torch.tensor(logit_rows),
+                                  decode_kernel=decode_kernel)
+        # with the policy saying PyTorch, row 2's one-token span is an ordinary forward's decode
+        # step, which that forward runs in the kernel
+        assert len(calls) == 1 + (model is m) and want.dtype == torch.float32
+        if kind == "bf16" and model is m:  # PyTorch's own bf16 forward: bf16 activations, ~1% apart
+            assert (got - want).abs().max().item() < 5e-2 * want.abs().max().item()
+        else:
+            _close(got, want, kind)
+            _caches_close(fast, slow, kind, kv)
+        assert slow.lengths.tolist() == fast.lengths.tolist() == [7, 12, 3, 6]
+
+
+@torch.inference_mode()
+def test_forward_rows_states_what_breaks_its_contract():
+    m = _model_for(CFG, "fp32")
+    assert kernels.attach(m)
+    cache = KVCache(CFG, 3, 16)
+    tok = torch.tensor([5, 6, 7, 8])
+
+    def call(rows, positions, logit_rows=(0,), tokens=tok):
+        return m.forward_rows(tokens, cache, rows, positions, logit_rows)
+
+    cases = [
+        (([0, 1, 0, 2], [0, 0, 1, 0]), "cache row 0's tokens must form one contiguous group"),
+        (([0, 0, 1, 1], [0, 2, 0, 1]), "cache row 0's tokens must take consecutive ascending positions"),
+        (([0, 0, 1, 1], [1, 0, 0, 1]), "consecutive ascending positions: token 1 is at 0 after 1"),
+        (([0, 0, 1, 1], [14, 15, 15, 16]), r"positions must lie in 0\.\.15"),
+        (([0, 0, 1, 1], [-1, 0, 0, 1]), r"positions must lie in 0\.\.15"),
+        (([0, 0, 3, 3], [0, 1, 0, 1]), r"rows must lie in 0\.\.2"),
+        (([0, 0, -1, -1], [0, 1, 0, 1]), r"rows must lie in 0\.\.2"),
+        (([0, 0, 1, 1], [0, 1, 0, 1], [4]), r"logit_rows must lie in 0\.\.3"),
+        (([0, 0, 1, 1], [0, 1, 0, 1], [[0]]), "logit_rows must be 1-D"),
+        (([0, 0, 1], [0, 1, 0]), "must have one entry per token"),
+        (([0], [0], [0], tok[None]), "tokens must be a non-empty 1-D tensor"),
+        (([], [], [], tok[:0]), "tokens must be a non-empty 1-D tensor"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(*args)
+    assert cache.lengths.tolist() == [0, 0, 0] and cache.k[0].abs().sum() == 0  # nothing written
+    x = m.model.embed_tokens(tok)
+    for rows, positions, logit_rows, message in (([0, 0, 3, 3], [0, 1, 0, 1], [0], r"rows must lie in 0\.\.2"),
+                                                 ([0, 0, 1, 1], [0, -1, 0, 1], [0], "positions must be >= 0"),
+                                                 ([0, 0, 1, 1], [0, 1, 0, 1], [-1], r"logit_rows must lie in 0\.\.3"),
+                                                 ([0, 0, 1, 1], [0, 1, 0, 16], [0], "KV cache holds 16 positions")):
+        with pytest.raises(ValueError, match=message):
+            m.decode_kernel.rows(x, cache, torch.tensor(rows), torch.tensor(positions), torch.tensor(logit_rows))

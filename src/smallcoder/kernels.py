@@ -36,11 +36,25 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
-HEADERS = tuple(Path(__file__).parent / "csrc" / h for h in ("q8dot.h", "attend.h"))  # what SOURCE includes: part of the cache key
+HEADERS = tuple(Path(__file__).parent / "csrc" / h for h in ("q8dot.h", "attend.h", "gemm.h"))  # what SOURCE includes: part of the cache key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_ROWS = 16  # measured faster than the PyTorch path up to 16 rows (any dtype); beyond, MKL
 WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # the KV cache dtypes the kernel reads and writes
+
+# The longest one-row span (tokens in one forward) for which a kernel step measured faster than
+# PyTorch's forward of it, per weight dtype (benchmarks/kernel_rows.py --policy); retune it there
+# after either side changes (an integer int8 GEMM will move int8's).
+KERNEL_SPAN = {torch.float32: 16, torch.bfloat16: 16, torch.int8: 16}
+
+
+def kernel_faster(weight_dtype: torch.dtype, tokens: int, spans: int = 1) -> bool:
+    """Whether one kernel step of `tokens` tokens over `spans` cache rows beats PyTorch's path for
+    them (one forward per span): where the spans' mean length is within KERNEL_SPAN. A kernel step
+    costs no more per token as it grows, so the one-span measurement bounds the rest."""
+    limit = KERNEL_SPAN.get(weight_dtype, 0)
+    return tokens <= spans * limit
+
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -87,12 +101,14 @@ def compile_library(flags: list[str]) -> ctypes.CDLL:
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.sc_decode.argtypes = [i, i, p, p, p, p, p, i, i, i, i, i, i, i, i64, i64, i, i, f, p, i, p]
+    lib.sc_decode.argtypes = [i, i, p, p, p, p, p, p, i, i, i, i, i, i, i, i64, i64, i, i, f, p, p, i, p]
     lib.sc_decode.restype = i
     lib.sc_f16.argtypes = [p, p, p, i64]
     lib.sc_f16.restype = None
     lib.sc_int8_path.argtypes = []
     lib.sc_int8_path.restype = ctypes.c_char_p
+    lib.sc_gemm_path.argtypes = []
+    lib.sc_gemm_path.restype = ctypes.c_char_p
     return lib
 
 
@@ -100,6 +116,11 @@ def int8_path(lib: ctypes.CDLL) -> str:
     """The int8 instruction path a built kernel uses: avx512-vnni, avx-vnni, avx2, portable (or
     widen-to-fp32 for the former path)."""
     return lib.sc_int8_path().decode()
+
+
+def gemm_path(lib: ctypes.CDLL) -> str:
+    """The fp32/bf16 product path a built kernel uses: avx512, avx2 or portable (csrc/gemm.h)."""
+    return lib.sc_gemm_path().decode()
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -143,6 +164,7 @@ class DecodeKernel:
                          for d in (m._parameters, m._buffers) for name in ("weight", "weight_scale")
                          if isinstance(d.get(name), torch.Tensor)]
         first, _ = weight(layers[0].self_attn.q_proj)
+        self.weight_dtype = first.dtype
         self.wtype = WTYPES.get(first.dtype)
         if self.wtype is None:
             raise ValueError(f"no decode kernel for {first.dtype} weights")
@@ -190,47 +212,75 @@ class DecodeKernel:
         attention part of the step 6.3, 3.4 and 2.1 ms here). It runs with any of the three."""
         return {WTYPES[torch.float32]: torch.float32, WTYPES[torch.bfloat16]: torch.float16}.get(self.wtype, torch.int8)
 
-    def supports(self, cache, rows: int) -> bool:
+    def supports(self, cache) -> bool:
+        """Whether this kernel reads and writes `cache`: on the CPU, of a dtype it knows (KV_TYPES),
+        each row's heads, positions and values dense (any row stride: a `rows` view will do)."""
         k = cache.k[0]
         if cache.k_scale is not None:
             s = cache.k_scale[0]
             if s.stride(2) != 1 or s.stride(1) != s.shape[2] or s.stride(0) * k.shape[3] != k.stride(0):
                 return False
-        return (rows <= MAX_ROWS and k.dtype in KV_TYPES and k.device.type == "cpu"
+        return (k.dtype in KV_TYPES and k.device.type == "cpu"
                 and k.stride(3) == 1 and k.stride(2) == k.shape[3] and k.stride(1) == k.shape[2] * k.shape[3])
 
     def __call__(self, x: torch.Tensor, cache, starts: torch.Tensor) -> torch.Tensor:
         """Logits (M, V) for embeddings x (M, hidden) of one new token per cache row, row m's at
         position starts[m] (written into the cache there; the caller records the lengths)."""
-        return self._run(x, cache.planes(), starts, 0)
+        every = torch.arange(x.shape[0])
+        return self.rows(x, cache, every, starts, every)
 
     def prefill(self, x: torch.Tensor, cache, start: int, last_only: bool = False) -> torch.Tensor:
         """Logits (T, V) for embeddings x (T, hidden) of T consecutive tokens of cache row 0 at
-        positions start.., written into that row (with `last_only`, (1, V): the last token's). The
-        step's M rows all address the one row (a view with row stride 0), and it stores every row's
-        keys and values before any row attends, so row t sees positions 0..start+t: causal
-        attention, in one weight pass."""
+        positions start.., written into that row (with `last_only`, (1, V): the last token's):
+        causal attention in one weight pass (`rows`)."""
         T = x.shape[0]
-        planes = [[t[:1].expand(T, *t.shape[1:]) for t in plane] for plane in cache.planes()]
-        return self._run(x, planes, torch.arange(start, start + T), T - 1 if last_only else 0)
+        return self.rows(x, cache, torch.zeros(T, dtype=torch.int64), torch.arange(start, start + T),
+                         torch.tensor([T - 1]) if last_only else torch.arange(T))
 
-    def _run(self, x: torch.Tensor, planes: list[list[torch.Tensor]], starts: torch.Tensor,
-             head_from: int) -> torch.Tensor:
+    def rows(self, x: torch.Tensor, cache, rows: torch.Tensor, positions: torch.Tensor,
+             logit_rows: torch.Tensor) -> torch.Tensor:
+        """Logits (len(logit_rows), V) float32 for N new tokens in one weight pass: embeddings x
+        (N, hidden); token n is written into cache row rows[n] at position positions[n] and
+        attends to positions 0..positions[n] of that row. Every token's keys and values are stored
+        before any token attends, so tokens of one row at consecutive positions are causal
+        attention over each other (a prefill chunk, a speculative verify) and tokens of different
+        rows a batched decode step. logit_rows: the indices (into 0..N-1) whose logits to compute.
+        A token's logits do not depend on the other tokens of the step, bit for bit. The caller
+        records the lengths and never gives two tokens the same (row, position)."""
+        N = x.shape[0]
+        rows = torch.as_tensor(rows, dtype=torch.int64).contiguous()
+        pos = torch.as_tensor(positions, dtype=torch.int64).contiguous()
+        head = torch.as_tensor(logit_rows, dtype=torch.int64).contiguous()
+        if x.dim() != 2 or rows.shape != (N,) or pos.shape != (N,) or head.dim() != 1:
+            raise ValueError(f"x {tuple(x.shape)}, rows {tuple(rows.shape)}, positions {tuple(pos.shape)} "
+                             f"and logit_rows {tuple(head.shape)}: want (N, hidden), (N,), (N,), (L,)")
+        if N and (int(rows.min()) < 0 or int(rows.max()) >= cache.batch_size):
+            raise ValueError(f"rows must lie in 0..{cache.batch_size - 1} (the KV cache's rows), got {rows.tolist()}")
+        if N and int(pos.min()) < 0:
+            raise ValueError(f"positions must be >= 0, got {pos.tolist()}")
+        if head.numel() and (int(head.min()) < 0 or int(head.max()) >= N):
+            raise ValueError(f"logit_rows must lie in 0..{N - 1}, got {head.tolist()}")
+        return self._run(x, cache.planes(), rows, pos, head)
+
+    def _run(self, x: torch.Tensor, planes: list[list[torch.Tensor]], rows: torch.Tensor, pos: torch.Tensor,
+             head: torch.Tensor) -> torch.Tensor:
         """planes: per layer keys, values and (int8 caches) their scales, as KVCache.planes()."""
         cfg = self.config
         M = x.shape[0]
         x = x.float().contiguous()
-        pos = starts.to(torch.int64).contiguous()
         ptrs = self.layer_ptrs.view(cfg.num_hidden_layers, 13)
         ptrs[:, 9:] = torch.tensor([[t.data_ptr() for t in layer] + [0] * (4 - len(planes)) for layer in zip(*planes)])
-        logits = torch.empty(M - head_from, cfg.vocab_size, dtype=torch.float32)
+        logits = torch.empty(head.numel(), cfg.vocab_size, dtype=torch.float32)
+        if M == 0:
+            return logits
         k = planes[0][0]
         rc = self.lib.sc_decode(
-            M, torch.get_num_threads(), x.data_ptr(), pos.data_ptr(), self.layer_ptrs.data_ptr(),
+            M, torch.get_num_threads(), x.data_ptr(), rows.data_ptr(), pos.data_ptr(), self.layer_ptrs.data_ptr(),
             self.scale_ptrs.data_ptr() if self.scale_ptrs is not None else None, self.head_ptrs.data_ptr(),
             cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, k.stride(0), k.shape[2],
-            self.wtype, KV_TYPES[k.dtype], cfg.rms_norm_eps, self.inv_freq.data_ptr(), head_from, logits.data_ptr())
+            self.wtype, KV_TYPES[k.dtype], cfg.rms_norm_eps, self.inv_freq.data_ptr(), head.data_ptr(),
+            head.numel(), logits.data_ptr())
         if rc != 0:
             raise ValueError(f"KV cache holds {k.shape[2]} positions, asked for {int(pos.max()) + 1}")
         return logits

@@ -315,15 +315,94 @@ class SmallCoder(nn.Module):
             return next_token_loss_sum(self.model.norm(x), self.lm_head.weight, labels)
         return self.lm_head(self.model.norm(x))
 
+    def forward_rows(self, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor | Sequence[int],
+                     positions: torch.Tensor | Sequence[int], logit_rows: torch.Tensor | Sequence[int],
+                     decode_kernel: DecodeKernel | None = None) -> torch.Tensor:
+        """Logits (L, V) float32 of tokens logit_rows for N new tokens (N,) spread over KV cache
+        rows: token n is written into cache row rows[n] at position positions[n] and attends to
+        positions 0..positions[n] of that row, this call's tokens included.
+
+        Why: one call is a batched decode step, several rows' prefill chunks and speculative
+        verifications (k+1 positions of one row) at once, so they share one pass over the weights
+        where the C++ kernel runs it (`kernels.DecodeKernel.rows`). There a token's logits are bit
+        for bit the same whichever tokens share the call (any N, grouping, order), so speculative
+        decoding's greedy tokens equal plain decoding's. The kernel runs when it applies (no
+        autograd, tokens on the CPU, a cache it reads, weights unchanged since it was built) and
+        `kernels.kernel_faster` says it measured faster than PyTorch for these weights and sizes;
+        elsewhere (a GPU too) each row's span is one ordinary forward (`self(ids[None],
+        cache=cache.rows(r, r + 1), starts=[p0])`), all KV cache dtypes alike.
+
+        Contract, checked (ValueError): each cache row's tokens form one contiguous group of the
+        list at consecutive ascending positions; positions lie in 0..cache.max_length-1, rows in
+        0..cache.batch_size-1, logit_rows in 0..N-1. Afterwards cache.lengths[r] is the last
+        position written + 1 for every row touched; the other rows are unchanged.
+        `decode_kernel`: a kernel for these weights (an Engine's), else `self.decode_kernel`.
+        """
+        from . import kernels
+
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D tensor (N,), got shape {tuple(tokens.shape)}")
+        N = tokens.numel()
+        rows_t = torch.as_tensor(rows, dtype=torch.long).cpu()
+        pos_t = torch.as_tensor(positions, dtype=torch.long).cpu()
+        head_t = torch.as_tensor(logit_rows, dtype=torch.long).cpu()
+        if rows_t.shape != (N,) or pos_t.shape != (N,):
+            raise ValueError(f"rows {tuple(rows_t.shape)} and positions {tuple(pos_t.shape)} must have one entry "
+                             f"per token ({N},)")
+        if head_t.dim() != 1:
+            raise ValueError(f"logit_rows must be 1-D, got shape {tuple(head_t.shape)}")
+        rl, pl, hl = rows_t.tolist(), pos_t.tolist(), head_t.tolist()
+        if min(rl) < 0 or max(rl) >= cache.batch_size:
+            raise ValueError(f"rows must lie in 0..{cache.batch_size - 1} (the KV cache's rows), got {rl}")
+        if min(pl) < 0 or max(pl) >= cache.max_length:
+            raise ValueError(f"positions must lie in 0..{cache.max_length - 1} (the KV cache holds "
+                             f"{cache.max_length}), got {pl}")
+        if hl and (min(hl) < 0 or max(hl) >= N):
+            raise ValueError(f"logit_rows must lie in 0..{N - 1} (indices of tokens), got {hl}")
+        spans: list[tuple[int, int, int]] = []  # (cache row, first token, end token)
+        for n in range(N):
+            if n and rl[n] == rl[n - 1]:
+                if pl[n] != pl[n - 1] + 1:
+                    raise ValueError(f"cache row {rl[n]}'s tokens must take consecutive ascending positions: "
+                                     f"token {n} is at {pl[n]} after {pl[n - 1]}")
+                continue
+            if any(r == rl[n] for r, _, _ in spans):
+                raise ValueError(f"cache row {rl[n]}'s tokens must form one contiguous group; token {n} starts "
+                                 "a second one")
+            if spans:
+                spans[-1] = (spans[-1][0], spans[-1][1], n)
+            spans.append((rl[n], n, N))
+        kernel = decode_kernel if decode_kernel is not None else self.decode_kernel
+        if (kernel is not None and not torch.is_grad_enabled() and tokens.device.type == "cpu"
+                and kernel.supports(cache) and kernels.kernel_faster(kernel.weight_dtype, N, len(spans))):
+            if kernel.valid(self):
+                logits = kernel.rows(self.model.embed_tokens(tokens), cache, rows_t, pos_t, head_t)
+                for r, i0, i1 in spans:
+                    cache.lengths[r] = pl[i1 - 1] + 1
+                return logits
+            if kernel is self.decode_kernel:  # tensors replaced (.to(), load_state_dict): never read stale addresses
+                self.decode_kernel = None
+        out = torch.empty(len(hl), self.config.vocab_size, dtype=torch.float32, device=tokens.device)
+        for r, i0, i1 in spans:
+            want = [(j, n - i0) for j, n in enumerate(hl) if i0 <= n < i1]
+            last_only = all(t == i1 - i0 - 1 for _, t in want)
+            logits = self(tokens[i0:i1][None], cache=cache.rows(r, r + 1), starts=[pl[i0]], last_only=last_only,
+                          decode_kernel=decode_kernel)[0]
+            for j, t in want:
+                out[j] = logits[0 if last_only else t]
+        return out
+
     def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions, kernel: DecodeKernel | None,
                      prefill: bool, last_only: bool) -> torch.Tensor | None:
         """Logits (B, T, V) from the C++ step when it applies here (one new token per row, or with
         `prefill` T tokens of one row; a cache it can read, no autograd, weights unchanged since it
         was built); else None."""
+        from .kernels import MAX_ROWS
+
         kernel = kernel if kernel is not None else self.decode_kernel
         one_row = prefill and len(at.starts) == 1 and at.T > 1
         if kernel is None or (at.T != 1 and not one_row) or torch.is_grad_enabled() \
-                or not kernel.supports(cache, at.T if one_row else len(at.starts)):
+                or (at.T if one_row else len(at.starts)) > MAX_ROWS or not kernel.supports(cache):
             return None
         if not kernel.valid(self):  # tensors replaced (.to(), load_state_dict): never read stale addresses
             if kernel is self.decode_kernel:
