@@ -99,11 +99,30 @@ def kv_dtype(name: str) -> Any:
     return None if KV_CACHES[name] is None else getattr(torch, KV_CACHES[name])
 
 
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default="off", metavar="lookup|draft:PATH|off",
+                   help="speculative decoding, output unchanged: lookup drafts the tokens that followed the "
+                        "text's last words where they occurred before (edits of code in the prompt); "
+                        "draft:PATH drafts with a smaller checkpoint that has the same tokenizer (default off)")
+
+
+def speculation(args: argparse.Namespace) -> Any:
+    """The engine's `speculative` argument from --speculative (checked here, before a model loads);
+    a draft model loads with the model's --dtype."""
+    from .inference.speculative import parse_speculative
+
+    spec = parse_speculative(args.speculative)
+    if spec is not None:
+        spec.draft_dtype = args.dtype
+    return spec
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype and --kv-cache, the same for every command that runs a model."""
+    """--model, --dtype, --kv-cache and --speculative, the same for every command that runs a model."""
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub repo id")
     p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     add_kv_cache_arg(p)
+    add_speculative_arg(p)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -129,8 +148,9 @@ def _engine(args: argparse.Namespace):
     from .checkpoint import load
     from .inference import Engine
 
+    spec = speculation(args)
     model, tokenizer = load(args.model, dtype=args.dtype)
-    return Engine(model, tokenizer, kv_dtype=kv_dtype(args.kv_cache))
+    return Engine(model, tokenizer, kv_dtype=kv_dtype(args.kv_cache), speculative=spec)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -29,6 +29,8 @@ class Answer:
     new_tokens: int | None = None
     first_piece_s: float = 0.0  # from the request to its first piece
     seconds: float = 0.0        # from the request to its end
+    drafted: int = 0            # speculative decoding: drafts verified, and those kept
+    accepted: int = 0
 
     def summary(self) -> str:
         """`[end of answer (EOS); 42 tokens, 31.2 tok/s; prompt 17 tokens, first piece 0.08 s]`."""
@@ -39,8 +41,9 @@ class Answer:
             return f"[{why}; {self.seconds:.2f} s]"
         decode = self.seconds - self.first_piece_s
         rate = f", {(self.new_tokens - 1) / decode:.1f} tok/s" if self.new_tokens > 1 and decode > 0 else ""
+        drafts = f"; drafts kept {self.accepted}/{self.drafted}" if self.drafted else ""
         return (f"[{why}; {self.new_tokens} tokens{rate}; prompt {self.prompt_tokens} tokens, "
-                f"first piece {self.first_piece_s:.2f} s]")
+                f"first piece {self.first_piece_s:.2f} s{drafts}]")
 
 
 @final
@@ -94,7 +97,7 @@ def stream_answer(engine: Any, prompt: str, params: Any, show: Callable[[str], s
     if done is None:
         return Answer("".join(shown), "cancelled" if ctrl_c.asked else "stop", first_piece_s=first, seconds=seconds)
     return Answer("".join(shown), done.finish_reason, done.stop_reason, done.prompt_tokens, len(done.token_ids),
-                  first, seconds)
+                  first, seconds, done.drafted_tokens, done.accepted_tokens)
 
 
 def line_editing() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import number
-from ..cli import DTYPE_HELP, add_kv_cache_arg, kv_dtype
+from ..cli import DTYPE_HELP, add_kv_cache_arg, add_speculative_arg, kv_dtype, speculation
 from ..errors import SmallCoderError
 from ..prompts import FIM_ORDERS
 from .data import EVAL_TASKS as TASKS
@@ -58,6 +58,7 @@ def register(subparsers: Any) -> None:
                         "and --samples")
     p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     add_kv_cache_arg(p)
+    add_speculative_arg(p)
     p.add_argument("--batch-size", type=int, default=8,
                    help="sequences decoded together (continuous batching) / scored per forward")
     p.add_argument("--workers", type=int, default=None, help="parallel sandbox processes (default: all cores)")
@@ -174,6 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                   "to score ready completions use --samples FILE.jsonl")
         if any(t in CODE_TASKS for t in tasks):
             check_ks(ks, args.n_samples)
+        speculation(args)  # a bad --speculative fails before anything loads
         data = {t: _load(t, data_dir) for t in tasks}  # a missing file fails before the model loads
         engine = _engine(args)
         if any(t in INFILL_SPLITS for t in tasks):  # before any task generates
@@ -192,6 +194,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             results.append(result)
             print(f"{task}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
+        if engine.speculative is not None:
+            settings["speculative"] = args.speculative
+            settings["drafts"] = {"verified": engine.drafted_tokens, "kept": engine.accepted_tokens}
+            print(f"speculative ({args.speculative}): {engine.accepted_tokens:,} of {engine.drafted_tokens:,} drafted "
+                  "tokens kept", file=sys.stderr)
     settings["wall_seconds"] = round(time.perf_counter() - started, 3)
     table = markdown_table(results, compare_card=args.compare_card)
     print(table, end="")
@@ -211,8 +218,9 @@ def _engine(args: argparse.Namespace) -> Any:
     from ..checkpoint import load
     from ..inference import Engine
 
+    spec = speculation(args)
     model, tokenizer = load(args.model, dtype=args.dtype)
-    return Engine(model, tokenizer, max_batch=args.batch_size, kv_dtype=kv_dtype(args.kv_cache))
+    return Engine(model, tokenizer, max_batch=args.batch_size, kv_dtype=kv_dtype(args.kv_cache), speculative=spec)
 
 
 def _run_task(task: str, engine: Any, data: Any, args: argparse.Namespace, ks: list[int], progress: bool) -> Any:

@@ -32,8 +32,9 @@ from ..model import KVCache, SmallCoder
 from ..tokenizer import Tokenizer
 from .prefix import pick_slot
 from .requests import Completion, OnPiece, Request, ScoreRequest, _Job
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, probabilities, sample
 from .scoring import Scoring, TokenScore, token_scores
+from .speculative import Draft, DraftModel, Planner, RowStats, Speculation, accept, parse_speculative
 
 if TYPE_CHECKING:
     from ..kernels import DecodeKernel
@@ -49,12 +50,14 @@ class Engine(Scoring):
     shares its longest (chunk-aligned) prefix and recomputes only the rest (few-shot prompts, chat
     turns, an editor's repeated context). `generate`/`stream` run the loop in the calling thread;
     `start` runs it in a background thread that `submit` feeds (the server). `kv_dtype` sets the
-    cache's dtype (default: the kernel's `cache_dtype`, else the weights').
+    cache's dtype (default: the kernel's `cache_dtype`, else the weights'). `speculative`
+    (a `Speculation`, or "lookup" / "draft:PATH" / "off") drafts tokens that one multi-position
+    step verifies (speculative.py); the output is the same as without it.
     """
 
     def __init__(self, model: SmallCoder, tokenizer: Tokenizer, max_batch: int = 16,
                  use_kernel: bool = True, prefix_cache: bool = True, prefill_chunk: int = 128,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, speculative: Speculation | str | None = None) -> None:
         integer(max_batch, "max_batch")
         integer(prefill_chunk, "prefill_chunk")
         self.model = model  # used as given: no train-only layers, every forward under inference_mode
@@ -85,6 +88,18 @@ class Engine(Scoring):
         self.prefix_cache = prefix_cache
         self._kept: dict[int, list[int]] = {}
         self.reused_tokens = 0  # prompt tokens not recomputed thanks to it (a statistic)
+        # speculative decoding: the draft source, how far each row drafts, and the counts
+        spec = parse_speculative(speculative) if isinstance(speculative, str) else speculative
+        self.speculative = spec
+        self._draft: DraftModel | None = None
+        if spec is not None and spec.source == "draft":
+            if spec.draft_model is not None:
+                dm, dt = spec.draft_model
+                self._draft = DraftModel(dm, dt, tokenizer, "draft model", max_batch)
+            else:
+                self._draft = DraftModel.load(spec.draft_path, tokenizer, spec.draft_dtype, max_batch)
+        self._planner = Planner(spec, prior=0.5) if spec is not None else None
+        self.drafted_tokens = self.accepted_tokens = 0  # statistics: drafts verified, drafts kept
 
     @property
     def context_length(self) -> int:
@@ -309,6 +324,8 @@ class Engine(Scoring):
         if self._cache is not None:
             self._cache.reset()
         self._kept.clear()
+        if self._draft is not None:
+            self._draft.known.clear()
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -338,6 +355,10 @@ class Engine(Scoring):
         active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
         if not active:
             return
+        drafts = self._drafts(active) if self._planner is not None else {}
+        if drafts:
+            self._verify(active, drafts)
+            return
         lo, n = active[0][0], active[-1][0] + 1  # the rows from the first active one to the last
         cache = self._cache.rows(lo, n)
         starts = cache.lengths.clone()  # an active row continues where it is
@@ -350,8 +371,75 @@ class Engine(Scoring):
                     kept = self._kept[i] = []
                 starts[i - lo] = len(kept)
             tokens.append(r.next_token if r is not None else self.tokenizer.eos_id)
+        began = time.perf_counter()
         logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache, starts)
+        if self._planner is not None:
+            self._planner.cost.add(n - lo, time.perf_counter() - began)
+            for _, r in active:
+                self._planner.settle(r.spec, 0, 0)
         self._sample_and_advance([(i, r, logits[i - lo]) for i, r in active])
+
+    def _drafts(self, active: list[tuple[int, Request]]) -> dict[int, Draft]:
+        """Each active row's draft for this step (none where the planner finds it not worth it)."""
+        cache = self._cache
+        rows = []
+        for i, r in active:
+            cap = min(r.row.budget - len(r.row.ids) - 1, cache.max_length - 2 - int(cache.lengths[i]))
+            rows.append((i, r.spec, cap))
+        lengths = self._planner.lengths(rows)
+        if not lengths:
+            return {}
+        by_slot = dict(active)
+        if self._draft is None:  # prompt lookup
+            drafts = {}
+            for i, k in lengths.items():
+                r = by_slot[i]
+                r.spec.lookup.extend(r.ids + r.row.ids)
+                tokens = r.spec.lookup.propose(k)
+                if tokens:
+                    drafts[i] = Draft(tokens)
+            return drafts
+        return self._draft.propose([(i, by_slot[i].ids + by_slot[i].row.ids, k, by_slot[i].params, by_slot[i].generator)
+                                    for i, k in lengths.items()])
+
+    def _verify(self, active: list[tuple[int, Request]], drafts: dict[int, Draft]) -> None:
+        """One step over every active row's next token and its drafts (consecutive positions of its
+        cache row), then each row keeps what `speculative.accept` accepts."""
+        cache = self._cache
+        tokens, crow, pos, spans = [], [], [], []
+        for i, r in active:
+            d = drafts.get(i, Draft([]))
+            start = int(cache.lengths[i])
+            seq = [r.next_token, *d.tokens]
+            spans.append((i, r, d, start, len(tokens)))
+            tokens += seq
+            crow += [i] * len(seq)
+            pos += range(start, start + len(seq))
+        began = time.perf_counter()
+        logits = self.model.forward_rows(torch.tensor(tokens, device=self.device), cache, crow, pos,
+                                         list(range(len(tokens))), decode_kernel=self.decode_kernel)
+        self._planner.cost.add(len(tokens), time.perf_counter() - began)
+        for i, r, d, start, first in spans:
+            k = len(d.tokens)
+            try:
+                rows = logits[first:first + k + 1]
+                if not bool((rows.amax(dim=-1) < float("inf")).all()):
+                    raise SmallCoderError("the model's next-token logits for this request are not finite "
+                                          "(NaN or +inf); try float32 or bfloat16 instead of float16")
+                emitted = accept(d, probabilities(rows, r.params), r.params, r.generator)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                r.error = e
+                self._finish(i, r, "error")
+                continue
+            self._planner.settle(r.spec, k, len(emitted) - 1)
+            self.drafted_tokens += k
+            self.accepted_tokens += len(emitted) - 1
+            pushed = 0
+            for token in emitted:
+                pushed += 1
+                if not self._advance(i, r, token) or r._cancelled:
+                    break
+            cache.lengths[i] = start + pushed  # the last token pushed is fed next step
 
     def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int],
                  prefill: bool = False) -> torch.Tensor:
@@ -389,6 +477,8 @@ class Engine(Scoring):
         self._slots[slot] = request
         self._kept.pop(slot, None)
         request.cached_tokens, request.started_at = reuse, time.perf_counter()
+        if self._planner is not None:
+            request.spec = RowStats(self._planner.prior)
         self.reused_tokens += reuse
         done = reuse
         try:
@@ -430,6 +520,8 @@ class Engine(Scoring):
             self._cache = KVCache(self.model.config, rows, length, self.kv_dtype, self.device)
         else:
             self._cache = old.grown(rows, length)
+        if self._draft is not None:
+            self._draft.grow(self._cache.batch_size)
 
     def _sample_and_advance(self, rows: list[tuple[int, Request, torch.Tensor]]) -> None:
         """Pick each row's next token and advance its text. A failure here (non-finite logits, a
@@ -446,17 +538,27 @@ class Engine(Scoring):
                     raise SmallCoderError("the model's next-token logits for this request are not finite "
                                           "(NaN or +inf); try float32 or bfloat16 instead of float16")
                 token = chosen[j] if j in chosen else int(sample(row_logits[None], r.params, r.generator)[0])
-                piece = r.row.push(token)
-                if piece and r.on_piece is not None:
-                    r.on_piece(piece)
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 r.error = e
                 self._finish(slot, r, "error")
                 continue
-            if r.row.finish_reason:
-                self._finish(slot, r, r.row.finish_reason)
-            else:
-                r.next_token = token
+            self._advance(slot, r, token)
+
+    def _advance(self, slot: int, r: Request, token: int) -> bool:
+        """Push a chosen token to a request's text (streaming its piece); whether it goes on."""
+        try:
+            piece = r.row.push(token)
+            if piece and r.on_piece is not None:
+                r.on_piece(piece)
+        except Exception as e:  # noqa: BLE001 - this request fails (a listener's error), the others go on
+            r.error = e
+            self._finish(slot, r, "error")
+            return False
+        if r.row.finish_reason:
+            self._finish(slot, r, r.row.finish_reason)
+            return False
+        r.next_token = token
+        return True
 
     def _finish(self, slot: int, request: Request, reason: str) -> None:
         self._slots[slot] = None
@@ -475,8 +577,9 @@ class Engine(Scoring):
                         job.on_piece(piece)
                     except Exception as e:  # noqa: BLE001 - the listener's failure is this request's
                         job.error = e
+                spec = job.spec
                 job.completion = Completion(row.text, row.ids, row.finish_reason, row.prompt_tokens,
-                                            row.stop_reason)
+                                            row.stop_reason, spec.drafted if spec else 0, spec.accepted if spec else 0)
         finally:
             job.done.set()
             if job.on_piece is not None:

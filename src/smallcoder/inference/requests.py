@@ -14,6 +14,7 @@ from ..tokenizer import Tokenizer
 from .detokenize import TextState
 from .sampling import SamplingParams
 from .scoring import TokenScore
+from .speculative import RowStats
 
 OnPiece = Callable[[str | None], None]
 
@@ -25,6 +26,8 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
     prompt_tokens: int
     stop_reason: str | int | None = None  # the stop string, or the EOS id, that ended it
+    drafted_tokens: int = 0  # speculative decoding: drafts verified for this request
+    accepted_tokens: int = 0  # and those kept (each kept draft is a token without a step of its own)
 
 
 class _Job:
@@ -69,6 +72,7 @@ class Request(_Job):
         self.cached_tokens = 0  # prompt tokens reused from the cache, not recomputed
         self.started_at: float | None = None  # prefill began
         self.first_token_at: float | None = None  # prefill ended: the prompt is processed
+        self.spec: RowStats | None = None  # speculative decoding's state for this row (the engine's)
 
     def only_prefill(self) -> None:
         """Generate nothing more (thread-safe, like `cancel`), but finish computing the prompt's

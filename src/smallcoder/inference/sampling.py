@@ -81,6 +81,28 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Next token ids (B,) from logits (B, V): greedy, or the `samplers` steps, then a draw."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    x, ids = _candidates(logits, params)
+    choice = draw(x.softmax(dim=-1), generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from, dense over the vocabulary: (B, V) float64 (greedy: all
+    mass on the argmax). Speculative sampling accepts and corrects drafts against it, so its output
+    keeps exactly the distribution plain sampling has."""
+    if params.greedy:
+        out = torch.zeros(logits.shape, dtype=torch.float64)
+        return out.scatter_(-1, logits.argmax(dim=-1, keepdim=True).cpu(), 1.0)
+    x, ids = _candidates(logits, params)
+    probs = x.softmax(dim=-1).cpu()
+    if ids is None:
+        return probs
+    return torch.zeros(logits.shape, dtype=torch.float64).scatter_(-1, ids.cpu(), probs)
+
+
+def _candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `samplers` steps on logits (B, V): float64 log-weights of the candidates (-inf: dropped)
+    and their token ids (None: the candidates are the whole vocabulary, in order)."""
     steps = list(params.samplers)
     x = ids = None  # ids: once top-k has run, the token ids of the candidates x holds (B, k)
     # top-k first, on the float32 logits, where the steps before it (temperature, min-p) keep the
@@ -111,8 +133,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
             # p < min_p * p_max  <=>  x - x_max < log(min_p); the likeliest token always stays
             top = x.max(dim=-1, keepdim=True).values
             x = x.masked_fill(x - top < math.log(params.min_p), float("-inf"))
-    choice = draw(x.softmax(dim=-1), generator)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+    return x, ids
 
 
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -87,8 +87,12 @@ def create_app(engine: Engine, model_name: str = "smallcoder", api_key: str | No
     async def health(server: Server, request: Request) -> dict[str, Any]:
         if not engine.alive:
             raise APIError(503, "the engine loop is not running", type_="server_error", code="engine_stopped")
-        return {"status": "ok", "model": model_name, "active": engine.num_active, "queued": engine.num_queued,
+        body = {"status": "ok", "model": model_name, "active": engine.num_active, "queued": engine.num_queued,
                 "max_batch": engine.max_batch, "context_length": engine.context_length}
+        if engine.speculative is not None:
+            body["speculative"] = {"source": engine.speculative.source, "drafted_tokens": engine.drafted_tokens,
+                                   "accepted_tokens": engine.accepted_tokens}
+        return body
 
     route("/v1/completions", "POST", completions)
     route("/v1/chat/completions", "POST", chat)

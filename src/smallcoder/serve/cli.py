@@ -81,7 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     shown = f"[{host}]" if ":" in host else host
     key = " (API key required)" if app.state.server.api_key else ""
     kv = str(engine.kv_dtype).removeprefix("torch.")
-    print(f"serving {args.model_name or args.model} ({args.dtype}, KV cache {kv}, max batch {args.max_batch}, context "
+    spec = f", speculative {args.speculative}" if engine.speculative is not None else ""
+    print(f"serving {args.model_name or args.model} ({args.dtype}, KV cache {kv}{spec}, max batch {args.max_batch}, context "
           f"{engine.context_length}) at http://{shown}:{port}/v1{key}", flush=True)
     config = uvicorn_config(app, limits, log_level=args.log_level, timeout_graceful_shutdown=5,
                             access_log=args.log_level == "debug")
@@ -102,14 +103,16 @@ def _load(args: argparse.Namespace, limits: ServeLimits) -> tuple[Any, Any]:
         log.warning("listening on %s, reachable from other machines%s", args.host,
                     "" if api_key else " WITHOUT an API key (set --api-key or SMALLCODER_API_KEY)")
     from ..checkpoint import load
-    from ..cli import kv_dtype, set_threads
+    from ..cli import kv_dtype, set_threads, speculation
     from ..inference import Engine
     from .app import create_app
 
     set_threads(args.threads)
+    spec = speculation(args)
     model, tokenizer = _on_a_passing_thread(lambda: load(args.model, dtype=args.dtype))
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                    kv_dtype=kv_dtype(args.kv_cache))
+    engine = _on_a_passing_thread(lambda: Engine(model, tokenizer, max_batch=args.max_batch,
+                                                 prefill_chunk=args.prefill_chunk, kv_dtype=kv_dtype(args.kv_cache),
+                                                 speculative=spec))
     return create_app(engine, model_name=args.model_name or args.model, api_key=api_key, limits=limits,
                       fim_order=args.fim_order), engine
 
