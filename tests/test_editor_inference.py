@@ -160,17 +160,19 @@ def test_a_prefill_cancelled_between_chunks_stops_and_keeps_its_chunks(micro_che
     assert len(prompt) > 4 * 8
     r = engine.submit(prompt, SamplingParams(max_new_tokens=5))
     widths = []
+    orig = model.forward_rows
 
-    def hook(module, args, kwargs):
-        widths.append(args[0].shape[1])
+    def spy(tokens, *a, **kw):  # prefill chunks go through forward_rows
+        widths.append(tokens.numel())
         if len(widths) == 2:
             r.cancel()
+        return orig(tokens, *a, **kw)
 
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.forward_rows = spy
     try:
         engine.run([r])
     finally:
-        handle.remove()
+        del model.forward_rows
     assert r.result().finish_reason == "cancelled" and widths == [8, 8]
     again = engine.submit(prompt, SamplingParams(max_new_tokens=1))
     engine.run([again])
@@ -197,14 +199,16 @@ def test_a_short_prefill_chunk_runs_in_the_kernel_with_the_forwards_logits(micro
         want = ref(ids, cache=want_cache)
         cache = KVCache(micro_config, 3, 128)
         row = cache.rows(1, 2)
-        got = torch.cat([model(ids[:, s:s + MAX_ROWS], cache=row, starts=[s], decode_kernel=kernel,
-                               prefill_kernel=True) for s in range(0, ids.shape[1], MAX_ROWS)], dim=1)
+        got = torch.cat([model.forward_rows(ids[0, s:s + MAX_ROWS], row, [0] * len(ids[0, s:s + MAX_ROWS]),
+                                            range(s, s + len(ids[0, s:s + MAX_ROWS])),
+                                            range(len(ids[0, s:s + MAX_ROWS])), decode_kernel=kernel)
+                         for s in range(0, ids.shape[1], MAX_ROWS)])[None]
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     with torch.inference_mode():  # the engine's call: the last row's logits only (the head skips the others)
-        last = model(ids[:, :MAX_ROWS], cache=KVCache(micro_config, 1, 128), starts=[0], decode_kernel=kernel,
-                     prefill_kernel=True, last_only=True)
-    assert last.shape == (1, 1, micro_config.vocab_size)
-    assert torch.allclose(last[0, 0], want[0, MAX_ROWS - 1], atol=1e-4, rtol=1e-4)
+        last = model.forward_rows(ids[0, :MAX_ROWS], KVCache(micro_config, 1, 128), [0] * MAX_ROWS, range(MAX_ROWS),
+                                  [MAX_ROWS - 1], decode_kernel=kernel)
+    assert last.shape == (1, micro_config.vocab_size)
+    assert torch.allclose(last[0], want[0, MAX_ROWS - 1], atol=1e-4, rtol=1e-4)
     n = ids.shape[1]
     assert torch.allclose(cache.k[0][1, :, :n], want_cache.k[0][0, :, :n], atol=1e-5)
     assert row.lengths.tolist() == [n] and cache.k[0][0].abs().sum() == 0  # the other rows untouched

@@ -1027,20 +1027,20 @@ def test_prefix_reuse_recomputes_only_the_new_suffix_and_changes_nothing(model, 
     fresh = Engine(model, tok, prefix_cache=False, prefill_chunk=chunk)
     engine = Engine(model, tok, max_batch=2, prefill_chunk=chunk)
     seen = []
-    orig = model.forward
+    orig = model.forward_rows
 
-    def spy(input_ids, cache=None, **kw):
-        seen.append(input_ids.shape[1])
-        return orig(input_ids, cache=cache, **kw)
+    def spy(tokens, *a, **kw):  # prefill chunks go through forward_rows: count the tokens computed
+        seen.append(tokens.numel())
+        return orig(tokens, *a, **kw)
 
     shared = "def add(a, b):\n    return a + b\n\nThe lazy dog" * 2
     first = engine.generate([shared], greedy(6))[0]
     follow = [shared + " jumps over", shared + first.text, "for i in range(3):"]
-    model.forward = spy
+    model.forward_rows = spy
     try:
         got = [engine.generate([p], greedy(6))[0] for p in follow]
     finally:
-        del model.forward
+        del model.forward_rows
     want = fresh.generate(follow, greedy(6))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     n_shared = (len(tok.encode(shared)) - 1) // chunk * chunk  # the reusable, chunk-aligned part
@@ -1247,3 +1247,33 @@ def test_requests_end_even_if_the_background_loop_dies(monkeypatch, model, tok):
     assert sorted(ended) == [0, 1]
     engine._thread.join(30)
     assert not engine.alive
+
+
+def test_queued_prompts_prefill_together_and_change_nothing(model, tok):
+    """Prompts queued at once share each prefill round's call (one weight pass for all of them in
+    the C++ kernel), with the tokens each gets alone; prompts sharing a whole chunk wait a step so
+    the later ones reuse it."""
+    prompts = ["def add(a, b):", "The lazy dog", "for i in range(10):", "x = 1"]
+    alone = Engine(model, tok, max_batch=1, prefill_chunk=8)
+    want = [alone.generate([p], greedy(8))[0].token_ids for p in prompts]
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=8)
+    calls = []
+    orig = model.forward_rows
+
+    def spy(tokens, cache, rows, *a, **kw):
+        calls.append(sorted({int(r) for r in rows}))
+        return orig(tokens, cache, rows, *a, **kw)
+
+    model.forward_rows = spy
+    try:
+        got = [c.token_ids for c in engine.generate(prompts, greedy(8))]
+    finally:
+        del model.forward_rows
+    assert got == want
+    assert calls[0] == [0, 1, 2, 3]  # the first round: every prompt's first chunk in one call
+    shared = "User: hi\nAssistant: hello there\n" * 3
+    few_shot = [shared + t for t in ("def", "for i in", "x = 1")]
+    fresh = Engine(model, tok, max_batch=4, prefill_chunk=8)
+    assert [c.token_ids for c in fresh.generate(few_shot, greedy(5))] == \
+        [alone.generate([p], greedy(5))[0].token_ids for p in few_shot]
+    assert fresh.reused_tokens >= 2 * ((len(tok.encode(shared)) - 1) // 8 * 8)

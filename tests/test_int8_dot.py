@@ -140,7 +140,7 @@ def test_an_int8_row_gets_the_same_logits_alone_in_a_batch_and_in_a_prefill_chun
         steps.append(a[0, 0])
     for layer in range(CFG.num_hidden_layers):
         assert torch.equal(alone.k[layer][0], batch.k[layer][2]) and torch.equal(alone.v[layer][0], batch.v[layer][2])
-    got = m(ids[2:3, 13:19], cache=chunk, prefill_kernel=True)  # the same 6 tokens as one chunk
-    assert torch.equal(got[0], torch.stack(steps))
+    got = m.forward_rows(ids[2, 13:19], chunk, [0] * 6, range(13, 19), range(6))  # the same 6 tokens as one chunk
+    assert torch.equal(got, torch.stack(steps))
     for layer in range(CFG.num_hidden_layers):
         assert torch.equal(chunk.k[layer], alone.k[layer]) and torch.equal(chunk.v[layer], alone.v[layer])

@@ -871,7 +871,7 @@ def test_lm_eval_local_completions_matches_hf_on_answers_ending_at_eos(micro_che
         return None
 
     model.register_forward_hook(force_eos, with_kwargs=True)
-    running = _start(Engine(model, tok, max_batch=2), api_key=None)
+    running = _start(Engine(model, tok, max_batch=2, use_kernel=False), api_key=None)  # every step a forward
     try:
         hf = Engine(*smallcoder.load(micro_checkpoint))
         pairs = [("def add(a, b):", "\n    return a + b"), ("The lazy", " dog"), ("for i in", " range(10):")]

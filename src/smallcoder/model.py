@@ -268,7 +268,7 @@ class SmallCoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False, labels: torch.Tensor | None = None, *,
                 starts: torch.Tensor | Sequence[int] | None = None,
-                decode_kernel: DecodeKernel | None = None, prefill_kernel: bool = False) -> torch.Tensor:
+                decode_kernel: DecodeKernel | None = None) -> torch.Tensor:
         """Logits for `input_ids` (B, T), written into `cache` when given; with `labels`, the loss.
 
         Row b's tokens take positions starts[b].. (default: cache.lengths[b], i.e. appended), so
@@ -277,8 +277,8 @@ class SmallCoder(nn.Module):
         (B, T) returns the summed next-token cross-entropy instead of logits, without ever
         holding the full logits (`loss.next_token_loss_sum`): the training path.
         `decode_kernel` (a `kernels.DecodeKernel` for these weights) runs one-token steps in C++;
-        by default the one `kernels.attach` gave this model, if any. With `prefill_kernel` it also
-        runs a one-row forward of up to `kernels.MAX_ROWS` tokens (a short prefill chunk).
+        by default the one `kernels.attach` gave this model, if any (several tokens per row in
+        C++, e.g. a prefill chunk or a speculative verification: `forward_rows`).
         """
         B, T = input_ids.shape
         if labels is not None and (cache is not None or last_only):
@@ -295,7 +295,7 @@ class SmallCoder(nn.Module):
         else:
             first = cache.lengths.clone() if starts is None else torch.as_tensor(starts, dtype=torch.long).cpu()
             at = Positions(first, B, T, cache)
-            logits = self._kernel_step(x, cache, at, decode_kernel, prefill_kernel, last_only)
+            logits = self._kernel_step(x, cache, at, decode_kernel)
             if logits is not None:
                 cache.lengths.copy_(first + T)
                 return logits[:, -1:] if last_only else logits
@@ -392,22 +392,19 @@ class SmallCoder(nn.Module):
                 out[j] = logits[0 if last_only else t]
         return out
 
-    def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions, kernel: DecodeKernel | None,
-                     prefill: bool, last_only: bool) -> torch.Tensor | None:
-        """Logits (B, T, V) from the C++ step when it applies here (one new token per row, or with
-        `prefill` T tokens of one row; a cache it can read, no autograd, weights unchanged since it
-        was built); else None."""
+    def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions,
+                     kernel: DecodeKernel | None) -> torch.Tensor | None:
+        """Logits (B, 1, V) from the C++ step when it applies here (one new token per row, at most
+        `kernels.MAX_ROWS` rows, a cache it can read, no autograd, weights unchanged since it was
+        built); else None."""
         from .kernels import MAX_ROWS
 
         kernel = kernel if kernel is not None else self.decode_kernel
-        one_row = prefill and len(at.starts) == 1 and at.T > 1
-        if kernel is None or (at.T != 1 and not one_row) or torch.is_grad_enabled() \
-                or (at.T if one_row else len(at.starts)) > MAX_ROWS or not kernel.supports(cache):
+        if kernel is None or at.T != 1 or torch.is_grad_enabled() or len(at.starts) > MAX_ROWS \
+                or not kernel.supports(cache):
             return None
         if not kernel.valid(self):  # tensors replaced (.to(), load_state_dict): never read stale addresses
             if kernel is self.decode_kernel:
                 self.decode_kernel = None
             return None
-        if one_row:
-            return kernel.prefill(x[0], cache, at.starts[0], last_only)[None]
         return kernel(x[:, 0], cache, at.tensor)[:, None]

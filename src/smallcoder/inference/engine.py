@@ -27,10 +27,10 @@ import torch
 
 from ..checks import integer
 from ..errors import SmallCoderError
-from ..kernels import MAX_ROWS
+from ..kernels import kernel_faster
 from ..model import KVCache, SmallCoder
 from ..tokenizer import Tokenizer
-from .prefix import pick_slot
+from .prefix import common_prefix, pick_slot
 from .requests import Completion, OnPiece, Request, ScoreRequest, _Job
 from .sampling import SamplingParams, probabilities, sample
 from .scoring import Scoring, TokenScore, token_scores
@@ -335,6 +335,7 @@ class Engine(Scoring):
             if r is not None and (r._cancelled or r.warm):  # warm here: `only_prefill` after its prefill
                 self._finish(i, r, "cancelled" if r._cancelled else "length")
         scored = False
+        admitted: list[tuple[Request, int, int]] = []
         while True:
             with self._lock:
                 if not self._queue:
@@ -350,8 +351,16 @@ class Engine(Scoring):
                 self._score(job)
             elif job.row.budget <= 0 and not job.warm:
                 self._end(job, "length")
+            elif self._shares_a_chunk(job, admitted):  # next step, to reuse what this one computes
+                with self._lock:
+                    self._queue.appendleft(job)
+                break
             else:
-                self._prefill(job)
+                plan = self._admit(job)
+                if plan is not None:
+                    admitted.append(plan)
+        if admitted:
+            self._prefill(admitted)
         active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
         if not active:
             return
@@ -441,14 +450,9 @@ class Engine(Scoring):
                     break
             cache.lengths[i] = start + pushed  # the last token pushed is fed next step
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int],
-                 prefill: bool = False) -> torch.Tensor:
-        """Last-position logits (B, V) of `ids` (B, T), row b's tokens written at starts[b]..; a
-        `prefill` chunk of at most `kernels.MAX_ROWS` tokens runs in the C++ kernel when every
-        chunk is that small (`prefill_chunk`), so each chunk position is always computed alike."""
-        kernel_prefill = prefill and self.prefill_chunk <= MAX_ROWS
-        return self.model(ids, cache=cache, last_only=True, starts=starts, decode_kernel=self.decode_kernel,
-                          prefill_kernel=kernel_prefill)[:, -1]
+    def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int]) -> torch.Tensor:
+        """Last-position logits (B, V) of one new token per row (B, 1), row b's at starts[b]."""
+        return self.model(ids, cache=cache, last_only=True, starts=starts, decode_kernel=self.decode_kernel)[:, -1]
 
     def _score(self, job: ScoreRequest) -> None:
         try:
@@ -457,21 +461,32 @@ class Engine(Scoring):
             job.error = e
         self._end(job, "stop")
 
-    def _prefill(self, request: Request) -> None:
-        """Compute a prompt's keys/values from its reused prefix on, one aligned chunk per forward
-        (through the C++ kernel where chunks are that small, `kernels.MAX_ROWS`). A request
-        cancelled meanwhile stops between chunks, and the chunks done stay for reuse (an editor's
-        next keystroke shares them); one with no tokens to generate ends there (a warm-up)."""
+    def _shares_a_chunk(self, request: Request, admitted: list[tuple[Request, int, int]]) -> bool:
+        """Whether `request` shares a whole prefill chunk with a prompt admitted this step beyond
+        what the cache already holds for it (few-shot prompts): then it waits one step and reuses it."""
+        if not self.prefix_cache or not admitted:
+            return False
+        chunk = self.prefill_chunk
+        return any(common_prefix(r.ids, request.ids, len(request.ids) - 1) // chunk * chunk > reuse
+                   for r, _, reuse in admitted)
+
+    def _admit(self, request: Request) -> tuple[Request, int, int] | None:
+        """Give a prompt a cache row (the one sharing its longest chunk-aligned prefix, copied in
+        from a busy row where that shares more): (request, slot, reused tokens), or None where it
+        failed alone (e.g. out of memory growing the cache)."""
         ids, chunk = request.ids, self.prefill_chunk
         rows = self._cache.batch_size if self._cache is not None else 0
         free = [i for i in range(max(rows, len(self._slots))) if i >= len(self._slots) or self._slots[i] is None]
         slot, reuse, source = pick_slot(self._kept, ids, free or [len(self._slots)], rows, chunk, self.prefix_cache)
         try:
             self._ensure_cache(slot, len(ids) + request.row.budget)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
+            if source is not None:
+                for t in self._cache.k + self._cache.v:
+                    t[slot, :, :reuse] = t[source, :, :reuse]
+        except Exception as e:  # noqa: BLE001 - only this row's cache was touched
             request.error = e
             self._end(request, "error")
-            return
+            return None
         while len(self._slots) <= slot:
             self._slots.append(None)
         self._slots[slot] = request
@@ -480,32 +495,66 @@ class Engine(Scoring):
         if self._planner is not None:
             request.spec = RowStats(self._planner.prior)
         self.reused_tokens += reuse
-        done = reuse
-        try:
-            if source is not None:
-                for t in self._cache.k + self._cache.v:
-                    t[slot, :, :reuse] = t[source, :, :reuse]
-            cache = self._cache.rows(slot, slot + 1)
-            for done in range(reuse, len(ids), chunk):
-                if request._cancelled:
-                    break
-                part = torch.tensor([ids[done:done + chunk]], device=self.device)
-                logits = self._forward(part, cache, [done], prefill=True)
-            else:
-                done = len(ids)
-        except Exception as e:  # noqa: BLE001 - only this row's cache was touched
-            request.error = e
-            self._finish(slot, request, "error")
-            return
-        self._kept[slot] = ids[:done // chunk * chunk]
-        if done < len(ids):
-            self._finish(slot, request, "cancelled")
-            return
-        request.first_token_at = time.perf_counter()
-        if request.row.budget <= 0 or request.warm:
-            self._finish(slot, request, "length")
-        else:
-            self._sample_and_advance([(slot, request, logits[0])])
+        return request, slot, reuse
+
+    def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
+        """Compute the admitted prompts' keys/values from their reused prefixes on, one aligned
+        chunk of each per round, the round's chunks in one `forward_rows` call (one pass over the
+        weights for every prompt where the C++ kernel runs it). A chunk short enough for the kernel
+        (`kernels.kernel_faster`) always runs there, a longer one always alone in PyTorch, whatever
+        shares its round, so each chunk is computed alike with or without reuse and batch-mates.
+        A request cancelled meanwhile stops between rounds, and the chunks done stay for reuse (an
+        editor's next keystroke shares them); one with no tokens to generate ends there (a warm-up)."""
+        chunk = self.prefill_chunk
+        kernel = self.decode_kernel or self.model.decode_kernel
+        done = {slot: reuse for _, slot, reuse in admitted}
+        pending = list(admitted)
+        last: dict[int, torch.Tensor] = {}
+        while pending:
+            groups: dict[bool, list[tuple[Request, int]]] = {True: [], False: []}
+            for request, slot, _ in pending:
+                n = min(chunk, len(request.ids) - done[slot])
+                small = kernel is not None and kernel_faster(kernel.weight_dtype, n)
+                groups[small].append((request, slot))
+            for group in groups.values():
+                if not group:
+                    continue
+                tokens, crow, pos, heads = [], [], [], []
+                for request, slot in group:
+                    part = request.ids[done[slot]:done[slot] + chunk]
+                    tokens += part
+                    crow += [slot] * len(part)
+                    pos += range(done[slot], done[slot] + len(part))
+                    heads.append(len(tokens) - 1)
+                try:
+                    logits = self.model.forward_rows(torch.tensor(tokens, device=self.device), self._cache, crow, pos,
+                                                     heads, decode_kernel=self.decode_kernel)
+                except Exception as e:  # noqa: BLE001 - only these rows' caches were touched
+                    for request, slot in group:
+                        request.error = e
+                        self._finish(slot, request, "error")
+                        done.pop(slot)
+                    continue
+                for (request, slot), row in zip(group, logits):
+                    done[slot] = min(done[slot] + chunk, len(request.ids))
+                    last[slot] = row
+            still = []
+            for request, slot, reuse in pending:
+                if slot not in done:
+                    continue
+                if done[slot] < len(request.ids) and not request._cancelled:
+                    still.append((request, slot, reuse))
+                    continue
+                self._kept[slot] = request.ids[:done[slot] // chunk * chunk]
+                if done[slot] < len(request.ids):
+                    self._finish(slot, request, "cancelled")
+                    continue
+                request.first_token_at = time.perf_counter()
+                if request.row.budget <= 0 or request.warm:
+                    self._finish(slot, request, "length")
+                else:
+                    self._sample_and_advance([(slot, request, last[slot])])
+            pending = still
 
     def _ensure_cache(self, row: int, length: int) -> None:
         """Grow the preallocated cache to hold `row` and `length` positions (contents kept)."""

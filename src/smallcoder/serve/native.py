@@ -180,9 +180,8 @@ class _Run:
                         "predicted_n": len(ids), "predicted_ms": predicted_ms,
                         "predicted_per_token_ms": predicted_ms / len(ids) if ids else 0.0,
                         "predicted_per_second": len(ids) / predicted_ms * 1000 if predicted_ms > 0 else 0.0}}
-        comp = result_of(r)
-        if comp.drafted_tokens:  # llama.cpp's names for speculative decoding's counts
-            body["timings"].update(draft_n=comp.drafted_tokens, draft_n_accepted=comp.accepted_tokens)
+        if r.completion is not None and r.completion.drafted_tokens:  # llama.cpp's names for speculation's counts
+            body["timings"].update(draft_n=r.completion.drafted_tokens, draft_n_accepted=r.completion.accepted_tokens)
         if finish == "cancelled":
             body["superseded"] = True  # ours: the same client's newer request replaced this one
         return body
