@@ -3,7 +3,7 @@
 Everything runs on the micro model of conftest (random weights, a 342-token byte-level BPE,
 a 128-token context). Its completions are mostly byte garbage, so tests that need particular
 text either pick it from a completion the model really produced, or script the sampled tokens
-by replacing `smallcoder.inference.engine.sample` (the engine's only source of next tokens).
+by replacing `smallcoder.inference.steps.sample` (the engine's only source of next tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import smallcoder
 from smallcoder import Engine, KVCache, ModelConfig, SamplingParams, SmallCoderError, format_chat
 from smallcoder.prompts import CHAT_TEMPLATE, EOS_TOKEN
 
-gen_mod = importlib.import_module("smallcoder.inference.engine")
+gen_mod = importlib.import_module("smallcoder.inference.steps")
 sample = gen_mod.sample
 
 PROMPTS = ["def add(a, b):", "for i in", "The lazy dog", "print("]

@@ -1,7 +1,7 @@
 """The one chat/FIM protocol (`smallcoder.prompts`) and every user of it agreeing on it: the chat
 commands, the server, the evaluation and the GGUF export.
 
-The chat commands' answers are scripted: `smallcoder.inference.engine.sample` (the engine's only
+The chat commands' answers are scripted: `smallcoder.inference.steps.sample` (the engine's only
 source of next tokens) is replaced so the model "writes" a chosen text, here one that misses EOS
 and starts the next `User:` turn, the case that `CHAT_STOP` exists for.
 """
@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 
-from smallcoder import prompts
+from smallcoder import Engine, prompts
 from smallcoder.cli import main
 from smallcoder.errors import SmallCoderError
 from smallcoder.prompts import (
@@ -28,14 +28,14 @@ from smallcoder.prompts import (
     has_fim,
 )
 
-gen_mod = importlib.import_module("smallcoder.inference.engine")
+gen_mod = importlib.import_module("smallcoder.inference.steps")
 
 
 def write(monkeypatch, tokenizer, text: str) -> None:
     """Make every generation 'sample' the tokens of `text`, then EOS; each call starts over."""
     ids = tokenizer.encode(text)
     state = {"step": 0}
-    real_stream = gen_mod.Engine.stream
+    real_stream = Engine.stream
 
     def stream(self, prompt, params=None):
         state["step"] = 0
@@ -48,7 +48,7 @@ def write(monkeypatch, tokenizer, text: str) -> None:
         return torch.full((logits.shape[0],), token, dtype=torch.long, device=logits.device)
 
     monkeypatch.setattr(gen_mod, "sample", fake_sample)
-    monkeypatch.setattr(gen_mod.Engine, "stream", stream)
+    monkeypatch.setattr(Engine, "stream", stream)
 
 
 # a model that misses its EOS and writes the user's next turn itself (several turns, so a stop
@@ -82,13 +82,13 @@ def test_chat_stops_at_the_next_user_turn_and_keeps_only_the_answer(micro_checkp
     write(monkeypatch, small_tokenizer, RUNAWAY)
     lines = iter(["hello", "again"])
     prompts_seen = []
-    real_stream = gen_mod.Engine.stream
+    real_stream = Engine.stream
 
     def recording_stream(self, prompt, params=None):
         prompts_seen.append(prompt)
         return real_stream(self, prompt, params)
 
-    monkeypatch.setattr(gen_mod.Engine, "stream", recording_stream)
+    monkeypatch.setattr(Engine, "stream", recording_stream)
 
     def fake_input(prompt=""):
         print(prompt, end="")

@@ -673,7 +673,7 @@ def test_non_finite_numbers_get_400_naming_the_field(srv, field, raw):
 
 def test_one_requests_sampling_failure_fails_that_request_alone(slow, ref, monkeypatch):
     """A request whose sampling raises gets a 500; a stream decoding beside it goes on to the end."""
-    import smallcoder.inference.engine as engine_mod
+    import smallcoder.inference.steps as engine_mod
 
     real = engine_mod.sample
 

@@ -55,7 +55,7 @@ from smallcoder import Engine, SamplingParams
 from smallcoder.prompts import FIM_TOKENS, SNIPPET_SEP, fim_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-engine_mod = importlib.import_module("smallcoder.inference.engine")
+engine_mod = importlib.import_module("smallcoder.inference.steps")
 
 CONTINUE_STOPS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", "<|endoftext|>", "</fim_middle>",
                   "</code>", "/src/", "#- coding: utf-8", "```"]
