@@ -394,14 +394,14 @@ class SmallCoder(nn.Module):
 
     def _kernel_step(self, x: torch.Tensor, cache: KVCache, at: Positions,
                      kernel: DecodeKernel | None) -> torch.Tensor | None:
-        """Logits (B, 1, V) from the C++ step when it applies here (one new token per row, at most
-        `kernels.MAX_ROWS` rows, a cache it can read, no autograd, weights unchanged since it was
-        built); else None."""
-        from .kernels import MAX_ROWS
+        """Logits (B, 1, V) from the C++ step when it applies here (one new token per row where
+        `kernels.kernel_faster` says so, as `forward_rows` decides: the same rows take the same path
+        either way; a cache it can read, no autograd, weights unchanged since it was built); else None."""
+        from .kernels import kernel_faster
 
         kernel = kernel if kernel is not None else self.decode_kernel
-        if kernel is None or at.T != 1 or torch.is_grad_enabled() or len(at.starts) > MAX_ROWS \
-                or not kernel.supports(cache):
+        if kernel is None or at.T != 1 or torch.is_grad_enabled() \
+                or not kernel_faster(kernel.weight_dtype, len(at.starts), len(at.starts)) or not kernel.supports(cache):
             return None
         if not kernel.valid(self):  # tensors replaced (.to(), load_state_dict): never read stale addresses
             if kernel is self.decode_kernel:

@@ -133,7 +133,8 @@ class EngineSteps:
 
     def _verify(self, active: list[tuple[int, Request]], drafts: dict[int, Draft]) -> None:
         """One step over every active row's next token and its drafts (consecutive positions of its
-        cache row), then each row keeps what `speculative.accept` accepts."""
+        cache row), then each row with drafts keeps what `speculative.accept` accepts, and each one
+        without samples its next token as a plain step does."""
         cache = self._cache
         tokens, crow, pos, spans = [], [], [], []
         for i, r in active:
@@ -147,9 +148,16 @@ class EngineSteps:
         began = time.perf_counter()
         logits = self.model.forward_rows(torch.tensor(tokens, device=self.device), cache, crow, pos,
                                          list(range(len(tokens))), decode_kernel=self.decode_kernel)
-        self._planner.cost.add(len(tokens), time.perf_counter() - began)
+        if self._planner is not None:
+            self._planner.cost.add(len(tokens), time.perf_counter() - began)
+        plain = []
         for i, r, d, start, first in spans:
             k = len(d.tokens)
+            if k == 0:
+                plain.append((i, r, logits[first]))
+                if self._planner is not None:
+                    self._planner.settle(r.spec, 0, 0)
+                continue
             try:
                 rows = logits[first:first + k + 1]
                 if not bool((rows.amax(dim=-1) < float("inf")).all()):
@@ -169,6 +177,8 @@ class EngineSteps:
                 if not self._advance(i, r, token) or r._cancelled:
                     break
             cache.lengths[i] = start + pushed  # the last token pushed is fed next step
+        if plain:
+            self._sample_and_advance(plain)
 
     def _forward(self, ids: torch.Tensor, cache: KVCache, starts: torch.Tensor | list[int]) -> torch.Tensor:
         """Last-position logits (B, V) of one new token per row (B, 1), row b's at starts[b]."""
