@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX2__) || defined(__SSE__)
@@ -27,6 +28,20 @@
 #include "attend.h"
 #include "gemm.h"
 #include "q8dot.h"
+
+// Buffers on 64-byte boundaries: a 64-byte load that straddles two cache lines costs two, and the
+// products load their input rows a vector at a time (measured: fp32 blocks ~20% slower unaligned).
+template <class T>
+struct Aligned64 {
+    using value_type = T;
+    Aligned64() = default;
+    template <class U> Aligned64(const Aligned64<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U> bool operator==(const Aligned64<U>&) const { return true; }
+    template <class U> bool operator!=(const Aligned64<U>&) const { return false; }
+};
+using fvec = std::vector<float, Aligned64<float>>;
 
 #ifdef SC_INT8_WIDEN
 constexpr bool Q8 = false;
@@ -77,7 +92,7 @@ extern "C" int sc_decode(
     int wt, int kv_type, float eps, const float* inv_freq, const int64_t* head_rows, int n_head, float* logits) {
     const int64_t QD = (int64_t)NH * HD, KD = (int64_t)NKV * HD;
     const int MX = M > n_head ? M : n_head;  // rows of the normed input: the layers' M, the head's n_head
-    std::vector<float> x(x_in, x_in + (size_t)M * H), xn((size_t)MX * H), q((size_t)M * QD),
+    fvec x(x_in, x_in + (size_t)M * H), xn((size_t)MX * H), q((size_t)M * QD),
         kv((size_t)M * KD * 2), att((size_t)M * QD), g((size_t)M * FF), u((size_t)M * FF);
     int64_t max_pos = 0;
     for (int m = 0; m < M; m++) max_pos = pos[m] > max_pos ? pos[m] : max_pos;
