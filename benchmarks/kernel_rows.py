@@ -35,7 +35,7 @@ from smallcoder.kernels import DecodeKernel, build_flags, compile_library, gemm_
 from smallcoder.quant import quantize_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_step import cpu_flags  # noqa: E402
+from kernel_step import cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,32 +107,29 @@ def compare(args, cfg, libs) -> None:
         del model, kns
 
 
-@torch.inference_mode()
+def policy_kind(kind: str, cfg, lib, sizes: list[int], rounds: int) -> None:
+    model = make_model(kind, cfg)
+    kn = DecodeKernel(model, lib)
+    print(f"{kind}: {'N':>5s} {'kernel ms':>10s} {'torch ms':>10s} {'kernel/torch':>13s}")
+    for N in sizes:
+        ids = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(N))
+        rows, pos, last = torch.zeros(N, dtype=torch.int64), torch.arange(N), torch.tensor([N - 1])
+        ck, ct = KVCache(cfg, 1, N, kn.cache_dtype), KVCache(cfg, 1, N, kn.cache_dtype)
+        run_kernel = lambda: kn.rows(model.model.embed_tokens(ids), ck, rows, pos, last)  # noqa: B023
+        run_torch = lambda: model(ids[None], cache=ct, starts=[0], last_only=True)  # noqa: B023
+        run_kernel(), run_torch()
+        tk, tt = [], []
+        for _ in range(rounds):
+            tk.append(timed(run_kernel, 1))
+            tt.append(timed(run_torch, 1))
+        k, t = statistics.median(tk), statistics.median(tt)
+        print(f"{kind}: {N:5d} {k:10.1f} {t:10.1f} {k / t:13.2f}  {'kernel' if k < t else 'torch'}", flush=True)
+
+
 def policy(args, cfg, lib) -> None:
     """One-row spans of N tokens: the kernel step against PyTorch's forward of them."""
     for kind in args.kinds.split(","):
-        model = make_model(kind, cfg)
-        kn = DecodeKernel(model, lib)
-        print(f"{kind}: {'N':>5s} {'kernel ms':>10s} {'torch ms':>10s} {'kernel/torch':>13s}")
-        for N in (int(v) for v in args.policy.split(",")):
-            ids = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(N))
-            rows, pos, last = torch.zeros(N, dtype=torch.int64), torch.arange(N), torch.tensor([N - 1])
-            ck, ct = KVCache(cfg, 1, N, kn.cache_dtype), KVCache(cfg, 1, N, kn.cache_dtype)
-
-            def run_kernel():
-                kn.rows(model.model.embed_tokens(ids), ck, rows, pos, last)
-
-            def run_torch():
-                model(ids[None], cache=ct, starts=[0], last_only=True)
-
-            run_kernel(), run_torch()
-            tk, tt = [], []
-            for _ in range(args.rounds):
-                tk.append(timed(run_kernel, 1))
-                tt.append(timed(run_torch, 1))
-            k, t = statistics.median(tk), statistics.median(tt)
-            print(f"{kind}: {N:5d} {k:10.1f} {t:10.1f} {k / t:13.2f}  {'kernel' if k < t else 'torch'}", flush=True)
-        del model, kn
+        policy_kind(kind, cfg, lib, [int(v) for v in args.policy.split(",")], args.rounds)
 
 
 @torch.inference_mode()
