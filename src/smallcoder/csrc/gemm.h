@@ -153,7 +153,9 @@ static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1,
     const int64_t step = ((pf_bytes / ((KV - k0) / VL + 1)) + 63) & ~int64_t(63);  // bytes per iteration
     const char* pf_end = pf + pf_bytes;
     for (int64_t k = k0; k < KV; k += VL) {
+#ifndef GEMM_NOPF
         if (pf < pf_end) { prefetch_lines<locality>(pf, step); pf += step; }
+#endif
         vf wv[NW];
         for (int j = 0; j < NW; j++) wv[j] = loadw<wt>(w + j * wr, k);
         for (int r = 0; r < R; r++) {
@@ -235,57 +237,97 @@ static inline void gemm_rows(int R, int NW, const float* x, int64_t K, int64_t k
 #undef GEMM_CASE4
 }
 
-// y[m*ldy + n] (=, or +=) sum_k x[m*K + k] * W[n*K + k] * scale[n] (scale null: 1), weight rows
-// split across threads. Must be called inside a parallel region (it uses `omp for`).
+// One product's weights (N rows of K), their scales (null: 1) and where its outputs go
+struct GemmOut {
+    const void* W;
+    const float* scale;
+    int64_t N;
+    float* y;
+    int64_t ldy;
+};
+
+// The part [lo, hi) of a list of products' items (rows, or blocks of GEMM_NW rows: `per`) that
+// falls in product o, as items of o: one thread's share of a list split evenly.
+static inline bool gemm_share(const GemmOut* outs, int o, int64_t per, int64_t& lo, int64_t& hi) {
+    int64_t base = 0;
+    for (int i = 0; i < o; i++) base += (outs[i].N + per - 1) / per;
+    const int64_t n = (outs[o].N + per - 1) / per;
+    const int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
+    if (a >= b) return false;
+    lo = a, hi = b;
+    return true;
+}
+
+// For each product o: y_o[m*ldy + n] (=, or +=) sum_k x[m*K + k] * W_o[n*K + k] * scale_o[n], all
+// of one x (the q, k and v products of a layer; gate and up): one split of their weight rows
+// across threads, evenly, and one barrier for all. Must be called inside a parallel region.
 template <int wt>
-static void gemm_f(int M, const float* x, int64_t K, const void* W, const float* scale, int64_t N,
-                   float* y, int64_t ldy, bool accumulate) {
+static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_outs, bool accumulate) {
     const size_t wr = (size_t)K * wsize(wt);
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t per = M <= GEMM_SMALL ? 1 : GEMM_NW;
+    int64_t items = 0;
+    for (int o = 0; o < n_outs; o++) items += (outs[o].N + per - 1) / per;
+    const int64_t mine0 = items * tid / nth, mine1 = items * (tid + 1) / nth;
     if (M <= GEMM_SMALL) {  // few FMAs per weight: one sequential stream, prefetched ahead into L1
-        #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const char* w = (const char*)W + n * wr;
-            gemm_rows<wt, 3>(M, 1, x, K, 0, K, 0, w, scale, y, ldy, n, accumulate, nullptr, w + GEMM_PF, (int64_t)wr);
+        for (int o = 0; o < n_outs; o++) {
+            int64_t n0 = mine0, n1 = mine1;
+            if (!gemm_share(outs, o, 1, n0, n1)) continue;
+            const GemmOut& g = outs[o];
+            for (int64_t n = n0; n < n1; n++) {
+                const char* w = (const char*)g.W + n * wr;
+                gemm_rows<wt, 3>(M, 1, x, K, 0, K, 0, w, g.scale, g.y, g.ldy, n, accumulate, nullptr, w + GEMM_PF,
+                                 (int64_t)wr);
+            }
         }
+        #pragma omp barrier
         return;
     }
     // The blocking of a GEMM: a tile of x rows stays in L2 while every panel of weight rows
     // passes; within a panel (in L2), GEMM_R rows' GEMM_KC values stay in L1 while the panel's
     // blocks of GEMM_NW weight rows pass them, each block's loads prefetching a share of the next
     // panel into L2. So weights come from memory once per tile, x from L1 nearly always.
-    const int threads = omp_get_num_threads();
-    int64_t NP = (int64_t)(GEMM_PANEL / wr) / GEMM_NW * GEMM_NW;
-    const int64_t fair = (N + 2 * threads - 1) / (2 * threads);  // at least two panels per thread
-    NP = NP > fair ? (fair + GEMM_NW - 1) / GEMM_NW * GEMM_NW : NP;
-    NP = NP < GEMM_NW ? GEMM_NW : (NP > GEMM_MAXNP ? GEMM_MAXNP : NP);
-    const int64_t panels = (N + NP - 1) / NP;
+    int64_t NPB = (int64_t)(GEMM_PANEL / wr) / GEMM_NW;  // blocks per panel
+    NPB = NPB < 1 ? 1 : (NPB > GEMM_MAXNP / GEMM_NW ? GEMM_MAXNP / GEMM_NW : NPB);
     const int64_t KC = K > GEMM_KC + GEMM_KC / 2 ? GEMM_KC : K;  // split only where it pays
+    const int64_t kcs = (K + KC - 1) / KC;
     int64_t MT = GEMM_TILE / (K * 4) / GEMM_R * GEMM_R;
     MT = MT < GEMM_R ? GEMM_R : MT;
     alignas(64) vf part[GEMM_R * GEMM_MAXNP];
     for (int64_t t0 = 0; t0 < M; t0 += MT) {
         const int mt = (int)(M - t0 < MT ? M - t0 : MT);
         const int passes = (mt + GEMM_R - 1) / GEMM_R;
-        #pragma omp for schedule(static) nowait
-        for (int64_t p = 0; p < panels; p++) {
-            const int64_t n0 = p * NP, np = N - n0 < NP ? N - n0 : NP;
-            const char* next = (const char*)W + (n0 + NP) * wr;
-            const int64_t blocks = (np + GEMM_NW - 1) / GEMM_NW, kcs = (K + KC - 1) / KC;
-            const int64_t share = ((int64_t)(NP * wr) / (passes * blocks * kcs) + 63) & ~int64_t(63);
-            int64_t call = 0;
-            for (int i = 0; i < passes; i++) {
-                const int m0 = (int)t0 + i * GEMM_R, r = mt - i * GEMM_R < GEMM_R ? mt - i * GEMM_R : GEMM_R;
-                for (int64_t k0 = 0; k0 < K; k0 += KC) {
-                    const int64_t k1 = K - k0 < KC ? K : k0 + KC;
-                    for (int64_t b = 0; b < blocks; b++, call++) {
-                        const int64_t n = n0 + b * GEMM_NW;
-                        const int nw = (int)(n0 + np - n < GEMM_NW ? n0 + np - n : GEMM_NW);
-                        gemm_rows<wt, 2>(r, nw, x, K, k0, k1, m0, (const char*)W + n * wr, scale, y, ldy, n,
-                                         accumulate, part + b * GEMM_NW * GEMM_R, next + call * share, share);
+        for (int o = 0; o < n_outs; o++) {
+            int64_t b0 = mine0, b1 = mine1;
+            if (!gemm_share(outs, o, GEMM_NW, b0, b1)) continue;
+            const GemmOut& g = outs[o];
+            for (int64_t pb = b0; pb < b1; pb += NPB) {
+                const int64_t blocks = b1 - pb < NPB ? b1 - pb : NPB;
+                const char* next = (const char*)g.W + (pb + NPB) * GEMM_NW * wr;
+                const int64_t share = ((int64_t)(NPB * GEMM_NW * wr) / (passes * blocks * kcs) + 63) & ~int64_t(63);
+                int64_t call = 0;
+                for (int i = 0; i < passes; i++) {
+                    const int m0 = (int)t0 + i * GEMM_R, r = mt - i * GEMM_R < GEMM_R ? mt - i * GEMM_R : GEMM_R;
+                    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                        const int64_t k1 = K - k0 < KC ? K : k0 + KC;
+                        for (int64_t b = 0; b < blocks; b++, call++) {
+                            const int64_t n = (pb + b) * GEMM_NW;
+                            const int nw = (int)(g.N - n < GEMM_NW ? g.N - n : GEMM_NW);
+                            gemm_rows<wt, 2>(r, nw, x, K, k0, k1, m0, (const char*)g.W + n * wr, g.scale, g.y, g.ldy,
+                                             n, accumulate, part + b * GEMM_NW * GEMM_R, next + call * share, share);
+                        }
                     }
                 }
             }
         }
     }
     #pragma omp barrier
+}
+
+// One product (a convenience of the above)
+template <int wt>
+static void gemm_f(int M, const float* x, int64_t K, const void* W, const float* scale, int64_t N,
+                   float* y, int64_t ldy, bool accumulate) {
+    const GemmOut g{W, scale, N, y, ldy};
+    gemm_f<wt>(M, x, K, &g, 1, accumulate);
 }
