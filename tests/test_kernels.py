@@ -535,3 +535,35 @@ def test_forward_rows_states_what_breaks_its_contract():
                                                  ([0, 0, 1, 1], [0, 1, 0, 16], [0], "KV cache holds 16 positions")):
         with pytest.raises(ValueError, match=message):
             m.decode_kernel.rows(x, cache, torch.tensor(rows), torch.tensor(positions), torch.tensor(logit_rows))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_long_step_splits_and_tiles_its_products_without_changing_a_bit(kind):
+    """An FFN of 1,300 (its down product split over k, gemm.h's GEMM_KC) and 121 tokens (the rows
+    tiled, GEMM_TILE): each token's logits equal those of one token per call, and the PyTorch
+    forward's within the tolerances above."""
+    cfg = ModelConfig(vocab_size=128, hidden_size=40, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=1300, max_position_embeddings=160,
+                      initializer_range=0.2)
+    m = _model_for(cfg, kind)
+    ref = _reference(m)
+    kernel = kernels.build(m)
+    ids = torch.randint(0, cfg.vocab_size, (2, 130), generator=torch.Generator().manual_seed(15))
+    tokens = torch.cat([ids[0, 3:123], ids[1, 7:8]])
+    rows = torch.tensor([0] * 120 + [1])
+    positions = torch.cat([torch.arange(3, 123), torch.tensor([7])])
+    caches = []
+    for _ in range(3):
+        cache = KVCache(cfg, 2, 130)
+        ref(ids[0:1, :3], cache=cache.rows(0, 1))
+        ref(ids[1:2, :7], cache=cache.rows(1, 2))
+        caches.append(cache)
+    x = m.model.embed_tokens(tokens)
+    got = kernel.rows(x, caches[0], rows, positions, torch.arange(121))
+    one = torch.cat([kernel.rows(x[n:n + 1], caches[1], rows[n:n + 1], positions[n:n + 1], torch.tensor([0]))
+                     for n in range(121)])
+    assert torch.equal(got, one)
+    _caches_equal(caches[0], caches[1])
+    _close(got[:120], ref(tokens[None, :120], cache=caches[2].rows(0, 1), starts=[3])[0], kind)
+    _close(got[120:], ref(tokens[None, 120:], cache=caches[2].rows(1, 2), starts=[7])[0], kind)

@@ -75,8 +75,9 @@ def build_flags() -> list[str]:
     return FLAGS + os.environ.get("SMALLCODER_KERNEL_FLAGS", "").split()
 
 
-def library_path(flags: list[str] | None = None) -> Path:
-    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+def library_path(flags: list[str] | None = None, source: Path = SOURCE) -> Path:
+    """Where the build of `source` (and the HEADERS beside it) with `flags` is cached."""
+    source = source.read_bytes() + b"".join((source.parent / h.name).read_bytes() for h in HEADERS)
     flags = build_flags() if flags is None else flags
     key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_id().encode()).hexdigest()[:16]
     from .fsutil import cache_root
@@ -84,16 +85,17 @@ def library_path(flags: list[str] | None = None) -> Path:
     return cache_root() / f"decode-{key}.so"
 
 
-def compile_library(flags: list[str]) -> ctypes.CDLL:
-    """The kernel built with `flags` (cached), loaded; raises RuntimeError or OSError where it cannot be."""
-    path = library_path(flags)
+def compile_library(flags: list[str], source: Path = SOURCE) -> ctypes.CDLL:
+    """The kernel built with `flags` (cached), loaded; raises RuntimeError or OSError where it cannot be.
+    `source`: another copy of csrc/decode.cpp, its headers beside it (a benchmark's other build)."""
+    path = library_path(flags, source)
     if not path.exists():
         compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
         if compiler is None:
             raise RuntimeError("no C++ compiler found (set CXX or install g++)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        proc = subprocess.run([compiler, *flags, "-o", str(tmp), str(SOURCE)],
+        proc = subprocess.run([compiler, *flags, "-o", str(tmp), str(source)],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
