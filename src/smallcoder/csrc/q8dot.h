@@ -93,7 +93,7 @@ static inline int32_t q8_range(int64_t K) {
 static inline void q8_row(const float* x, Q8Rows& X, int m) {
     const int64_t K = X.K;
     float amax = 0;
-    for (int64_t i = 0; i < K; i++) amax = std::fmax(amax, std::fabs(x[i]));
+    for (int64_t i = 0; i < K; i++) amax = std::fabs(x[i]) > amax ? std::fabs(x[i]) : amax;  // vectorized, unlike fmax
     const float Q = (float)q8_range(K);
     const float id = amax > 0 ? Q / amax : 0.0f;
     int16_t* q = X.q + (size_t)m * X.KP;
