@@ -261,11 +261,12 @@ extern "C" int sc_decode(
     // input in turn, since each is consumed (and a barrier passed) before the next is made
     const bool q8 = Q8 && wt == I8;
     const int64_t KQ = q8_padded(H > QD ? (H > FF ? H : FF) : (QD > FF ? QD : FF));
-    std::vector<int16_t> qbuf(q8 ? (size_t)M * KQ : 0);
+    std::vector<int16_t> qbuf(q8 ? (size_t)M * KQ + 32 : 0);  // 64 bytes spare: its rows start at a line
     std::vector<float> sbuf(q8 ? (size_t)M : 0);
-    Q8Rows xq_h = q8_view(qbuf.data(), sbuf.data(), H);    // normed hidden rows
-    Q8Rows xq_a = q8_view(qbuf.data(), sbuf.data(), QD);   // attention output
-    Q8Rows xq_f = q8_view(qbuf.data(), sbuf.data(), FF);   // SiLU(gate) * up
+    int16_t* qb = q8_align(qbuf.data());
+    Q8Rows xq_h = q8_view(qb, sbuf.data(), H);    // normed hidden rows
+    Q8Rows xq_a = q8_view(qb, sbuf.data(), QD);   // attention output
+    Q8Rows xq_f = q8_view(qb, sbuf.data(), FF);   // SiLU(gate) * up
     Q8Rows* hq = q8 ? &xq_h : nullptr;
     constexpr int64_t FBS = 32;  // SiLU(gate) * up in items of 32 values
     const int64_t FB = (FF + FBS - 1) / FBS;
