@@ -17,7 +17,7 @@ treated as a stop so both models produce the same number of tokens):
   mean KL is what tells them apart: 2.9e-5 nats for int8, 2.9e-3 for 4-bit).
 - the same through the C++ decode kernel (gated: >= 99% and, with --max-kl, the same KL bound),
   where it builds: the int8 logits come from one-token decode steps with a KV cache, as in
-  generation, and the kernel also quantizes activations (blocks of 32, csrc/q8dot.h), so this is
+  generation, and the kernel also quantizes activations (int16, one scale a row: csrc/q8dot.h), so this is
   what chat, serve and eval decode with.
 - free-running agreement (reported, not gated): both models generate on their own through the
   Engine (the C++ decode kernel where it builds); per prompt, the tokens before the first

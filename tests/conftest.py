@@ -135,34 +135,28 @@ def fim_checkpoint(tmp_path_factory, micro_config) -> Path:
 
 # ------------------------------------------------------------------ the C++ kernel's int8 arithmetic
 
-Q8_BLOCK = 32
+def q8_range(K: int) -> int:
+    """The kernel's largest |q| for rows of K values: K x Q x 127 stays within int32."""
+    return min(32767, (2 ** 31 - 1) // (K * 127))
 
 
-def q8_blocks(x):
-    """(q (..., blocks, 32), d (..., blocks)) as the kernel's int8 path computes them, op for op
-    in fp32: d = max|x| / 127, q = round-half-even(x * (127 / max|x|)), the last block zero-padded."""
+def q8_rows(x):
+    """(q (..., K), d (..., 1)) as the kernel's int8 path quantizes a matmul input, op for op in
+    fp32: one scale per row, d = max|x| / Q, q = round-half-even(x * (Q / max|x|)), Q = q8_range(K)."""
     import torch
-    import torch.nn.functional as F
 
-    K = x.shape[-1]
-    blocks = -(-K // Q8_BLOCK)
-    xb = F.pad(x.float(), (0, blocks * Q8_BLOCK - K)).unflatten(-1, (blocks, Q8_BLOCK))
-    amax = xb.abs().amax(-1)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    return torch.round(xb * inv[..., None]).clamp(-127, 127), amax / 127
+    Q = float(q8_range(x.shape[-1]))
+    amax = x.float().abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, Q / amax, torch.zeros_like(amax))
+    return torch.round(x.float() * inv).clamp(-Q, Q), amax / Q
 
 
 def q8_linear(layer, x):
-    """An Int8Linear's output as the kernel computes it: exact integer block sums (float64 holds
-    them exactly) times the activation block scales, summed, times the weight row's scale."""
-    import torch
-    import torch.nn.functional as F
-
-    q, d = q8_blocks(x)
-    blocks = q.shape[-2]
-    w = F.pad(layer.weight.double(), (0, blocks * Q8_BLOCK - layer.in_features)).unflatten(-1, (blocks, Q8_BLOCK))
-    sums = torch.einsum("...bk,nbk->...nb", q.double(), w)
-    return ((sums * d.double()[..., None, :]).sum(-1) * layer.weight_scale.double()).float()
+    """An Int8Linear's output as the kernel computes it: the exact integer row sums (float64 holds
+    them exactly) times the activation row's scale, times the weight row's scale."""
+    q, d = q8_rows(x)
+    sums = q.double() @ layer.weight.double().t()
+    return (sums * d.double() * layer.weight_scale.double()).float()
 
 
 @pytest.fixture(scope="session")

@@ -203,14 +203,17 @@ def test_a_short_prefill_chunk_runs_in_the_kernel_with_the_forwards_logits(micro
                                             range(s, s + len(ids[0, s:s + MAX_ROWS])),
                                             range(len(ids[0, s:s + MAX_ROWS])), decode_kernel=kernel)
                          for s in range(0, ids.shape[1], MAX_ROWS)])[None]
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    # int8: an activation a rounding apart from the emulation's lands on the next int16 step
+    # (test_int8_dot.py bounds that the same way)
+    tol = 1e-3 * want.abs().max().item() if dtype == "int8" else 1e-4
+    assert torch.allclose(got, want, atol=tol, rtol=1e-4)
     with torch.inference_mode():  # the engine's call: the last row's logits only (the head skips the others)
         last = model.forward_rows(ids[0, :MAX_ROWS], KVCache(micro_config, 1, 128), [0] * MAX_ROWS, range(MAX_ROWS),
                                   [MAX_ROWS - 1], decode_kernel=kernel)
     assert last.shape == (1, micro_config.vocab_size)
-    assert torch.allclose(last[0], want[0, MAX_ROWS - 1], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(last[0], want[0, MAX_ROWS - 1], atol=tol, rtol=1e-4)
     n = ids.shape[1]
-    assert torch.allclose(cache.k[0][1, :, :n], want_cache.k[0][0, :, :n], atol=1e-5)
+    assert torch.allclose(cache.k[0][1, :, :n], want_cache.k[0][0, :, :n], atol=1e-5 if dtype != "int8" else tol)
     assert row.lengths.tolist() == [n] and cache.k[0][0].abs().sum() == 0  # the other rows untouched
 
 

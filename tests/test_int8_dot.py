@@ -1,7 +1,7 @@
-"""The C++ kernel's int8 path (csrc/q8dot.h): int8 weights times int8 activations, quantized on the
-fly in blocks of 32. Held tightly to a PyTorch emulation of that arithmetic, and within the error
-of 8-bit activations to the PyTorch weight-only int8 forward; a row's logits never depend on the
-rows it runs with."""
+"""The C++ kernel's int8 path (csrc/q8dot.h): int8 weights times int16 activations, each row
+quantized on the fly with one scale. Held tightly to a PyTorch emulation of that arithmetic, and
+within the error of that quantization to the PyTorch weight-only int8 forward; a row's logits never
+depend on the rows it runs with."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import platform
 
 import pytest
 import torch
+from conftest import q8_range
 
 from smallcoder import KVCache, ModelConfig, kernels, new_model
 from smallcoder.quant import quantize_model
@@ -18,12 +19,12 @@ from smallcoder.quant import quantize_model
 pytestmark = pytest.mark.skipif(kernels.load_library() is None,
                                 reason="the C++ decode kernel does not build here (no compiler?)")
 
-# hidden 48, FFN 132 and head_dim 12: no input width is a multiple of 32 (partial blocks), heads
-# straddle blocks; GQA
+# hidden 48, FFN 132 and head_dim 12: no input width is a multiple of the kernel's vectors (its
+# masked tails run); GQA
 CFG = ModelConfig(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=132, max_position_embeddings=64,
                   initializer_range=0.2)
-BLOCK = 32  # the kernel's activation block (the emulation is conftest.int8_emulation)
+WIDEST = max(CFG.hidden_size, CFG.intermediate_size)  # the widest matmul input (emulation: conftest.int8_emulation)
 
 
 def _models(emulate, seed: int = 3):
@@ -57,11 +58,14 @@ def _builds() -> list[str]:
 @torch.inference_mode()
 @pytest.mark.parametrize("extra", _builds())
 @pytest.mark.parametrize("rows", [1, 3, 6])
-def test_int8_kernel_equals_the_block32_emulation(rows, extra, int8_emulation):
+def test_int8_kernel_equals_the_per_row_emulation(rows, extra, int8_emulation):
     """Each step starts from the same cache on both sides, so steps are independent trials. The
     two agree to fp32 rounding except where a value lands within rounding of a .5 tie and the two
-    round it differently (one activation off by one step: ~1e-3 of the logits' range); that is
-    rare, so at least 90% of the row-steps must agree to 1e-5 and every one to 1e-2."""
+    round it differently: one activation off by one of its Q = 32767 steps, ~3e-5 of the logits'
+    range. An activation x * Q / max|x| near Q is only 2^-9 from its fp32 neighbour, so inputs
+    1 ulp apart (the kernel's and PyTorch's RMSNorm sum in different orders) flip a rounding in
+    about one row-step of three (measured: median error 2e-7, largest 1.7e-4): half the row-steps
+    must agree to 1e-5 and every one to 1e-3 (some 30 flips)."""
     m, _, emulated = _models(int8_emulation)
     if extra:
         lib = kernels.compile_library(kernels.FLAGS + extra.split())
@@ -78,22 +82,22 @@ def test_int8_kernel_equals_the_block32_emulation(rows, extra, int8_emulation):
         err = (got - want).abs().amax(-1) / want.abs().amax(-1)
         close += int((err <= 1e-5).sum())
         total += rows
-        assert err.max().item() <= 1e-2
+        assert err.max().item() <= 1e-3
         for a, b in zip(ca.k + ca.v, cb.k + cb.v):  # the keys and values this step wrote
-            assert (a - b).abs().max().item() <= 1e-2 * b.abs().max().item()
+            assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
     assert ca.lengths.tolist() == cb.lengths.tolist()
-    assert close >= 0.9 * total, f"{close}/{total} row-steps within fp32 rounding of the emulation"
+    assert close >= 0.5 * total, f"{close}/{total} row-steps within fp32 rounding of the emulation"
 
 
-# The error of 8-bit activations, against the weight-only forward. A block's rounding errors are
-# uniform on +-d/2 with d = max|x| / 127, so a dot product's error relative to its size is about
-# eps = (max|x| / rms(x)) / (127 * sqrt(12)) <= sqrt(32) / (127 * sqrt(12)) = 0.0129 (a block's max
-# is at most sqrt(32) times its rms). The logits collect such errors from the 4L + 1 quantized
-# stages (q/k/v, o, gate/up, down per layer; the head), roughly independent:
-# sigma <= sqrt(4L + 1) * eps * rms(logits). A test's largest error over ~10^4-10^5 logits is about
-# 5 sigma, and these random 0.2-scale layers amplify errors made early by up to ~2x (measured), so
-# the bound is 10 sigma. Measured on this model: up to 0.23 rms(logits) over 40 steps.
-ACT_EPS = math.sqrt(BLOCK) / (127 * math.sqrt(12))
+# The error of quantizing activations, against the weight-only forward. A row's rounding errors are
+# uniform on +-d/2 with d = max|x| / Q (Q = 32767 at these widths), so a dot product's error relative
+# to its size is about eps = (max|x| / rms(x)) / (Q * sqrt(12)) <= sqrt(K) / (Q * sqrt(12)) = 1.0e-4
+# for the widest input, K = 132 (a row's max is at most sqrt(K) times its rms). The logits collect
+# such errors from the 4L + 1 quantized stages (q/k/v, o, gate/up, down per layer; the head), roughly
+# independent: sigma <= sqrt(4L + 1) * eps * rms(logits). A test's largest error over ~10^4-10^5
+# logits is about 5 sigma, and these random 0.2-scale layers amplify errors made early by up to ~2x,
+# so the bound is 10 sigma.
+ACT_EPS = math.sqrt(WIDEST) / (q8_range(WIDEST) * math.sqrt(12))
 WEIGHT_ONLY_TOL = 10 * math.sqrt(4 * CFG.num_hidden_layers + 1) * ACT_EPS
 
 

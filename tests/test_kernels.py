@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -19,8 +18,14 @@ pytestmark = pytest.mark.skipif(kernels.load_library() is None,
 CFG = ModelConfig(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=132, max_position_embeddings=64,
                   initializer_range=0.2)
-# the error of 8-bit activations relative to rms(logits), derived in test_int8_dot.py
-INT8_TOL = 10 * math.sqrt(4 * CFG.num_hidden_layers + 1) * math.sqrt(32) / (127 * math.sqrt(12))
+# int8 weights: the kernel also quantizes activations (int16, one scale a row; the bound on that
+# error, test_int8_dot.py's, is 0.3% of rms(logits) here, measured up to 0.1%) and, with an int8
+# cache, may round a stored key or value to the neighbouring int8 step where PyTorch does not (a
+# step of that vector's max / 127, a few % of the values' rms), which moves the logits further
+# (measured: up to 0.63% of their rms). Logits are held to 3% of their rms; stored keys and values
+# to 0.2% of theirs (measured: 0.05%) plus one step of the cache's rounding.
+INT8_TOL = 0.03
+INT8_KV_TOL = 2e-3
 
 
 def _model(kind: str) -> smallcoder.SmallCoder:
@@ -56,8 +61,8 @@ def test_kernel_decode_equals_pytorch_forward(kind, rows, kv):
     """Rows at different positions (prefilled separately), several steps: same logits as the
     PyTorch forward on the same weights, and the same cache contents, with an fp32, fp16 or int8
     cache (both sides store what they compute in it and attend over the stored values). int8
-    differs by design (the kernel quantizes activations too): it is held to the error of 8-bit
-    activations, the bound derived in test_int8_dot.py (which also holds it to an exact emulation)."""
+    differs by design (the kernel quantizes activations too): it is held to the bounds above
+    (test_int8_dot.py derives the activations' part and holds the kernel to an exact emulation)."""
     m = _model(kind)
     ref = _reference(m)
     assert kernels.attach(m) and ref.decode_kernel is None
@@ -80,16 +85,65 @@ def test_kernel_decode_equals_pytorch_forward(kind, rows, kv):
             assert (got.float() - want.float()).abs().max().item() < 2e-4 * want.abs().max().item()
     assert ca.lengths.tolist() == cb.lengths.tolist()
     for layer in range(CFG.num_hidden_layers):
-        if kind == "int8":
-            for a, b in zip(_stored(ca, layer), _stored(cb, layer)):
-                assert (a - b).abs().max().item() <= INT8_TOL * b.pow(2).mean().sqrt().item()
-        else:  # fp32 values 1e-6 apart may round to neighbouring fp16 or int8 values: one step apart
-            for a, b in zip(_stored(ca, layer), _stored(cb, layer)):
-                step = {torch.float32: 0, torch.float16: 2 ** -10 * b.abs(),
-                        torch.int8: b.abs().amax(-1, keepdim=True) / 127}[kv]
-                assert ((a - b).abs() <= 1e-4 + step * 1.01).all()
-            if kv == torch.int8:  # most positions' int8 rows are bit-identical, not just close
-                assert (ca.k[layer] == cb.k[layer]).float().mean() > 0.95
+        # values apart by fp32 rounding (or int8 activations' error) may round to neighbouring fp16
+        # or int8 values: one step apart
+        for a, b in zip(_stored(ca, layer), _stored(cb, layer)):
+            step = {torch.float32: 0, torch.float16: 2 ** -10 * b.abs(),
+                    torch.int8: b.abs().amax(-1, keepdim=True) / 127}[kv]
+            tol = INT8_KV_TOL * b.pow(2).mean().sqrt() if kind == "int8" else 1e-4
+            assert ((a - b).abs() <= tol + step * 1.01).all()
+        if kind != "int8" and kv == torch.int8:  # most positions' int8 rows are bit-identical, not just close
+            assert (ca.k[layer] == cb.k[layer]).float().mean() > 0.95
+
+
+def _int8_builds() -> list[str]:
+    """Extra flags of the int8 paths to check: this CPU's own, and on x86 the AVX2 path (where this
+    CPU's own is another) and the portable one."""
+    import platform
+
+    flags = [""]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cpu = kernels._cpu_id().split()
+        if "avx2" in cpu and "fma" in cpu and kernels.int8_path(kernels.load_library()) != "avx2":
+            flags.append("-march=haswell")
+        flags.append("-march=x86-64")
+    return flags
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("extra", _int8_builds())
+def test_int8_rows_are_bitwise_independent_of_the_step_they_run_in(extra):
+    """A row's logits and the keys and values it stores are bit for bit the same whatever M is (M
+    rows per step: 1, 3, 4, 5, 16, 17 and 64 cover a register tile's full and partial row blocks
+    and the widened-weights path) and however the build tiles the work: a build with another
+    register tile (3 rows x 2 weight rows) and 1 KiB row tiles (so 64 rows run as several) gives
+    the same bits (csrc/q8dot.h: a row's integer sums are exact, its fp32 epilogue fixed)."""
+    m = _model("int8")
+    g = torch.Generator().manual_seed(11)
+    base = KVCache(CFG, 64, 48, torch.int8)
+    for t in base.k + base.v:
+        t.copy_(torch.randint(-127, 128, t.shape, generator=g))
+    for t in base.k_scale + base.v_scale:
+        t.copy_(torch.rand(t.shape, generator=g) * 0.02)
+    x = m.model.embed_tokens(torch.randint(0, CFG.vocab_size, (64,), generator=g)).float()
+    starts = torch.randint(0, 40, (64,), generator=g)
+    flags = kernels.build_flags() + extra.split()
+    libs = [kernels.compile_library(flags),
+            kernels.compile_library(flags + ["-DQ8_R=3", "-DQ8_NW=2", "-DQ8_TILE_BYTES=1024"])]
+    want = None
+    for lib in libs:
+        kernel = kernels.DecodeKernel(m, lib)
+        for M in (64, 1, 3, 4, 5, 16, 17):
+            cache = KVCache(None, 0, 0, _views=([t.clone() for t in base.k], [t.clone() for t in base.v],
+                                                base.lengths.clone(), [t.clone() for t in base.k_scale],
+                                                [t.clone() for t in base.v_scale]))
+            got = kernel(x[:M], cache.rows(0, M), starts[:M])
+            if want is None:
+                want = got, cache
+            assert torch.equal(got, want[0][:M]), f"M={M}"
+            for a, b in zip(cache.k + cache.v + cache.k_scale + cache.v_scale,
+                            want[1].k + want[1].v + want[1].k_scale + want[1].v_scale):
+                assert torch.equal(a[:M], b[:M]), f"M={M}"
 
 
 @torch.inference_mode()
@@ -355,12 +409,12 @@ def _caches_close(ca: KVCache, cb: KVCache, kind: str, kv: torch.dtype) -> None:
     """As test_kernel_decode_equals_pytorch_forward compares them."""
     for layer in range(len(ca.k)):
         for a, b in zip(_stored(ca, layer), _stored(cb, layer)):
-            if kind == "int8":
-                assert (a - b).abs().max().item() <= INT8_TOL * b.pow(2).mean().sqrt().item()
-            else:
-                step = {torch.float32: 0, torch.float16: 2 ** -10 * b.abs(),
-                        torch.int8: b.abs().amax(-1, keepdim=True) / 127}[kv]
-                assert ((a - b).abs() <= 1e-4 + step * 1.01).all()
+            # values apart by rounding (int8 weights: by their activations' error) may round to
+            # neighbouring fp16 or int8 cache values: one step apart
+            step = {torch.float32: 0, torch.float16: 2 ** -10 * b.abs(),
+                    torch.int8: b.abs().amax(-1, keepdim=True) / 127}[kv]
+            tol = INT8_TOL * b.pow(2).mean().sqrt() if kind == "int8" else 1e-4
+            assert ((a - b).abs() <= tol + step * 1.01).all()
 
 
 def _caches_equal(ca: KVCache, cb: KVCache) -> None:

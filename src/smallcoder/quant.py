@@ -3,7 +3,7 @@
 Why per row (per output channel): the decode kernel applies the scale once per dot product, so
 dequantization costs nothing in the inner loop, and 1 byte per weight is the bandwidth floor for
 a batch-1 decode step (3.7× fewer bytes than fp32). Activations stay fp32 here; the C++ decode
-kernel also quantizes them, in blocks of 32 (csrc/q8dot.h), to use integer dot products. The
+kernel also quantizes them, to int16 per row (csrc/q8dot.h), to use integer dot products. The
 embedding and the norms stay in float: the embedding is read one row per token, the norms are tiny.
 
 A quantized checkpoint is a normal HF folder whose linear weights are int8 `*.weight` tensors with

@@ -8,10 +8,10 @@
 // bound by memory bandwidth. PyTorch's one-row matmul runs on one thread at ~40% of the bandwidth
 // here and each small op costs microseconds of dispatch; this loop keeps every core streaming.
 // Weights are fp32, bf16, or int8 with one fp32 scale per output row. With fp32/bf16 weights the
-// activations and all accumulation are fp32; int8 weights meet int8 activations (q8dot.h: blocks
-// of 32 quantized on the fly, integer dot products), fp32/bf16 ones gemm.h's products, each
-// summed in one order whatever the rows, as int8's are: a token's logits do not depend on the
-// rows it ran with. RMSNorm, RoPE, attention, softmax, the KV
+// activations and all accumulation are fp32; int8 weights meet int16 activations (q8dot.h: each
+// row quantized on the fly with one scale, integer dot products), fp32/bf16 ones gemm.h's
+// products, each summed in one order whatever the rows, as int8's are: a token's logits do not
+// depend on the rows it ran with. RMSNorm, RoPE, attention, softmax, the KV
 // cache and the residual stream are fp32 in every case. Plain C++ with GCC vector extensions:
 // -march=native picks AVX2, AVX-512 or NEON. The arithmetic follows model.py (fp32 RMSNorm,
 // rotate-half RoPE, softmax). Defining SC_INT8_WIDEN builds the former int8 path (each weight
@@ -78,8 +78,7 @@ static void rmsnorm_rows(int M, const float* x, const int64_t* src, const float*
         for (int64_t i = 0; i < H; i++) ss += xr[i] * xr[i];
         const float r = 1.0f / std::sqrt(ss / (float)H + eps);
         for (int64_t i = 0; i < H; i++) out[(size_t)m * H + i] = w[i] * (xr[i] * r);
-        if (xq)
-            for (int64_t b = 0; b < q8_blocks(*xq); b++) q8_block(out + (size_t)m * H, *xq, m, b);
+        if (xq) q8_row(out + (size_t)m * H, *xq, m);
     }
 }
 
@@ -124,14 +123,15 @@ extern "C" int sc_decode(
     // input in turn, since each is consumed (and a barrier passed) before the next is made
     const bool q8 = Q8 && wt == I8;
     const int64_t KQ = q8_padded(H > QD ? (H > FF ? H : FF) : (QD > FF ? QD : FF));
-    std::vector<int8_t> qbuf(q8 ? (size_t)MX * KQ : 0);
-    std::vector<uint8_t> auxbuf(qbuf.size());
-    std::vector<float> sbuf(q8 ? (size_t)MX * KQ / Q8_BLOCK * Q8_SLANES : 0);
-    Q8Rows xq_h = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), H);    // normed hidden rows
-    Q8Rows xq_a = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), QD);   // attention output
-    Q8Rows xq_f = q8_view(qbuf.data(), auxbuf.data(), sbuf.data(), FF);   // SiLU(gate) * up
+    std::vector<int16_t> qbuf(q8 ? (size_t)MX * KQ + 32 : 0);  // 64 bytes spare: its rows start at a line
+    std::vector<float> sbuf(q8 ? (size_t)MX : 0);
+    int16_t* qb = q8_align(qbuf.data());
+    Q8Rows xq_h = q8_view(qb, sbuf.data(), H);    // normed hidden rows
+    Q8Rows xq_a = q8_view(qb, sbuf.data(), QD);   // attention output
+    Q8Rows xq_f = q8_view(qb, sbuf.data(), FF);   // SiLU(gate) * up
     Q8Rows* hq = q8 ? &xq_h : nullptr;
-    const int64_t FB = q8 ? q8_blocks(xq_f) : (FF + Q8_BLOCK - 1) / Q8_BLOCK;
+    constexpr int64_t FBS = 32;  // SiLU(gate) * up in items of 32 values
+    const int64_t FB = (FF + FBS - 1) / FBS;
 
 #ifdef __SSE__
     const unsigned int csr = _mm_getcsr();
@@ -191,26 +191,24 @@ extern "C" int sc_decode(
                        scores.data() + (size_t)omp_get_thread_num() * SR,
                        att.data() + (size_t)m * QD + (size_t)h * HD);
             }
-            if (q8) {  // heads straddle blocks, so the attention output is quantized once it is whole
+            if (q8) {  // a row's scale needs all of it: quantized once every head is done
                 #pragma omp for schedule(static)
-                for (int64_t t = 0; t < (int64_t)M * q8_blocks(xq_a); t++)
-                    q8_block(att.data() + (size_t)(t / q8_blocks(xq_a)) * QD, xq_a, (int)(t / q8_blocks(xq_a)),
-                             t % q8_blocks(xq_a));
+                for (int m = 0; m < M; m++) q8_row(att.data() + (size_t)m * QD, xq_a, m);
             }
             gemv(M, att.data(), xq_a, QD, (const void*)p[4], s ? (const float*)s[3] : nullptr, wt, H, x.data(), H, true);
             rmsnorm_rows(M, x.data(), nullptr, (const float*)p[5], H, eps, xn.data(), hq);
             const GemmOut gate_up[2] = {{(const void*)p[6], s ? (const float*)s[4] : nullptr, FF, g.data(), FF},
                                         {(const void*)p[7], s ? (const float*)s[5] : nullptr, FF, u.data(), FF}};
             gemv(M, xn.data(), xq_h, H, gate_up, 2, wt, false);
-            // SiLU(gate) * up a block of 32 at a time, each block quantized as soon as it is made
+            // SiLU(gate) * up, 32 values an item
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < (int64_t)M * FB; t++) {
                 const int m = (int)(t / FB);
                 const int64_t b = t % FB;
                 float* gr = g.data() + (size_t)m * FF;
                 const float* ur = u.data() + (size_t)m * FF;
-                int64_t i = b * Q8_BLOCK;
-                const int64_t e = FF < (b + 1) * Q8_BLOCK ? FF : (b + 1) * Q8_BLOCK;
+                int64_t i = b * FBS;
+                const int64_t e = FF < (b + 1) * FBS ? FF : (b + 1) * FBS;
                 for (; i + 8 <= e; i += 8) {
                     v8f a, up;
                     std::memcpy(&a, gr + i, 32);
@@ -219,7 +217,10 @@ extern "C" int sc_decode(
                     std::memcpy(gr + i, &a, 32);
                 }
                 for (; i < e; i++) gr[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
-                if (q8) q8_block(gr, xq_f, m, b);
+            }
+            if (q8) {
+                #pragma omp for schedule(static)
+                for (int m = 0; m < M; m++) q8_row(g.data() + (size_t)m * FF, xq_f, m);
             }
             gemv(M, g.data(), xq_f, FF, (const void*)p[8], s ? (const float*)s[6] : nullptr, wt, H, x.data(), H, true);
         }
