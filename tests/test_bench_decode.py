@@ -108,18 +108,20 @@ def _items(sw, tok):
 
 
 @pytest.mark.parametrize("speculative", [None, "lookup"])
-@pytest.mark.parametrize("max_batch", [1, 3])
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize(("max_batch", "int8"), [(1, False), (3, True)])
 def test_pinned_model_greedy_output_is_the_answer_through_the_engine(sw, micro_config, small_tokenizer,
-                                                                     speculative, max_batch):
-    from smallcoder import Engine, SamplingParams, SmallCoder, new_model
+                                                                     speculative, use_kernel, max_batch, int8):
+    from smallcoder import Engine, SamplingParams, new_model
+    from smallcoder.quant import quantize_model
 
-    if speculative and not hasattr(SmallCoder, "forward_rows"):
-        pytest.skip("speculative steps need SmallCoder.forward_rows (not in model.py yet)")
     tok = small_tokenizer
-    model = sw.pin_model(new_model(micro_config.replace(max_position_embeddings=512), seed=1).eval())
+    model = new_model(micro_config.replace(max_position_embeddings=512), seed=1).eval()
+    model = sw.pin_model(quantize_model(model).eval() if int8 else model)
     items = _items(sw, tok)
     model.pins = sw.Pins(items, tok.eos_id)
-    engine = Engine(model, tok, max_batch=max_batch, prefix_cache=False, speculative=speculative)
+    engine = Engine(model, tok, max_batch=max_batch, prefix_cache=False, speculative=speculative,
+                    use_kernel=use_kernel)
     requests = [engine.submit(it.prompt_ids, SamplingParams(max_new_tokens=len(it.answer_ids) + 1)) for it in items]
     engine.run(requests)
     for it, r in zip(items, requests):
@@ -133,8 +135,8 @@ def test_pinned_model_greedy_output_is_the_answer_through_the_engine(sw, micro_c
     plain = Engine(model, tok, prefix_cache=False).generate([items[0].prompt_ids],
                                                             SamplingParams(max_new_tokens=len(items[0].answer_ids)))
     assert plain[0].token_ids != items[0].answer_ids
-    model.pins = sw.Pins(items[1:], tok.eos_id)  # rows bound out of order: a loud failure
-    with pytest.raises(sw.PinError, match="not the prompt"):
+    model.pins = sw.Pins(items[1:], tok.eos_id)  # a prompt that is no pinned item's: a loud failure
+    with pytest.raises(sw.PinError, match="begins like no pinned item"):
         Engine(model, tok, prefix_cache=False).generate([items[0].prompt_ids], SamplingParams(max_new_tokens=4))
 
 
