@@ -317,3 +317,15 @@ def test_generate_speculative_prints_the_same_text_and_the_drafts_kept(micro_che
     kept = fast.err.split("drafts kept ")[1].split("]")[0]
     done, drafted = map(int, kept.split("/"))
     assert 0 < done == drafted  # the model drafting for itself: every draft kept
+
+
+def test_planner_counts_what_a_draft_model_costs():
+    planner = Planner(Speculation("draft", max_draft=8), prior=0.5)
+    for m, t in ((1, 0.020), (4, 0.025)):
+        planner.cost.add(m, t)
+    row = [(0, RowStats(0.6), 8)]
+    free = sum(planner.lengths(row).values())
+    planner.draft_cost = 0.01  # a draft token costs half a step: only the likeliest is worth it
+    assert 0 < sum(planner.lengths(row).values()) < free
+    planner.draft_cost = 0.05
+    assert planner.lengths(row) == {}

@@ -180,11 +180,13 @@ class StepCost:
 class Planner:
     """How many tokens each row drafts this step (see the module doc): candidates in order of
     worth, alpha^i for a row's i-th, each taken while worth / (tokens the step already yields)
-    beats the relative cost of one more row."""
+    beats the relative cost of one more row (plus, with a draft model, the measured time it takes
+    to draft a token)."""
 
     def __init__(self, spec: Speculation, prior: float) -> None:
         self.spec, self.prior = spec, prior
         self.cost = StepCost()
+        self.draft_cost = 0.0  # seconds a draft model spends per drafted token (measured; 0 for lookup)
 
     def lengths(self, rows: Sequence[tuple[int, RowStats, int]]) -> dict[int, int]:
         """rows: (slot, stats, most tokens it may draft); returns slot -> tokens to draft."""
@@ -198,7 +200,7 @@ class Planner:
         expected = float(m)  # each row yields at least one token
         out: dict[int, int] = {}
         for worth, slot in candidates:
-            if worth / expected <= b / (a + b * m):
+            if worth / expected <= (b + self.draft_cost) / (a + b * m):
                 break
             out[slot] = out.get(slot, 0) + 1
             expected += worth
@@ -270,7 +272,8 @@ class DraftModel:
         self.context = model.config.max_position_embeddings
         self.cache: KVCache = KVCache(model.config, rows, self.context, dtype, self.device)
         self.known: dict[int, list[int]] = {}
-        self.seconds = 0.0  # time spent drafting (a statistic)
+        self.seconds = 0.0  # time spent drafting, and the tokens drafted (the planner's cost of a draft)
+        self.drafted = 0
 
     @classmethod
     def load(cls, path: str, target_tokenizer: Tokenizer, dtype: str, rows: int,
@@ -327,6 +330,7 @@ class DraftModel:
                     out[slot] = Draft(drafted, torch.stack(qs))
             live = still
         self.seconds += time.perf_counter() - started
+        self.drafted += sum(len(d.tokens) for d in out.values())
         return out
 
     def forget(self, slot: int) -> None:

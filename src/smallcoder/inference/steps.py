@@ -115,6 +115,8 @@ class EngineSteps:
         for i, r in active:
             cap = min(r.row.budget - len(r.row.ids) - 1, cache.max_length - 2 - int(cache.lengths[i]))
             rows.append((i, r.spec, cap))
+        if self._draft is not None and self._draft.drafted:
+            self._planner.draft_cost = self._draft.seconds / self._draft.drafted
         lengths = self._planner.lengths(rows)
         if not lengths:
             return {}
