@@ -592,17 +592,18 @@ def test_forward_rows_states_what_breaks_its_contract():
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("flags", [[], ["-march=haswell"], ["-march=x86-64"]], ids=["native", "avx2", "portable"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_long_step_splits_and_tiles_its_products_without_changing_a_bit(kind):
+def test_a_long_step_splits_and_tiles_its_products_without_changing_a_bit(kind, flags):
     """An FFN of 1,300 (its down product split over k, gemm.h's GEMM_KC) and 121 tokens (the rows
-    tiled, GEMM_TILE): each token's logits equal those of one token per call, and the PyTorch
-    forward's within the tolerances above."""
+    tiled, GEMM_TILE), on each instruction path: each token's logits equal those of one token per
+    call, and the PyTorch forward's within the tolerances above."""
     cfg = ModelConfig(vocab_size=128, hidden_size=40, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, intermediate_size=1300, max_position_embeddings=160,
                       initializer_range=0.2)
     m = _model_for(cfg, kind)
     ref = _reference(m)
-    kernel = kernels.build(m)
+    kernel = kernels.DecodeKernel(m, kernels.compile_library(kernels.build_flags() + flags))
     ids = torch.randint(0, cfg.vocab_size, (2, 130), generator=torch.Generator().manual_seed(15))
     tokens = torch.cat([ids[0, 3:123], ids[1, 7:8]])
     rows = torch.tensor([0] * 120 + [1])

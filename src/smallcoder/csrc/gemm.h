@@ -23,6 +23,8 @@ static inline size_t wsize(int wt) { return wt == F32 ? 4 : (wt == BF16 ? 2 : 1)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define GEMM_PATH "avx512"
 #define GEMM_VL16 1
+#define GEMM_R0 8   // 8 x 3 accumulators + 3 weight vectors + 1 x vector of 32 registers
+#define GEMM_NW0 3
 typedef __m512 vf;
 constexpr int VL = 16;
 static inline vf vzero() { return _mm512_setzero_ps(); }
@@ -57,6 +59,8 @@ static inline vf loadw_part(const void* w, int64_t k, int n) {
 #else
 #if defined(__AVX2__) && defined(__FMA__)
 #define GEMM_PATH "avx2"
+#define GEMM_R0 4   // 4 x 3 accumulators + 3 + 1 of 16 registers
+#define GEMM_NW0 3
 typedef __m256 vf;
 static inline vf vzero() { return _mm256_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
@@ -72,6 +76,8 @@ static inline vf loadw(const void* w, int64_t k) {
 }
 #else  // GCC vector extensions: NEON, SSE, or scalar code
 #define GEMM_PATH "portable"
+#define GEMM_R0 2   // a vector may be two registers (SSE, NEON): 2 x 2 accumulators
+#define GEMM_NW0 2
 typedef v8f vf;
 static inline vf vzero() { return (vf){0, 0, 0, 0, 0, 0, 0, 0}; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
@@ -129,10 +135,13 @@ static inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
 }
 #endif
 
+#ifndef GEMM_PF_STRIDE
+#define GEMM_PF_STRIDE 64
+#endif
 // the 64-byte lines of [p, p + bytes): into L1 (T0, locality 3) or L2 (T1, locality 2)
 template <int locality>
 static inline void prefetch_lines(const char* p, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, locality);
+    for (int64_t o = 0; o < bytes; o += GEMM_PF_STRIDE) __builtin_prefetch(p + o, 0, locality);
 }
 
 // Rows m0..m0+R-1 of x (row stride K) against weight rows n..n+NW-1 (stored one after another),
@@ -190,10 +199,10 @@ static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1,
 }
 
 #ifndef GEMM_R
-#define GEMM_R 8   // rows per register block (M > GEMM_SMALL)
+#define GEMM_R GEMM_R0  // rows per register block (M > GEMM_SMALL)
 #endif
 #ifndef GEMM_NW
-#define GEMM_NW 3  // weight rows per register block: R x NW accumulators (AVX-512 has 32 registers)
+#define GEMM_NW GEMM_NW0  // weight rows per register block: GEMM_R x GEMM_NW accumulators
 #endif
 #ifndef GEMM_SMALL
 #define GEMM_SMALL 3  // up to this many rows, one weight row at a time: bandwidth-bound
@@ -206,6 +215,9 @@ static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1,
 #endif
 #ifndef GEMM_PANEL
 #define GEMM_PANEL (192 << 10)  // bytes of weight rows per panel: they stay in L2 while every row passes
+#endif
+#ifndef GEMM_PF_LOC
+#define GEMM_PF_LOC 2  // the panel prefetches go to L2
 #endif
 #ifndef GEMM_TILE
 #define GEMM_TILE (512 << 10)  // bytes of x rows per tile: they stay in L2 while every panel passes
@@ -313,7 +325,7 @@ static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_
                         for (int64_t b = 0; b < blocks; b++, call++) {
                             const int64_t n = (pb + b) * GEMM_NW;
                             const int nw = (int)(g.N - n < GEMM_NW ? g.N - n : GEMM_NW);
-                            gemm_rows<wt, 2>(r, nw, x, K, k0, k1, m0, (const char*)g.W + n * wr, g.scale, g.y, g.ldy,
+                            gemm_rows<wt, GEMM_PF_LOC>(r, nw, x, K, k0, k1, m0, (const char*)g.W + n * wr, g.scale, g.y, g.ldy,
                                              n, accumulate, part + b * GEMM_NW * GEMM_R, next + call * share, share);
                         }
                     }
