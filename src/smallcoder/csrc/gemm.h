@@ -139,8 +139,8 @@ static inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
 // values k0..k1 of each: R x NW accumulators in registers, each weight vector feeding R FMAs and
 // each x vector NW. A product split over k (k0 > 0 or k1 < K) keeps its accumulators, unsummed,
 // in `part` between the calls: the same FMAs in the same order as one call. Each iteration
-// prefetches one line from pf on (weights read next), so memory streams while it computes.
-template <int wt, int R, int NW, int locality>
+// prefetches PFL lines from pf on (weights read next), so memory streams while it computes.
+template <int wt, int R, int NW, int locality, int PFL>
 static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1, int m0, const char* w,
                               const float* scale, float* y, int64_t ldy, int64_t n, bool accumulate, vf* part,
                               const char* pf) {
@@ -151,8 +151,9 @@ static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1,
     const float* xr = x + (size_t)m0 * K;
     const int64_t KV = k1 < K ? k1 : K - K % VL;
     for (int64_t k = k0; k < KV; k += VL) {
-        __builtin_prefetch(pf, 0, locality);  // one line per iteration, no branch: cheap enough to always pay
-        pf += 64;
+        // PFL lines per iteration, no branch: cheap enough to always pay
+        for (int l = 0; l < PFL; l++) __builtin_prefetch(pf + 64 * l, 0, locality);
+        pf += 64 * PFL;
         vf wv[NW];
         for (int j = 0; j < NW; j++) wv[j] = loadw<wt>(w + j * wr, k);
         for (int r = 0; r < R; r++) {
@@ -212,13 +213,15 @@ static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1,
 #endif
 constexpr int GEMM_MAXNP = 96;  // weight rows per panel at most (the split products' accumulators)
 
-// R (1..GEMM_R, at run time) rows from m0 against NW (1..GEMM_NW) weight rows
-template <int wt, int locality>
+// R (1..GEMM_R, at run time) rows from m0 against NW (1..GEMM_NW) weight rows. `stream`: the
+// weights are read once (one pass), pf is NW rows ahead and each iteration prefetches NW lines
+// into L1, which keeps pace with the reads; else a line per iteration into L2 (a later panel).
+template <int wt, bool stream>
 static inline void gemm_rows(int R, int NW, const float* x, int64_t K, int64_t k0, int64_t k1, int m0, const char* w,
                              const float* scale, float* y, int64_t ldy, int64_t n, bool accumulate, vf* part,
                              const char* pf) {
-#define GEMM_CASE(r, nw) case r * 8 + nw: gemm_block<wt, r, nw, locality>(x, K, k0, k1, m0, w, scale, y, ldy, n, \
-                                                                       accumulate, part, pf); break;
+#define GEMM_CASE(r, nw) case r * 8 + nw: gemm_block<wt, r, nw, stream ? 3 : GEMM_PF_LOC, stream ? nw : 1>( \
+                                              x, K, k0, k1, m0, w, scale, y, ldy, n, accumulate, part, pf); break;
 #define GEMM_CASES(r) GEMM_CASE(r, 1) GEMM_CASE(r, 2) GEMM_CASE(r, 3) GEMM_CASE4(r)
 #if GEMM_NW > 3
 #define GEMM_CASE4(r) GEMM_CASE(r, 4)
@@ -276,7 +279,7 @@ static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_
             const GemmOut& g = outs[o];
             for (int64_t n = n0; n < n1; n++) {
                 const char* w = (const char*)g.W + n * wr;
-                gemm_rows<wt, 3>(M, 1, x, K, 0, K, 0, w, g.scale, g.y, g.ldy, n, accumulate, nullptr, w + GEMM_PF);
+                gemm_rows<wt, true>(M, 1, x, K, 0, K, 0, w, g.scale, g.y, g.ldy, n, accumulate, nullptr, w + GEMM_PF);
             }
         }
         #pragma omp barrier
@@ -288,7 +291,8 @@ static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_
     // L2 a line at a time. So weights come from memory once per tile, x from L1 nearly always.
     int64_t NPB = (int64_t)(GEMM_PANEL / wr) / GEMM_NW;  // blocks per panel
     NPB = NPB < 1 ? 1 : (NPB > GEMM_MAXNP / GEMM_NW ? GEMM_MAXNP / GEMM_NW : NPB);
-    const int64_t KC = K > GEMM_KC + GEMM_KC / 2 ? GEMM_KC : K;  // split only where it pays
+    // split k only where it pays: rows reused across blocks, beyond L1
+    const int64_t KC = M > GEMM_R && K > GEMM_KC + GEMM_KC / 2 ? GEMM_KC : K;
     int64_t MT = GEMM_TILE / (K * 4) / GEMM_R * GEMM_R;
     MT = MT < GEMM_R ? GEMM_R : MT;
     alignas(64) vf part[GEMM_R * GEMM_MAXNP];
@@ -312,8 +316,12 @@ static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_
                             const int64_t n = (pb + b) * GEMM_NW;
                             const int nw = (int)(g.N - n < GEMM_NW ? g.N - n : GEMM_NW);
                             const char* w = (const char*)g.W + n * wr;
-                            gemm_rows<wt, GEMM_PF_LOC>(r, nw, x, K, k0, k1, m0, w, g.scale, g.y, g.ldy, n, accumulate,
-                                                       part + b * GEMM_NW * GEMM_R, pf < pf_end ? pf : w);
+                            if (passes == 1)
+                                gemm_rows<wt, true>(r, nw, x, K, k0, k1, m0, w, g.scale, g.y, g.ldy, n, accumulate,
+                                                    part, w + GEMM_NW * wr);
+                            else
+                                gemm_rows<wt, false>(r, nw, x, K, k0, k1, m0, w, g.scale, g.y, g.ldy, n, accumulate,
+                                                     part + b * GEMM_NW * GEMM_R, pf < pf_end ? pf : w);
                             pf += (k1 - k0) / VL * 64;
                         }
                     }
