@@ -135,36 +135,25 @@ static inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
 }
 #endif
 
-#ifndef GEMM_PF_STRIDE
-#define GEMM_PF_STRIDE 64
-#endif
-// the 64-byte lines of [p, p + bytes): into L1 (T0, locality 3) or L2 (T1, locality 2)
-template <int locality>
-static inline void prefetch_lines(const char* p, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += GEMM_PF_STRIDE) __builtin_prefetch(p + o, 0, locality);
-}
-
 // Rows m0..m0+R-1 of x (row stride K) against weight rows n..n+NW-1 (stored one after another),
 // values k0..k1 of each: R x NW accumulators in registers, each weight vector feeding R FMAs and
 // each x vector NW. A product split over k (k0 > 0 or k1 < K) keeps its accumulators, unsummed,
-// in `part` between the calls: the same FMAs in the same order as one call. Over its k loop it
-// prefetches pf_bytes from pf (weights read next), evenly, so memory streams while it computes.
-template <int wt, int R, int NW, int locality>
+// in `part` between the calls: the same FMAs in the same order as one call. Each iteration
+// prefetches PFL lines from pf on (weights read next), so memory streams while it computes.
+template <int wt, int R, int NW, int locality, int PFL>
 static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1, int m0, const char* w,
                               const float* scale, float* y, int64_t ldy, int64_t n, bool accumulate, vf* part,
-                              const char* pf, int64_t pf_bytes) {
+                              const char* pf) {
     vf acc[R][NW];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NW; j++) acc[r][j] = k0 ? part[r * NW + j] : vzero();
     const size_t wr = (size_t)K * wsize(wt);
     const float* xr = x + (size_t)m0 * K;
     const int64_t KV = k1 < K ? k1 : K - K % VL;
-    const int64_t step = ((pf_bytes / ((KV - k0) / VL + 1)) + 63) & ~int64_t(63);  // bytes per iteration
-    const char* pf_end = pf + pf_bytes;
     for (int64_t k = k0; k < KV; k += VL) {
-#ifndef GEMM_NOPF
-        if (pf < pf_end) { prefetch_lines<locality>(pf, step); pf += step; }
-#endif
+        // PFL lines per iteration, no branch: cheap enough to always pay
+        for (int l = 0; l < PFL; l++) __builtin_prefetch(pf + 64 * l, 0, locality);
+        pf += 64 * PFL;
         vf wv[NW];
         for (int j = 0; j < NW; j++) wv[j] = loadw<wt>(w + j * wr, k);
         for (int r = 0; r < R; r++) {
@@ -224,13 +213,15 @@ static inline void gemm_block(const float* x, int64_t K, int64_t k0, int64_t k1,
 #endif
 constexpr int GEMM_MAXNP = 96;  // weight rows per panel at most (the split products' accumulators)
 
-// R (1..GEMM_R, at run time) rows from m0 against NW (1..GEMM_NW) weight rows
-template <int wt, int locality>
+// R (1..GEMM_R, at run time) rows from m0 against NW (1..GEMM_NW) weight rows. `stream`: the
+// weights are read once (one pass), pf is NW rows ahead and each iteration prefetches NW lines
+// into L1, which keeps pace with the reads; else a line per iteration into L2 (a later panel).
+template <int wt, bool stream>
 static inline void gemm_rows(int R, int NW, const float* x, int64_t K, int64_t k0, int64_t k1, int m0, const char* w,
                              const float* scale, float* y, int64_t ldy, int64_t n, bool accumulate, vf* part,
-                             const char* pf, int64_t pf_bytes) {
-#define GEMM_CASE(r, nw) case r * 8 + nw: gemm_block<wt, r, nw, locality>(x, K, k0, k1, m0, w, scale, y, ldy, n, \
-                                                                       accumulate, part, pf, pf_bytes); break;
+                             const char* pf) {
+#define GEMM_CASE(r, nw) case r * 8 + nw: gemm_block<wt, r, nw, stream ? 3 : GEMM_PF_LOC, stream ? nw : 1>( \
+                                              x, K, k0, k1, m0, w, scale, y, ldy, n, accumulate, part, pf); break;
 #define GEMM_CASES(r) GEMM_CASE(r, 1) GEMM_CASE(r, 2) GEMM_CASE(r, 3) GEMM_CASE4(r)
 #if GEMM_NW > 3
 #define GEMM_CASE4(r) GEMM_CASE(r, 4)
@@ -288,8 +279,7 @@ static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_
             const GemmOut& g = outs[o];
             for (int64_t n = n0; n < n1; n++) {
                 const char* w = (const char*)g.W + n * wr;
-                gemm_rows<wt, 3>(M, 1, x, K, 0, K, 0, w, g.scale, g.y, g.ldy, n, accumulate, nullptr, w + GEMM_PF,
-                                 (int64_t)wr);
+                gemm_rows<wt, true>(M, 1, x, K, 0, K, 0, w, g.scale, g.y, g.ldy, n, accumulate, nullptr, w + GEMM_PF);
             }
         }
         #pragma omp barrier
@@ -297,12 +287,12 @@ static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_
     }
     // The blocking of a GEMM: a tile of x rows stays in L2 while every panel of weight rows
     // passes; within a panel (in L2), GEMM_R rows' GEMM_KC values stay in L1 while the panel's
-    // blocks of GEMM_NW weight rows pass them, each block's loads prefetching a share of the next
-    // panel into L2. So weights come from memory once per tile, x from L1 nearly always.
+    // blocks of GEMM_NW weight rows pass them, each block's loop prefetching the next panel into
+    // L2 a line at a time. So weights come from memory once per tile, x from L1 nearly always.
     int64_t NPB = (int64_t)(GEMM_PANEL / wr) / GEMM_NW;  // blocks per panel
     NPB = NPB < 1 ? 1 : (NPB > GEMM_MAXNP / GEMM_NW ? GEMM_MAXNP / GEMM_NW : NPB);
-    const int64_t KC = K > GEMM_KC + GEMM_KC / 2 ? GEMM_KC : K;  // split only where it pays
-    const int64_t kcs = (K + KC - 1) / KC;
+    // split k only where it pays: rows reused across blocks, beyond L1
+    const int64_t KC = M > GEMM_R && K > GEMM_KC + GEMM_KC / 2 ? GEMM_KC : K;
     int64_t MT = GEMM_TILE / (K * 4) / GEMM_R * GEMM_R;
     MT = MT < GEMM_R ? GEMM_R : MT;
     alignas(64) vf part[GEMM_R * GEMM_MAXNP];
@@ -315,18 +305,24 @@ static void gemm_f(int M, const float* x, int64_t K, const GemmOut* outs, int n_
             const GemmOut& g = outs[o];
             for (int64_t pb = b0; pb < b1; pb += NPB) {
                 const int64_t blocks = b1 - pb < NPB ? b1 - pb : NPB;
-                const char* next = (const char*)g.W + (pb + NPB) * GEMM_NW * wr;
-                const int64_t share = ((int64_t)(NPB * GEMM_NW * wr) / (passes * blocks * kcs) + 63) & ~int64_t(63);
-                int64_t call = 0;
+                // the next panel, a line per iteration from its start (the rest to the hardware)
+                const char* pf = (const char*)g.W + (pb + NPB) * GEMM_NW * wr;
+                const char* const pf_end = pf + NPB * GEMM_NW * wr;
                 for (int i = 0; i < passes; i++) {
                     const int m0 = (int)t0 + i * GEMM_R, r = mt - i * GEMM_R < GEMM_R ? mt - i * GEMM_R : GEMM_R;
                     for (int64_t k0 = 0; k0 < K; k0 += KC) {
                         const int64_t k1 = K - k0 < KC ? K : k0 + KC;
-                        for (int64_t b = 0; b < blocks; b++, call++) {
+                        for (int64_t b = 0; b < blocks; b++) {
                             const int64_t n = (pb + b) * GEMM_NW;
                             const int nw = (int)(g.N - n < GEMM_NW ? g.N - n : GEMM_NW);
-                            gemm_rows<wt, GEMM_PF_LOC>(r, nw, x, K, k0, k1, m0, (const char*)g.W + n * wr, g.scale, g.y, g.ldy,
-                                             n, accumulate, part + b * GEMM_NW * GEMM_R, next + call * share, share);
+                            const char* w = (const char*)g.W + n * wr;
+                            if (passes == 1)
+                                gemm_rows<wt, true>(r, nw, x, K, k0, k1, m0, w, g.scale, g.y, g.ldy, n, accumulate,
+                                                    part, w + GEMM_NW * wr);
+                            else
+                                gemm_rows<wt, false>(r, nw, x, K, k0, k1, m0, w, g.scale, g.y, g.ldy, n, accumulate,
+                                                     part + b * GEMM_NW * GEMM_R, pf < pf_end ? pf : w);
+                            pf += (k1 - k0) / VL * 64;
                         }
                     }
                 }
