@@ -114,10 +114,12 @@ def _int8_builds() -> list[str]:
 @pytest.mark.parametrize("extra", _int8_builds())
 def test_int8_rows_are_bitwise_independent_of_the_step_they_run_in(extra):
     """A row's logits and the keys and values it stores are bit for bit the same whatever M is (M
-    rows per step: 1, 3, 4, 5, 16, 17 and 64 cover a register tile's full and partial row blocks
-    and the widened-weights path) and however the build tiles the work: a build with another
-    register tile (3 rows x 2 weight rows) and 1 KiB row tiles (so 64 rows run as several) gives
-    the same bits (csrc/q8dot.h: a row's integer sums are exact, its fp32 epilogue fixed)."""
+    rows per step: 1, 3, 4, 5, 16, 17 and 64 cover a register tile's full and partial row blocks,
+    the widened-weights path and, from 48 rows on 512-bit builds, q8gemm.h's panels) and however
+    the build tiles the work: a build with another register tile (3 rows x 2 weight rows), 1 KiB
+    row tiles (so 64 rows run as several) and no panels, and one with panels from 2 rows and 64
+    values of K a block (so the 132-wide input takes three), give the same bits (csrc/q8dot.h: a
+    row's integer sums are exact, its fp32 epilogue fixed)."""
     m = _model("int8")
     g = torch.Generator().manual_seed(11)
     base = KVCache(CFG, 64, 48, torch.int8)
@@ -128,8 +130,9 @@ def test_int8_rows_are_bitwise_independent_of_the_step_they_run_in(extra):
     x = m.model.embed_tokens(torch.randint(0, CFG.vocab_size, (64,), generator=g)).float()
     starts = torch.randint(0, 40, (64,), generator=g)
     flags = kernels.build_flags() + extra.split()
-    libs = [kernels.compile_library(flags),
-            kernels.compile_library(flags + ["-DQ8_R=3", "-DQ8_NW=2", "-DQ8_TILE_BYTES=1024"])]
+    variants = [["-DQ8_R=3", "-DQ8_NW=2", "-DQ8_TILE_BYTES=1024", "-DQ8G_MIN_ROWS=1000"],
+                ["-DQ8G_MIN_ROWS=2", "-DQ8G_KC=64"]] if not extra else []  # this CPU's own path only
+    libs = [kernels.compile_library(flags + v) for v in [[], *variants]]
     want = None
     for lib in libs:
         kernel = kernels.DecodeKernel(m, lib)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
-HEADERS = tuple(Path(__file__).parent / "csrc" / h for h in ("q8dot.h", "attend.h", "gemm.h"))  # what SOURCE includes: part of the cache key
+HEADERS = tuple(Path(__file__).parent / "csrc" / h for h in ("q8dot.h", "q8gemm.h", "attend.h", "gemm.h"))  # what SOURCE includes: part of the cache key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_ROWS = 16  # measured faster than the PyTorch path up to 16 rows (any dtype); beyond, MKL
 WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}

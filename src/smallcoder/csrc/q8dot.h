@@ -31,7 +31,6 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
-#include <omp.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -131,7 +130,10 @@ static inline void q8_row(const float* x, Q8Rows& X, int m) {
 // Ask for the weights Q8_PREFETCH bytes ahead (one call per 64-byte line): the hardware prefetcher
 // stops at each 4 KiB page, and without this a one-row step waited on memory there (measured at
 // 303M on 2 cores: 21 -> 14 ms). Prefetching never faults, so reading past the matrix is harmless.
-static inline void q8_prefetch(const int8_t* p) { __builtin_prefetch(p + Q8_PREFETCH, 0, 3); }
+#ifndef Q8_PF_HINT
+#define Q8_PF_HINT 3
+#endif
+static inline void q8_prefetch(const int8_t* p) { __builtin_prefetch(p + Q8_PREFETCH, 0, Q8_PF_HINT); }
 
 // The one fp32 epilogue of every (row, weight row): the exact sum times the row's scale d, times
 // the weight row's scale, stored or added (an explicit fma where the target has one, so the
@@ -347,6 +349,8 @@ static inline void q8_group(int m0, int m1, const Q8Rows& X, const int8_t* w, co
     }
 }
 
+#include "q8gemm.h"
+
 #ifndef Q8_TILE_BYTES
 #define Q8_TILE_BYTES (256 * 1024)
 #endif
@@ -354,39 +358,11 @@ static inline void q8_group(int m0, int m1, const Q8Rows& X, const int8_t* w, co
 // Q8_NW weight rows split across threads. Many rows go in tiles of about Q8_TILE_BYTES of
 // activations, which stay in L2 while every weight group of the thread passes over them. Must be
 // called inside a parallel region.
-#ifndef Q8_WBLOCK
-#define Q8_WBLOCK (768 * 1024)
-#endif
 static void gemv_q8(int M, const Q8Rows& X, const int8_t* W, const float* scale, int64_t N, float* y,
                     int64_t ldy, bool accumulate) {
     const int64_t K = X.K, groups = (N + Q8_NW - 1) / Q8_NW;
-#if Q8_ORDER == 1
-    if (M > Q8_R) {
-        const int nt = omp_get_num_threads();
-        int64_t nb = (groups * Q8_NW * K + Q8_WBLOCK - 1) / Q8_WBLOCK;
-        nb = (nb + nt - 1) / nt * nt;
-        const int64_t gb = (groups + nb - 1) / nb;
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < nb; b++) {
-            const int64_t g0 = b * gb, g1 = g0 + gb < groups ? g0 + gb : groups;
-            for (int m = 0; m < M; m += Q8_R) {
-                const int r = M - m < Q8_R ? M - m : Q8_R;
-                for (int64_t g = g0; g < g1; g++) {
-                    const int64_t n = g * Q8_NW;
-                    const int nw = N - n < Q8_NW ? (int)(N - n) : Q8_NW;
-                    const int8_t* w = W + (size_t)n * K;
-                    if (nw == Q8_NW) {
-                        if (m == 0) q8_tile_rows<Q8_NW, true>(r, X, m, w, K, scale + n, y, ldy, n, accumulate);
-                        else q8_tile_rows<Q8_NW, false>(r, X, m, w, K, scale + n, y, ldy, n, accumulate);
-                    } else {
-                        for (int j = 0; j < nw; j++)
-                            q8_tile_rows<1, true>(r, X, m, w + j * K, K, scale + n + j, y, ldy, n + j, accumulate);
-                    }
-                }
-            }
-        }
-        return;
-    }
+#ifdef Q8_GEMM
+    if (M >= Q8G_MIN_ROWS) return gemm_q8(M, X, W, scale, N, y, ldy, accumulate);
 #endif
     int64_t mt = Q8_TILE_BYTES / (X.KP * 2);
     mt = mt < Q8_R ? Q8_R : mt;
@@ -394,7 +370,11 @@ static void gemv_q8(int M, const Q8Rows& X, const int8_t* W, const float* scale,
     mt = ((M + tiles - 1) / tiles + Q8_R - 1) / Q8_R * Q8_R;
     for (int m0 = 0; m0 < M; m0 += (int)mt) {
         const int m1 = M - m0 < mt ? M : m0 + (int)mt;
+#ifdef Q8_DYNAMIC
+        #pragma omp for schedule(dynamic, Q8_DYNAMIC) nowait
+#else
         #pragma omp for schedule(static) nowait
+#endif
         for (int64_t g = 0; g < groups; g++) {
             const int64_t n = g * Q8_NW;
             const int nw = N - n < Q8_NW ? (int)(N - n) : Q8_NW;
