@@ -29,12 +29,7 @@ INT8_KV_TOL = 2e-3
 
 
 def _model(kind: str) -> smallcoder.SmallCoder:
-    m = new_model(CFG, seed=3)
-    if kind == "bf16":
-        m = m.to(torch.bfloat16)
-    elif kind == "int8":
-        quantize_model(m)
-    return m.eval()
+    return _model_for(CFG, kind)
 
 
 def _stored(cache: KVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
